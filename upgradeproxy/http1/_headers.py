@@ -1,0 +1,95 @@
+"""Header fields as received: order, repeats and spelling preserved.
+
+Names are compared case-insensitively (RFC 9110 §5.1); lists are split on
+commas (§5.6.1). Nothing here validates syntax: the head parser already did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+Field = tuple[bytes, bytes]
+
+# RFC 9110 §7.6.1 plus the fields that RFC 9112 and common practice treat as
+# belonging to one connection only.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """An ordered sequence of ``(name, value)`` pairs, exactly as received."""
+
+    fields: tuple[Field, ...] = ()
+
+    @classmethod
+    def of(cls, fields: Iterable[Field]) -> Headers:
+        return cls(tuple(fields))
+
+    def __iter__(self) -> Iterator[Field]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """Every value of the field ``name`` (lowercase), in order."""
+        return [v for n, v in self.fields if n.lower() == name]
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of ``name`` (lowercase), or ``None``."""
+        for n, v in self.fields:
+            if n.lower() == name:
+                return v
+        return None
+
+    def has(self, name: bytes) -> bool:
+        return any(n.lower() == name for n, _ in self.fields)
+
+    def tokens(self, name: bytes) -> list[bytes]:
+        """The comma-separated list elements of every ``name`` field, lowercased.
+
+        Empty elements (``a, , b``) are skipped, as RFC 9110 §5.6.1 asks.
+        """
+        return [t.lower() for t in self.elements(name)]
+
+    def elements(self, name: bytes) -> list[bytes]:
+        """Like :meth:`tokens`, keeping the case of each element."""
+        out = []
+        for value in self.get_all(name):
+            for element in value.split(b","):
+                element = element.strip(b" \t")
+                if element:
+                    out.append(element)
+        return out
+
+    def without(self, names: Iterable[bytes]) -> Headers:
+        """These headers less every field whose lowercase name is in ``names``."""
+        drop = frozenset(names)
+        return Headers(tuple(f for f in self.fields if f[0].lower() not in drop))
+
+    def plus(self, fields: Iterable[Field]) -> Headers:
+        return Headers(self.fields + tuple(fields))
+
+    def end_to_end(self) -> Headers:
+        """These headers less every hop-by-hop field (RFC 9110 §7.6.1).
+
+        That is the fixed set of connection-specific fields, and every field
+        that ``Connection`` names.
+        """
+        listed = self.tokens(b"connection")
+        return self.without(HOP_BY_HOP.union(listed))
+
+    def serialize_into(self, out: list[bytes]) -> None:
+        for name, value in self.fields:
+            out.append(name + b": " + value + b"\r\n")

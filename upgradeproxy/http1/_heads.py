@@ -1,0 +1,164 @@
+"""Request and response heads: parse them from a buffer, write them back out.
+
+A parse function takes the bytes received so far and returns either ``None``
+(the head is not complete yet) or the head together with the offset of the
+first byte after it. That offset is what lets the proxy hand every later byte
+-- a body, a pipelined request, or a switched protocol -- to its next owner
+exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._abnf import BARE_LINE_END, FIELD_LINE, REQUEST_LINE, STATUS_LINE
+from ._errors import ProtocolError
+from ._headers import Field, Headers
+
+_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request line and its header fields."""
+
+    method: bytes
+    target: bytes
+    version: tuple[int, int]
+    headers: Headers = field(default_factory=Headers)
+
+    def serialize(self) -> bytes:
+        """The head as HTTP/1.1 bytes, ending with the empty line."""
+        out = [b"%s %s HTTP/%d.%d\r\n" % (self.method, self.target, *self.version)]
+        self.headers.serialize_into(out)
+        out.append(b"\r\n")
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A status line and its header fields."""
+
+    status: int
+    reason: bytes
+    version: tuple[int, int] = (1, 1)
+    headers: Headers = field(default_factory=Headers)
+
+    def serialize(self) -> bytes:
+        """The head as bytes, ending with the empty line."""
+        out = [b"HTTP/%d.%d %d %s\r\n" % (*self.version, self.status, self.reason)]
+        self.headers.serialize_into(out)
+        out.append(b"\r\n")
+        return b"".join(out)
+
+
+def _locate_head(
+    buf: bytes | bytearray, start: int, max_size: int, too_large: ProtocolError
+) -> int:
+    """The offset just past the head's empty line, or -1 if it has not come yet.
+
+    Rejects a bare CR or LF as soon as one arrives, so that a client that
+    ends its lines with LF alone gets an answer instead of a timeout.
+    """
+    end = buf.find(_END, start, start + max_size + len(_END))
+    scan_end = end + len(_END) if end >= 0 else min(len(buf), start + max_size)
+    bare = BARE_LINE_END.search(buf, start, scan_end)
+    if bare is not None:
+        raise ProtocolError("line ending other than CRLF (bare CR or LF) in the head")
+    if end < 0:
+        if len(buf) - start > max_size:
+            raise too_large
+        return -1
+    return end + len(_END)
+
+
+def _parse_fields(lines: list[bytes], who: str) -> Headers:
+    fields: list[Field] = []
+    for line in lines:
+        match = FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise ProtocolError(_describe_bad_field(line, who))
+        fields.append((match.group(1), match.group(2)))
+    return Headers(tuple(fields))
+
+
+def _describe_bad_field(line: bytes, who: str) -> str:
+    if line[:1] in (b" ", b"\t"):
+        return f"obsolete line folding (obs-fold) in the {who} head (RFC 9112 §5.2)"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return f"header line without a colon in the {who} head"
+    if name != name.rstrip(b" \t"):
+        return f"whitespace between a header name and its colon in the {who} head (RFC 9112 §5.1)"
+    if any(b < 0x20 and b != 0x09 or b == 0x7F for b in line):
+        return f"control character in a header field of the {who} head"
+    return f"malformed header field in the {who} head"
+
+
+def parse_request_head(
+    buf: bytes | bytearray, start: int = 0, max_size: int = 32 * 1024
+) -> tuple[RequestHead, int] | None:
+    """Parse one request head from ``buf[start:]``.
+
+    Returns ``(head, end)`` where ``end`` is the offset of the first byte
+    after the head, or ``None`` if more bytes are needed. Empty lines before
+    the request line are skipped (RFC 9112 §2.2). Raises
+    :class:`ProtocolError` for anything that is not a well-formed HTTP/1.x
+    request head, and with status 431 when no head ends within ``max_size``.
+    """
+    while buf[start : start + 2] == b"\r\n":
+        start += 2
+    if len(buf) - start < 2 and buf[start:] in (b"", b"\r"):
+        return None
+    end = _locate_head(
+        buf,
+        start,
+        max_size,
+        ProtocolError(f"request head larger than {max_size} bytes", 431),
+    )
+    if end < 0:
+        return None
+    lines = bytes(buf[start : end - len(_END)]).split(b"\r\n")
+    match = REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        raise ProtocolError("malformed request line")
+    method, target, major, minor = match.groups()
+    version = (int(major), int(minor))
+    if version not in ((1, 0), (1, 1)):
+        raise ProtocolError(
+            f"HTTP version {version[0]}.{version[1]} is not supported", 505
+        )
+    headers = _parse_fields(lines[1:], "request")
+    hosts = headers.get_all(b"host")
+    if len(hosts) > 1:
+        raise ProtocolError("more than one Host header field (RFC 9112 §3.2)")
+    if version == (1, 1) and not hosts:
+        raise ProtocolError("HTTP/1.1 request without a Host header field (RFC 9112 §3.2)")
+    return RequestHead(method, target, version, headers), end
+
+
+def parse_response_head(
+    buf: bytes | bytearray, start: int = 0, max_size: int = 64 * 1024
+) -> tuple[ResponseHead, int] | None:
+    """Parse one response head from ``buf[start:]``.
+
+    Returns ``(head, end)`` or ``None`` if more bytes are needed; raises
+    :class:`ProtocolError` for a malformed or oversized head.
+    """
+    end = _locate_head(
+        buf,
+        start,
+        max_size,
+        ProtocolError(f"response head larger than {max_size} bytes"),
+    )
+    if end < 0:
+        return None
+    lines = bytes(buf[start : end - len(_END)]).split(b"\r\n")
+    match = STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise ProtocolError("malformed status line")
+    major, minor, status, reason = match.groups()
+    if major != b"1":
+        raise ProtocolError(f"response in HTTP version {major.decode()}.{minor.decode()}")
+    headers = _parse_fields(lines[1:], "response")
+    return ResponseHead(int(status), reason or b"", (1, int(minor)), headers), end
