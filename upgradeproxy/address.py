@@ -1,0 +1,64 @@
+"""Turning the ``--backend`` value into a Twisted client endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+_USAGE = (
+    "write --backend as http://HOST:PORT[/PATH] (for example http://127.0.0.1:9000) "
+    "or as a Twisted client endpoint (for example unix:path=/run/app.sock)"
+)
+
+
+class BadBackend(ValueError):
+    """A ``--backend`` value that cannot be used; the message says what to write."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendAddress:
+    """Where the backend is: an endpoint, a path prefix, and a name for logs."""
+
+    endpoint: IStreamClientEndpoint
+    prefix: bytes
+    name: str
+
+
+def parse_backend(reactor: object, text: str, *, connect_timeout: float = 10.0) -> BackendAddress:
+    """Parse ``http://host:port[/prefix]`` or a client endpoint string.
+
+    Raises :class:`BadBackend` with a message that says what to write instead.
+    """
+    if not text:
+        raise BadBackend(f"no backend given; {_USAGE}")
+    if "://" in text:
+        return _parse_url(reactor, text, connect_timeout)
+    try:
+        endpoint = clientFromString(reactor, text)
+    except Exception as e:  # clientFromString raises many types for bad strings
+        raise BadBackend(f"cannot use backend {text!r} ({e}); {_USAGE}") from None
+    return BackendAddress(endpoint, b"", text)
+
+
+def _parse_url(reactor: object, text: str, connect_timeout: float) -> BackendAddress:
+    parts = urlsplit(text)
+    if parts.scheme == "https":
+        raise BadBackend(f"https backends are not supported yet ({text!r}); {_USAGE}")
+    if parts.scheme != "http":
+        raise BadBackend(f"backend URL {text!r} must start with http://; {_USAGE}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise BadBackend(f"backend URL {text!r} has an invalid port; {_USAGE}") from None
+    if not parts.hostname:
+        raise BadBackend(f"backend URL {text!r} has no host; {_USAGE}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise BadBackend(
+            f"backend URL {text!r} may not carry a query, fragment or credentials; {_USAGE}"
+        )
+    endpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=connect_timeout)
+    prefix = parts.path.rstrip("/").encode("utf-8")
+    return BackendAddress(endpoint, prefix, f"{parts.hostname}:{port}")

@@ -1,0 +1,350 @@
+"""The protocol facing a backend (client role), and the pool of its connections.
+
+A :class:`BackendConnection` sends one request at a time, parses the
+response head knowing the request method, and streams the body to a
+:class:`ResponseSink` (the client side). When the backend answers ``101``,
+the connection hands the sink every byte that followed the ``101`` head and
+stops parsing for good.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .http1 import (
+    BodyDecoder,
+    BodyKind,
+    Framing,
+    ProtocolError,
+    ResponseHead,
+    parse_response_head,
+    response_framing,
+    response_keeps_alive,
+)
+from .tunnel import Side, Tunnel, describe_close
+
+
+@dataclass(frozen=True, slots=True)
+class BackendFailure:
+    """Why an exchange with the backend failed, in words for the client and the log.
+
+    ``retryable`` is true when the request may safely be sent again on a new
+    connection: the connection was reused from the pool and the backend sent
+    nothing before it closed (it closed an idle connection as we reused it).
+    """
+
+    status: int
+    reason: str
+    retryable: bool = False
+
+
+class ResponseSink(TypingProtocol):
+    """What a backend connection reports to, for the exchange in progress."""
+
+    def interim_response(self, head: ResponseHead) -> None: ...
+
+    def response_head(self, head: ResponseHead, framing: Framing) -> None: ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_end(self) -> None: ...
+
+    def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None: ...
+
+    def backend_failed(self, failure: BackendFailure) -> None: ...
+
+
+class _State(enum.Enum):
+    IDLE = enum.auto()
+    HEAD = enum.auto()
+    BODY = enum.auto()
+    TUNNEL = enum.auto()
+    CLOSED = enum.auto()
+
+
+@implementer(IHalfCloseableProtocol)
+class BackendConnection(Protocol):
+    """One connection to the backend, used by one exchange at a time."""
+
+    log = Logger()
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+        self._settings = pool.settings
+        self._buf = bytearray()
+        self._state = _State.IDLE
+        self._sink: ResponseSink | None = None
+        self._method = b""
+        self._decoder: BodyDecoder | None = None
+        self._keep_alive = False
+        self._timer: IDelayedCall | None = None
+        self._tunnel: Tunnel | None = None
+        self.reused = False
+        self._received = False
+
+    # -- used by the client side -------------------------------------------
+
+    @property
+    def is_idle(self) -> bool:
+        """True while the connection is open and carries no exchange."""
+        return self._state is _State.IDLE
+
+    def send_request(self, head: bytes, method: bytes, sink: ResponseSink) -> None:
+        """Write a request head and start waiting for the response head."""
+        self._sink = sink
+        self._method = method
+        self._state = _State.HEAD
+        self._received = False
+        self._start_timer()
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def send_body(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def enter_tunnel(self, tunnel: Tunnel) -> None:
+        """From now on every byte goes to ``tunnel``, unparsed."""
+        self._state = _State.TUNNEL
+        self._tunnel = tunnel
+        self._sink = None
+
+    def abandon(self) -> None:
+        """The exchange is over on the client's side: drop this connection."""
+        self._sink = None
+        if self._state is not _State.CLOSED:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- Twisted protocol events ---------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.data(Side.BACKEND, data)
+            return
+        if self._state is _State.IDLE:
+            self.log.info("backend sent bytes on an idle connection; closing it")
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._received = True
+        self._buf += data
+        self._advance()
+
+    def readConnectionLost(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.read_closed(Side.BACKEND)
+            return
+        self._ended("the backend closed the connection")
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self._cancel_timer()
+        self._pool.forget(self)
+        if self._tunnel is not None:
+            self._state = _State.CLOSED
+            self._tunnel.lost(Side.BACKEND, reason)
+            return
+        self._ended(f"the backend connection ended: {describe_close(reason)}")
+        self._state = _State.CLOSED
+
+    # -- internals -------------------------------------------------------------
+
+    def _ended(self, why: str) -> None:
+        """The backend's input is over; finish or fail the exchange in progress."""
+        state = self._state
+        if state is _State.BODY and self._decoder is not None:
+            try:
+                self._decoder.eof()
+            except ProtocolError:
+                self._fail(BackendFailure(502, f"{why} in the middle of the response body"))
+            else:
+                self._keep_alive = False
+                self._finish()
+        elif state is _State.HEAD:
+            retryable = self.reused and not self._received
+            self._fail(BackendFailure(502, f"{why} before sending a response head", retryable))
+        self._state = _State.CLOSED
+
+    def _advance(self) -> None:
+        while self._sink is not None:
+            if self._state is _State.HEAD:
+                if not self._parse_head():
+                    return
+            elif self._state is _State.BODY:
+                assert self._decoder is not None
+                try:
+                    chunks, used = self._decoder.decode(self._buf)
+                except ProtocolError as e:
+                    self._fail(BackendFailure(502, f"malformed response body: {e.reason}"))
+                    return
+                del self._buf[:used]
+                for chunk in chunks:
+                    if self._sink is None:
+                        return
+                    self._sink.response_body(chunk)
+                if not self._decoder.done:
+                    return
+                self._finish()
+            else:
+                return
+
+    def _parse_head(self) -> bool:
+        """Parse one response head; False when more bytes are needed or all is done."""
+        try:
+            parsed = parse_response_head(self._buf, 0, self._settings.max_response_head)
+        except ProtocolError as e:
+            self._fail(BackendFailure(502, f"malformed response from the backend: {e.reason}"))
+            return False
+        if parsed is None:
+            return False
+        head, end = parsed
+        del self._buf[:end]
+        sink = self._sink
+        assert sink is not None
+        if head.status == 101:
+            self._cancel_timer()
+            early = bytes(self._buf)
+            self._buf.clear()
+            self._state = _State.CLOSED  # until the sink takes it into a tunnel
+            sink.switch_protocols(head, early)
+            return False
+        if head.status < 200:
+            self._start_timer()
+            sink.interim_response(head)
+            return True
+        self._cancel_timer()
+        try:
+            framing = response_framing(head, self._method)
+        except ProtocolError as e:
+            self._fail(BackendFailure(502, f"malformed response from the backend: {e.reason}"))
+            return False
+        self._keep_alive = response_keeps_alive(head) and framing.kind is not BodyKind.CLOSE
+        self._decoder = framing.decoder()
+        self._state = _State.BODY
+        sink.response_head(head, framing)
+        return True
+
+    def _finish(self) -> None:
+        sink = self._sink
+        self._sink = None
+        self._decoder = None
+        if self._keep_alive and not self._buf and self._state is not _State.CLOSED:
+            self._state = _State.IDLE
+            self._pool.release(self)
+        else:
+            self._state = _State.CLOSED
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        if sink is not None:
+            sink.response_end()
+
+    def _fail(self, failure: BackendFailure) -> None:
+        sink = self._sink
+        self._sink = None
+        self._cancel_timer()
+        self._state = _State.CLOSED
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        if sink is not None:
+            sink.backend_failed(failure)
+
+    def _start_timer(self) -> None:
+        self._cancel_timer()
+        timeout = self._settings.response_timeout
+        self._timer = self._pool.clock.callLater(timeout, self._timed_out, timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, timeout: float) -> None:
+        self._timer = None
+        self._fail(
+            BackendFailure(504, f"the backend sent no response head within {timeout:g} seconds")
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class _BackendConnectionFactory(Factory):
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: object) -> BackendConnection:
+        return BackendConnection(self.pool)
+
+
+class BackendPool:
+    """Keep-alive connections to one backend, reused most recently used first."""
+
+    log = Logger()
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, clock: IReactorTime, settings: BackendSettings
+    ) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.settings = settings
+        self._idle: list[BackendConnection] = []
+        self._idle_timers: dict[BackendConnection, IDelayedCall] = {}
+        self._factory = _BackendConnectionFactory(self)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def acquire(self) -> Deferred[BackendConnection]:
+        """A connection ready for a request: an idle one, or a new one."""
+        while self._idle:
+            connection = self._idle.pop()
+            self._idle_timers.pop(connection).cancel()
+            if connection.is_idle:
+                connection.reused = True
+                return succeed(connection)
+        return self.endpoint.connect(self._factory)  # type: ignore[no-any-return]
+
+    def release(self, connection: BackendConnection) -> None:
+        """``connection`` finished an exchange and may carry another."""
+        if len(self._idle) >= self.settings.max_idle:
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._idle.append(connection)
+        self._idle_timers[connection] = self.clock.callLater(
+            self.settings.idle_timeout,
+            connection.transport.loseConnection,  # type: ignore[union-attr]
+        )
+
+    def forget(self, connection: BackendConnection) -> None:
+        """``connection`` closed; never hand it out again."""
+        timer = self._idle_timers.pop(connection, None)
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._idle.remove(connection)
+
+    def close_idle(self) -> None:
+        """Close every idle connection (at shutdown)."""
+        for connection in list(self._idle):
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """Limits on the backend side of the proxy."""
+
+    response_timeout: float = 60.0
+    max_response_head: int = 64 * 1024
+    max_idle: int = 32
+    idle_timeout: float = 60.0

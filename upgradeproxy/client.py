@@ -1,0 +1,448 @@
+"""The protocol facing the client (server role).
+
+A :class:`ClientConnection` owns its input buffer. It parses one request
+head at a time and leaves every later byte in the buffer, unparsed, until it
+knows who owns it: the request body goes to the backend as it is decoded;
+anything after the body is either the next request (when the backend
+answers with a final response) or the first bytes of a switched protocol
+(when it answers ``101``), which are replayed into the backend in the same
+reactor turn as the switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .backend import BackendConnection, BackendFailure
+from .flow import ReadGate, unregister_producer
+from .http1 import (
+    LAST_CHUNK,
+    BodyDecoder,
+    BodyKind,
+    Framing,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    encode_chunk,
+    is_upgrade_request,
+    parse_request_head,
+    request_framing,
+    request_keeps_alive,
+)
+from .interfaces import Refusal, UpgradeAttempt
+from .rewrite import (
+    ClientHop,
+    error_response,
+    interim_for_client,
+    request_for_backend,
+    response_for_client,
+    switch_for_client,
+)
+from .tunnel import Side, Tunnel
+
+if TYPE_CHECKING:
+    from .proxy import ProxyFactory
+
+# Reasons for which the client's reads are paused.
+_BACKEND_FULL = "backend send buffer full"
+_HOLDING = "holding early bytes"
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One request from the client and the backend's answer to it."""
+
+    request: RequestHead
+    forwarded: RequestHead
+    framing: Framing
+    decoder: BodyDecoder
+    upgrade: bool
+    keep_alive: bool
+    started: float
+    backend: BackendConnection | None = None
+    attempts: int = 0
+    body_done: bool = False
+    response_kind: BodyKind | None = None
+    status: int = 0
+    response_bytes: int = 0
+
+
+@implementer(IHalfCloseableProtocol)
+class ClientConnection(Protocol):
+    """One connection from a client."""
+
+    log = Logger()
+
+    def __init__(self, proxy: ProxyFactory) -> None:
+        self._proxy = proxy
+        self._settings = proxy.settings
+        self._buf = bytearray()
+        self._exchange: _Exchange | None = None
+        self._tunnel: Tunnel | None = None
+        self._closing = False
+        self._read_eof = False
+        self._gate: ReadGate
+        self._hop: ClientHop
+        self.address = "unknown"
+
+    # -- Twisted protocol events ---------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self._gate = ReadGate(self.transport)
+        peer = self.transport.getPeer()
+        self.address = str(getattr(peer, "host", None) or peer)
+        self._hop = ClientHop(self.address, self._proxy.scheme)
+        self._proxy.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.data(Side.CLIENT, data)
+            return
+        if self._closing:
+            return
+        self._buf += data
+        self._advance()
+
+    def readConnectionLost(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.read_closed(Side.CLIENT)
+            return
+        self._read_eof = True
+        exchange = self._exchange
+        if exchange is None:
+            self._close()
+        elif not exchange.body_done:
+            self.log.info(
+                "client {client} closed its side before the end of the request body",
+                client=self.address,
+            )
+            self._abandon_backend(exchange)
+            self._close()
+        # Otherwise the answer is still coming (and may be a switch, which
+        # will carry this EOF into the tunnel).
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self._closing = True
+        if self._tunnel is not None:
+            self._tunnel.lost(Side.CLIENT, reason)
+        else:
+            exchange = self._exchange
+            self._exchange = None
+            if exchange is not None:
+                self._abandon_backend(exchange)
+        self._proxy.connection_closed(self)
+
+    # -- reading requests ------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Move the bytes in the buffer to whoever owns them now."""
+        exchange = self._exchange
+        if exchange is None:
+            if self._closing:
+                return
+            try:
+                parsed = parse_request_head(self._buf, 0, self._settings.max_request_head)
+            except ProtocolError as e:
+                self._reject(e.status, e.reason)
+                return
+            if parsed is None:
+                return
+            head, end = parsed
+            del self._buf[:end]
+            exchange = self._begin(head)
+            if exchange is None:
+                return
+        if exchange.backend is not None and not exchange.body_done:
+            self._forward_body(exchange)
+        if self._exchange is not None and len(self._buf) > self._settings.max_held_bytes:
+            # Bytes beyond the request (or a body waiting for its backend
+            # connection): keep them, but stop reading more for now.
+            self._gate.pause(_HOLDING)
+
+    def _begin(self, head: RequestHead) -> _Exchange | None:
+        """Start an exchange for ``head``, or refuse the request."""
+        if head.method == b"CONNECT":
+            self._reject(501, "CONNECT is not supported by this reverse proxy")
+            return None
+        try:
+            framing = request_framing(head)
+            upgrade = is_upgrade_request(head)
+            forwarded = request_for_backend(
+                head,
+                self._hop,
+                upgrade=upgrade,
+                framing=framing.kind,
+                prefix=self._proxy.prefix,
+            )
+        except ProtocolError as e:
+            self._reject(e.status, e.reason)
+            return None
+        if upgrade:
+            refusal = self._proxy.check_request(UpgradeAttempt(head))
+            if refusal is not None:
+                self._reject(refusal.status, refusal.reason)
+                return None
+        exchange = _Exchange(
+            request=head,
+            forwarded=forwarded,
+            framing=framing,
+            decoder=framing.decoder(),
+            upgrade=upgrade,
+            keep_alive=request_keeps_alive(head) and not self._read_eof,
+            started=self._proxy.clock.seconds(),
+        )
+        self._exchange = exchange
+        self._connect(exchange)
+        return exchange
+
+    def _connect(self, exchange: _Exchange) -> None:
+        exchange.attempts += 1
+        d = self._proxy.pool.acquire()
+        d.addCallbacks(
+            self._backend_ready, self._backend_unreachable, (exchange,), None, (exchange,)
+        )
+        d.addErrback(self._unexpected)
+
+    def _backend_ready(self, backend: BackendConnection, exchange: _Exchange) -> None:
+        if exchange is not self._exchange:
+            # The client went away while we were connecting.
+            self._proxy.pool.release(backend)
+            return
+        exchange.backend = backend
+        backend.send_request(exchange.forwarded.serialize(), exchange.request.method, self)
+        if not exchange.body_done:
+            backend.transport.registerProducer(  # type: ignore[union-attr]
+                self._gate.producer(_BACKEND_FULL), True
+            )
+            self._forward_body(exchange)
+
+    def _backend_unreachable(self, reason: Failure, exchange: _Exchange) -> None:
+        if exchange is not self._exchange:
+            return
+        self._reject(
+            502,
+            f"the backend ({self._proxy.backend_name}) could not be reached: "
+            f"{reason.getErrorMessage()}",
+        )
+
+    def _unexpected(self, reason: Failure) -> None:
+        self.log.failure("unexpected error in the proxy", reason)
+        if self._tunnel is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _forward_body(self, exchange: _Exchange) -> None:
+        backend = exchange.backend
+        assert backend is not None
+        try:
+            chunks, used = exchange.decoder.decode(self._buf)
+        except ProtocolError as e:
+            self._abandon_backend(exchange)
+            self._reject(e.status, f"malformed request body: {e.reason}")
+            return
+        del self._buf[:used]
+        chunked = exchange.framing.kind is BodyKind.CHUNKED
+        for chunk in chunks:
+            backend.send_body(encode_chunk(chunk) if chunked else chunk)
+        if exchange.decoder.done:
+            if chunked:
+                backend.send_body(LAST_CHUNK)
+            exchange.body_done = True
+            unregister_producer(backend.transport)
+            self._gate.resume(_BACKEND_FULL)
+
+    # -- the backend's answer (ResponseSink) -------------------------------------
+
+    def interim_response(self, head: ResponseHead) -> None:
+        exchange = self._exchange
+        # A 1xx must not be sent to an HTTP/1.0 client (RFC 9110 §15.2).
+        if exchange is not None and exchange.request.version >= (1, 1):
+            self.transport.write(interim_for_client(head).serialize())  # type: ignore[union-attr]
+
+    def response_head(self, head: ResponseHead, framing: Framing) -> None:
+        exchange = self._exchange
+        assert exchange is not None and exchange.backend is not None
+        kind = framing.kind
+        if kind in (BodyKind.CHUNKED, BodyKind.CLOSE):
+            kind = BodyKind.CHUNKED if exchange.request.version >= (1, 1) else BodyKind.CLOSE
+        exchange.response_kind = kind
+        exchange.status = head.status
+        # A response that overtakes its request body ends the connection:
+        # the rest of the body cannot be told from a next request.
+        exchange.keep_alive = (
+            exchange.keep_alive and exchange.body_done and kind is not BodyKind.CLOSE
+        )
+        out = response_for_client(
+            head,
+            framing=kind,
+            keep_alive=exchange.keep_alive,
+            client_version=exchange.request.version,
+        )
+        transport = self.transport
+        assert transport is not None
+        transport.write(out.serialize())
+        if kind is not BodyKind.NONE:
+            transport.registerProducer(exchange.backend.transport, True)  # type: ignore[attr-defined]
+
+    def response_body(self, data: bytes) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        exchange.response_bytes += len(data)
+        if exchange.response_kind is BodyKind.CHUNKED:
+            data = encode_chunk(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def response_end(self) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        transport = self.transport
+        assert transport is not None
+        if exchange.response_kind is BodyKind.CHUNKED:
+            transport.write(LAST_CHUNK)
+        unregister_producer(transport)
+        self._log_access(exchange)
+        self._exchange = None
+        if not exchange.keep_alive or self._read_eof:
+            self._close()
+            return
+        self._gate.resume(_HOLDING)
+        self._advance()
+
+    def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
+        exchange = self._exchange
+        assert exchange is not None and exchange.backend is not None
+        backend = exchange.backend
+        attempt = UpgradeAttempt(exchange.request, head, exchange.body_done)
+        refusal = self._proxy.check_response(attempt)
+        if refusal is not None:
+            self._refuse_switch(exchange, refusal)
+            return
+        # Everything below happens in this one reactor turn, so no byte can
+        # slip in between: the 101, then what the backend sent behind it,
+        # then the client's held bytes, then raw pass-through both ways.
+        transport = self.transport
+        assert transport is not None and backend.transport is not None
+        transport.write(switch_for_client(head).serialize())
+        protocol = b", ".join(attempt.selected).decode("latin-1")
+        tunnel = Tunnel(
+            transport,
+            backend.transport,
+            protocol=protocol,
+            client_address=self.address,
+            clock=self._proxy.clock,
+            on_end=self._proxy.tunnel_ended,
+        )
+        if early_data:
+            tunnel.data(Side.BACKEND, early_data)
+        held = bytes(self._buf)
+        self._buf.clear()
+        if held:
+            tunnel.data(Side.CLIENT, held)
+        self._gate.resume_all()
+        self._exchange = None
+        self._tunnel = tunnel
+        backend.enter_tunnel(tunnel)
+        self._proxy.tunnel_started(tunnel)
+        self.log.info(
+            "{client} {method} {target} switched to {protocol}",
+            client=self.address,
+            method=exchange.request.method.decode("latin-1"),
+            target=exchange.request.target.decode("latin-1"),
+            protocol=protocol,
+        )
+        tunnel.start()
+        if self._read_eof:
+            tunnel.read_closed(Side.CLIENT)
+
+    def _refuse_switch(self, exchange: _Exchange, refusal: Refusal) -> None:
+        self.log.warn(
+            "refused the backend's switch for {client} {method} {target}: {reason}",
+            client=self.address,
+            method=exchange.request.method.decode("latin-1"),
+            target=exchange.request.target.decode("latin-1"),
+            reason=refusal.reason,
+        )
+        self._abandon_backend(exchange)
+        self._reject(502, refusal.reason, quiet=True)
+
+    def backend_failed(self, failure: BackendFailure) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        if (
+            failure.retryable
+            and exchange.attempts == 1
+            and exchange.framing.kind is BodyKind.NONE
+            and exchange.response_kind is None
+        ):
+            self.log.debug("retrying on a new backend connection: {reason}", reason=failure.reason)
+            exchange.backend = None
+            self._connect(exchange)
+            return
+        if exchange.response_kind is None:
+            self._reject(failure.status, failure.reason)
+            return
+        # The response head is already out: there is no way to tell the
+        # client but to cut the response short.
+        self.log.warn(
+            "response to {client} cut short: {reason}", client=self.address, reason=failure.reason
+        )
+        self._exchange = None
+        unregister_producer(self.transport)
+        self._close()
+
+    # -- endings -----------------------------------------------------------------
+
+    def _reject(self, status: int, reason: str, *, quiet: bool = False) -> None:
+        """Answer with an error that says what went wrong, then close."""
+        if not quiet:
+            level = self.log.warn if status >= 500 else self.log.info
+            level(
+                "{status} to {client}: {reason}",
+                status=status,
+                client=self.address,
+                reason=reason,
+            )
+        exchange = self._exchange
+        self._exchange = None
+        if exchange is not None:
+            exchange.status = status
+            self._log_access(exchange)
+        transport = self.transport
+        assert transport is not None
+        unregister_producer(transport)
+        transport.write(error_response(status, reason))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._gate.resume_all()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _abandon_backend(self, exchange: _Exchange) -> None:
+        backend = exchange.backend
+        exchange.backend = None
+        if backend is not None:
+            backend.abandon()
+
+    def _log_access(self, exchange: _Exchange) -> None:
+        self.log.info(
+            '{client} "{method} {target} HTTP/{major}.{minor}" {status} {bytes} {duration:.3f}s',
+            client=self.address,
+            method=exchange.request.method.decode("latin-1"),
+            target=exchange.request.target.decode("latin-1"),
+            major=exchange.request.version[0],
+            minor=exchange.request.version[1],
+            status=exchange.status,
+            bytes=exchange.response_bytes,
+            duration=self._proxy.clock.seconds() - exchange.started,
+        )

@@ -1,0 +1,92 @@
+"""The public contracts of upgradeproxy.
+
+An upgrade validator decides whether a protocol switch may go ahead. The
+proxy asks every validator in its chain twice: once when an upgrade request
+arrives (before any backend is contacted), and once when the backend answers
+``101 Switching Protocols``. The first refusal wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Attribute, Interface
+
+from .http1 import RequestHead, ResponseHead, is_upgrade_request, offered_protocols
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A validator's "no", with the words the client and the log will show.
+
+    ``status`` is the HTTP status the client receives. For a refused request
+    it is a 4xx of the validator's choosing; for a refused ``101`` the proxy
+    always answers ``502`` (the backend is at fault, not the client), and
+    ``status`` is ignored. ``reason`` is one plain sentence naming the broken
+    rule, e.g. ``"the backend answered 101 without 'Connection: upgrade'
+    (RFC 9110 §7.6.1)"``.
+    """
+
+    reason: str
+    status: int = 502
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeAttempt:
+    """What a validator looks at: the client's request and, later, the ``101``.
+
+    ``request`` is the head exactly as the client sent it (before hop-by-hop
+    fields were removed). ``response`` is the backend's ``101`` head as
+    received, or ``None`` while the request is being checked.
+    ``request_body_complete`` tells whether the whole request body had been
+    forwarded when the ``101`` arrived.
+    """
+
+    request: RequestHead
+    response: ResponseHead | None = None
+    request_body_complete: bool = True
+
+    @property
+    def is_upgrade(self) -> bool:
+        """True when the request asked to switch protocols (RFC 9110 §7.8)."""
+        return is_upgrade_request(self.request)
+
+    @property
+    def offered(self) -> list[bytes]:
+        """The protocols the client offered in ``Upgrade``, in order."""
+        return offered_protocols(self.request) if self.is_upgrade else []
+
+    @property
+    def selected(self) -> list[bytes]:
+        """The protocols the backend's ``101`` names in ``Upgrade``, in order."""
+        if self.response is None:
+            return []
+        return self.response.headers.elements(b"upgrade")
+
+
+class IUpgradeValidator(Interface):
+    """Checks an upgrade request and the backend's answer to it.
+
+    Both methods are called in the reactor thread and must return at once:
+    no blocking I/O, no Deferreds. Return ``None`` to accept, or a
+    :class:`Refusal` to refuse. A validator that raises is treated as a
+    refusal, and the exception is logged.
+    """
+
+    name = Attribute("A short name for logs, such as 'rfc9110'.")
+
+    def check_request(attempt: UpgradeAttempt) -> Refusal | None:
+        """Called for every upgrade request, before a backend is contacted.
+
+        ``attempt.response`` is ``None``. A refusal is sent to the client
+        with its ``status`` (a 4xx) and ``reason``, and the connection is
+        closed; the backend never sees the request.
+        """
+
+    def check_response(attempt: UpgradeAttempt) -> Refusal | None:
+        """Called for every ``101`` a backend sends, before anything reaches the client.
+
+        This includes a ``101`` to a request that did not ask to upgrade.
+        A refusal makes the proxy answer ``502`` with the refusal's reason,
+        log it at warning level, and close both connections.
+        """

@@ -1,0 +1,147 @@
+"""What the proxy changes in heads as they pass through it, as pure functions.
+
+Hop-by-hop fields are removed in both directions (RFC 9110 §7.6.1); the
+proxy then adds what belongs to its own hop: forwarding fields and ``Via``
+on requests, its own framing and persistence fields on responses. Nothing
+here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from .http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
+
+VIA = b"1.1 upgradeproxy"
+
+_FORWARDING = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHop:
+    """What the proxy knows about the client's connection."""
+
+    address: str
+    scheme: str = "http"
+
+
+def backend_target(target: bytes, prefix: bytes) -> bytes:
+    """The request target to send to the backend, in origin-form.
+
+    An absolute-form target (``http://host/path``) is reduced to its path
+    and query (RFC 9112 §3.2.2); ``prefix`` (the path of the backend URL) is
+    put in front. ``*`` (for ``OPTIONS *``) stays as it is.
+    """
+    if target == b"*":
+        return target
+    if not target.startswith(b"/"):
+        parts = urlsplit(target.decode("latin-1"))
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise ProtocolError("request target is neither a path nor an absolute URL")
+        target = (parts.path or "/").encode("latin-1")
+        if parts.query:
+            target += b"?" + parts.query.encode("latin-1")
+    return prefix.rstrip(b"/") + target if prefix else target
+
+
+def request_for_backend(
+    head: RequestHead,
+    hop: ClientHop,
+    *,
+    upgrade: bool,
+    framing: BodyKind,
+    prefix: bytes = b"",
+) -> RequestHead:
+    """The request head the backend receives for the client's ``head``.
+
+    The backend always gets HTTP/1.1. ``X-Forwarded-For`` and ``Via`` are
+    appended to; ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are set by
+    the proxy, replacing what the client sent, since the backend must be able
+    to trust them. For an upgrade, ``Upgrade`` and ``Connection: upgrade``
+    are put back after the hop-by-hop fields were removed.
+    """
+    headers = head.headers
+    prior_xff = headers.elements(b"x-forwarded-for")
+    prior_via = headers.get_all(b"via")
+    host = headers.get(b"host")
+    kept = headers.end_to_end().without((*_FORWARDING, b"via"))
+    added: list[Field] = []
+    if framing is BodyKind.CHUNKED:
+        added.append((b"Transfer-Encoding", b"chunked"))
+    if upgrade:
+        added.append((b"Connection", b"upgrade"))
+        added.extend((b"Upgrade", v) for v in headers.get_all(b"upgrade"))
+    added.append((b"X-Forwarded-For", b", ".join([*prior_xff, hop.address.encode("latin-1")])))
+    added.append((b"X-Forwarded-Proto", hop.scheme.encode("ascii")))
+    if host is not None:
+        added.append((b"X-Forwarded-Host", host))
+    added.append((b"Via", b", ".join([*prior_via, VIA])))
+    return RequestHead(head.method, backend_target(head.target, prefix), (1, 1), kept.plus(added))
+
+
+def response_for_client(
+    head: ResponseHead,
+    *,
+    framing: BodyKind,
+    keep_alive: bool,
+    client_version: tuple[int, int],
+) -> ResponseHead:
+    """The response head the client receives for the backend's ``head``.
+
+    ``framing`` is how the proxy frames the body towards the client (which
+    may differ from the backend's: a close-delimited body is sent chunked to
+    an HTTP/1.1 client so its connection can stay open). ``keep_alive`` says
+    whether the client connection stays open after this response.
+    """
+    headers = head.headers
+    prior_via = headers.get_all(b"via")
+    kept = headers.end_to_end().without((b"via",))
+    added: list[Field] = []
+    if framing is BodyKind.CHUNKED:
+        added.append((b"Transfer-Encoding", b"chunked"))
+    if not keep_alive:
+        added.append((b"Connection", b"close"))
+    elif client_version < (1, 1):
+        added.append((b"Connection", b"keep-alive"))
+    added.append((b"Via", b", ".join([*prior_via, VIA])))
+    return ResponseHead(head.status, head.reason, (1, 1), kept.plus(added))
+
+
+def interim_for_client(head: ResponseHead) -> ResponseHead:
+    """A ``1xx`` (other than ``101``) as relayed to the client."""
+    return ResponseHead(head.status, head.reason, (1, 1), head.headers.end_to_end())
+
+
+def switch_for_client(head: ResponseHead) -> ResponseHead:
+    """The backend's ``101`` as the client receives it.
+
+    Hop-by-hop fields are removed like on any response, then ``Upgrade`` (as
+    the backend named it) and ``Connection: upgrade`` are put back, so the
+    client always gets a well-formed switch.
+    """
+    headers = head.headers
+    kept = headers.end_to_end().without((b"via",))
+    added: list[Field] = [(b"Connection", b"upgrade")]
+    added.extend((b"Upgrade", v) for v in headers.get_all(b"upgrade"))
+    added.append((b"Via", b", ".join([*headers.get_all(b"via"), VIA])))
+    return ResponseHead(101, head.reason or b"Switching Protocols", (1, 1), kept.plus(added))
+
+
+def error_response(status: int, reason: str, *, extra: tuple[Field, ...] = ()) -> bytes:
+    """A complete response that tells the client, in plain words, what went wrong.
+
+    The connection is always closed after it.
+    """
+    body = reason.encode("utf-8") + b"\n"
+    phrase = HTTPStatus(status).phrase.encode("ascii")
+    headers = Headers(
+        (
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+            *extra,
+        )
+    )
+    return ResponseHead(status, phrase, (1, 1), headers).serialize() + body

@@ -1,0 +1,159 @@
+"""The twistd/twist glue: command-line options and the service they build."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.python import usage
+from zope.interface import implementer
+
+from .address import BackendAddress, BadBackend, parse_backend
+from .backend import BackendSettings
+from .proxy import ProxyFactory, ProxySettings
+
+DEFAULT_LISTEN = "tcp:8080"
+
+
+def _exit_usage(message: str) -> None:
+    """Leave with one line that says what to change, and exit status 2.
+
+    twistd would print the whole usage text and exit with 1, burying the one
+    line that matters.
+    """
+    sys.stderr.write(f"upgradeproxy: {message}\n")
+    raise SystemExit(2)
+
+
+class Options(usage.Options):
+    """``twistd upgradeproxy`` / ``twist upgradeproxy`` options."""
+
+    synopsis = "[--listen ENDPOINT]... (--backend URL | --demo)"
+    longdesc = (
+        "An HTTP/1.1 reverse proxy that gets protocol upgrades (WebSocket and any "
+        "other Upgrade token) right."
+    )
+    optFlags = [
+        [
+            "demo",
+            None,
+            "Run a built-in demo backend behind the proxy (an HTML page, "
+            "a WebSocket echo at /ws, a raw echo for 'Upgrade: upgradeproxy-echo' at /echo).",
+        ],
+    ]
+    optParameters = [
+        [
+            "backend",
+            "b",
+            None,
+            "The backend: http://HOST:PORT[/PATH], or a Twisted client "
+            "endpoint string such as unix:path=/run/app.sock.",
+        ],
+        [
+            "response-timeout",
+            None,
+            60.0,
+            "Seconds to wait for the backend's response head "
+            "(and so for an upgrade handshake) before answering 504.",
+            float,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted server endpoint (repeatable; default tcp:8080)."""
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["demo"] and self["backend"]:
+            _exit_usage("give either --backend or --demo, not both")
+        if not self["demo"] and not self["backend"]:
+            _exit_usage(
+                "no backend given: add --backend http://HOST:PORT (for example "
+                "--backend http://127.0.0.1:9000), or --demo to try the built-in demo"
+            )
+        if self["backend"]:
+            from twisted.internet import reactor
+
+            try:
+                self["backend_address"] = parse_backend(reactor, self["backend"])
+            except BadBackend as e:
+                _exit_usage(str(e))
+        for description in self["listen"]:
+            from twisted.internet import reactor
+
+            try:
+                serverFromString(reactor, description)
+            except Exception as e:
+                _exit_usage(
+                    f"cannot listen on {description!r} ({e}); write --listen as a Twisted "
+                    "server endpoint, for example tcp:8080 or tcp:8080:interface=127.0.0.1"
+                )
+
+
+@implementer(IStreamClientEndpoint)
+class _DemoEndpoint:
+    """Connects to the in-process demo backend once it is listening."""
+
+    def __init__(self, service: _DemoBackendService) -> None:
+        self._service = service
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        from twisted.internet import reactor
+
+        port = self._service.port
+        assert port is not None, "the demo backend starts before the proxy listens"
+        address = port.getHost()
+        return TCP4ClientEndpoint(reactor, address.host, address.port).connect(factory)
+
+
+class _DemoBackendService(Service):
+    """Runs the demo backend on an ephemeral loopback port."""
+
+    port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        from .demo import DemoBackendFactory
+
+        super().startService()
+        self.port = reactor.listenTCP(0, DemoBackendFactory(), interface="127.0.0.1")
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+def makeService(options: Options) -> IService:
+    """The proxy as a service: one listener per --listen, and the demo backend if asked."""
+    from twisted.internet import reactor
+
+    top = MultiService()
+    backend: BackendAddress
+    if options["demo"]:
+        demo = _DemoBackendService()
+        demo.setServiceParent(top)
+        backend = BackendAddress(_DemoEndpoint(demo), b"", "built-in demo backend")
+    else:
+        backend = options["backend_address"]
+    settings = ProxySettings(backend=BackendSettings(response_timeout=options["response-timeout"]))
+    factory = ProxyFactory(backend, settings=settings)
+    for description in options["listen"]:
+        endpoint = serverFromString(reactor, description)
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    return top
