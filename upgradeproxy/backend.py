@@ -20,7 +20,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -72,6 +72,7 @@ class _State(enum.Enum):
     IDLE = enum.auto()
     HEAD = enum.auto()
     BODY = enum.auto()
+    SWITCHING = enum.auto()  # a 101 arrived; the client side decides
     TUNNEL = enum.auto()
     CLOSED = enum.auto()
 
@@ -151,7 +152,7 @@ class BackendConnection(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         self._pool.forget(self)
         if self._tunnel is not None:
@@ -219,7 +220,7 @@ class BackendConnection(Protocol):
             self._cancel_timer()
             early = bytes(self._buf)
             self._buf.clear()
-            self._state = _State.CLOSED  # until the sink takes it into a tunnel
+            self._state = _State.SWITCHING
             sink.switch_protocols(head, early)
             return False
         if head.status < 200:

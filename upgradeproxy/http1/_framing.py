@@ -83,6 +83,10 @@ def request_framing(head: RequestHead) -> Framing:
             raise ProtocolError(
                 "the final transfer coding of the request is not chunked (RFC 9112 §6.3)"
             )
+        # Chunking twice is forbidden to senders (RFC 9112 §6.1), so this is a
+        # malformed request (400), not a coding the server lacks (501).
+        if codings.count(b"chunked") > 1:
+            raise ProtocolError("chunked applied more than once to the request (RFC 9112 §6.1)")
         if len(codings) > 1:
             raise ProtocolError(
                 "transfer codings other than a single chunked are not supported", 501
@@ -186,7 +190,10 @@ class ChunkedDecoder(BodyDecoder):
     def _line(self, buf: bytes | bytearray, pos: int, what: str) -> int:
         """The offset of the CRLF ending the line at ``pos``, or -1."""
         end = buf.find(b"\r\n", pos, pos + self.MAX_LINE + 2)
-        if end < 0 and len(buf) - pos > self.MAX_LINE:
+        # A line of MAX_LINE bytes whose CR has come but not its LF is still
+        # within the limit; rejecting it would make the answer depend on how
+        # the bytes were split between reads.
+        if end < 0 and len(buf) - pos > self.MAX_LINE + 1:
             raise ProtocolError(f"{what} longer than {self.MAX_LINE} bytes")
         bare = buf.find(b"\n", pos, end if end >= 0 else len(buf))
         if bare >= 0:
@@ -240,7 +247,14 @@ class ChunkedDecoder(BodyDecoder):
 
 
 def encode_chunk(data: bytes) -> bytes:
-    """``data`` as one chunk of the chunked transfer coding."""
+    """``data`` as one chunk of the chunked transfer coding.
+
+    Empty ``data`` encodes as nothing at all: a chunk of size zero is the
+    last-chunk (RFC 9112 §7.1), and would end the body early -- whatever was
+    sent after it would be read as the next message.
+    """
+    if not data:
+        return b""
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 

@@ -57,16 +57,21 @@ def _locate_head(
 ) -> int:
     """The offset just past the head's empty line, or -1 if it has not come yet.
 
+    The head, its empty line included, may be at most ``max_size`` bytes.
+    ``too_large`` is raised as soon as ``max_size`` bytes have come without
+    one ending, and never earlier: the answer must not depend on how the
+    bytes were split between reads.
+
     Rejects a bare CR or LF as soon as one arrives, so that a client that
     ends its lines with LF alone gets an answer instead of a timeout.
     """
-    end = buf.find(_END, start, start + max_size + len(_END))
+    end = buf.find(_END, start, start + max_size)
     scan_end = end + len(_END) if end >= 0 else min(len(buf), start + max_size)
     bare = BARE_LINE_END.search(buf, start, scan_end)
     if bare is not None:
         raise ProtocolError("line ending other than CRLF (bare CR or LF) in the head")
     if end < 0:
-        if len(buf) - start > max_size:
+        if len(buf) - start >= max_size:
             raise too_large
         return -1
     return end + len(_END)
@@ -90,7 +95,7 @@ def _describe_bad_field(line: bytes, who: str) -> str:
         return f"header line without a colon in the {who} head"
     if name != name.rstrip(b" \t"):
         return f"whitespace between a header name and its colon in the {who} head (RFC 9112 §5.1)"
-    if any(b < 0x20 and b != 0x09 or b == 0x7F for b in line):
+    if any((b < 0x20 and b != 0x09) or b == 0x7F for b in line):
         return f"control character in a header field of the {who} head"
     return f"malformed header field in the {who} head"
 
@@ -104,18 +109,20 @@ def parse_request_head(
     after the head, or ``None`` if more bytes are needed. Empty lines before
     the request line are skipped (RFC 9112 §2.2). Raises
     :class:`ProtocolError` for anything that is not a well-formed HTTP/1.x
-    request head, and with status 431 when no head ends within ``max_size``.
+    request head, and with status 431 when the head, counting those empty
+    lines, is larger than ``max_size`` bytes.
     """
-    while buf[start : start + 2] == b"\r\n":
+    too_large = ProtocolError(f"request head larger than {max_size} bytes", 431)
+    # The skipped empty lines count towards the limit: otherwise a client
+    # could send CRLFs for ever, and every one would stay buffered.
+    limit = start + max_size
+    while start < limit and buf[start : start + 2] == b"\r\n":
         start += 2
+    if start >= limit:
+        raise too_large
     if len(buf) - start < 2 and buf[start:] in (b"", b"\r"):
         return None
-    end = _locate_head(
-        buf,
-        start,
-        max_size,
-        ProtocolError(f"request head larger than {max_size} bytes", 431),
-    )
+    end = _locate_head(buf, start, limit - start, too_large)
     if end < 0:
         return None
     lines = bytes(buf[start : end - len(_END)]).split(b"\r\n")
@@ -125,9 +132,7 @@ def parse_request_head(
     method, target, major, minor = match.groups()
     version = (int(major), int(minor))
     if version not in ((1, 0), (1, 1)):
-        raise ProtocolError(
-            f"HTTP version {version[0]}.{version[1]} is not supported", 505
-        )
+        raise ProtocolError(f"HTTP version {version[0]}.{version[1]} is not supported", 505)
     headers = _parse_fields(lines[1:], "request")
     hosts = headers.get_all(b"host")
     if len(hosts) > 1:
