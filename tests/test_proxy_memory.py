@@ -543,3 +543,34 @@ def test_holding_many_early_bytes_pauses_the_client_until_the_switch() -> None:
     h.backend.send(SWITCH)
     assert h.client_transport.producerState == "producing"
     assert h.backend.received.endswith(b"x" * 600 + b"y" * 600)
+
+
+# -- clients that do not finish -----------------------------------------------------
+
+
+def test_a_client_that_never_finishes_its_head_gets_408() -> None:
+    h = ProxyHarness(settings=ProxySettings(request_head_timeout=10))
+    h.client_sends(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    h.clock.advance(9.9)
+    assert h.client_received == b""
+    h.clock.advance(0.2)
+    assert h.client_received.startswith(b"HTTP/1.1 408 Request Timeout")
+    assert "did not arrive within 10 seconds" in h.client_received.decode()
+    assert h.client_closed
+
+
+def test_an_idle_keep_alive_connection_is_closed_quietly() -> None:
+    h = ProxyHarness(settings=ProxySettings(request_head_timeout=10))
+    h.client_sends(GET)
+    h.clock.advance(30)  # waiting on the backend is not the client's fault
+    assert not h.client_closed
+    h.backend.send(OK)
+    h.clock.advance(10.1)
+    assert h.client_closed
+    assert h.client_received.endswith(b"hello")
+
+
+def test_a_tunnel_is_not_cut_by_the_head_timeout() -> None:
+    h = _tunnel()
+    h.clock.advance(3600)
+    assert not h.client_closed

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +90,7 @@ class ClientConnection(Protocol):
         self._read_eof = False
         self._gate: ReadGate
         self._hop: ClientHop
+        self._head_timer: IDelayedCall | None = None
         self.address = "unknown"
 
     # -- Twisted protocol events ---------------------------------------------
@@ -101,6 +102,7 @@ class ClientConnection(Protocol):
         self.address = str(getattr(peer, "host", None) or peer)
         self._hop = ClientHop(self.address, self._proxy.scheme)
         self._proxy.connection_opened(self)
+        self._wait_for_head()
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -134,6 +136,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
+        self._stop_head_timer()
         if self._tunnel is not None:
             self._tunnel.lost(Side.CLIENT, reason)
         else:
@@ -160,6 +163,7 @@ class ClientConnection(Protocol):
                 return
             head, end = parsed
             del self._buf[:end]
+            self._stop_head_timer()
             exchange = self._begin(head)
             if exchange is None:
                 return
@@ -316,7 +320,32 @@ class ClientConnection(Protocol):
             self._close()
             return
         self._gate.resume(_HOLDING)
+        self._wait_for_head()
         self._advance()
+
+    # -- waiting for a request head ---------------------------------------------------
+
+    def _wait_for_head(self) -> None:
+        self._head_timer = self._proxy.clock.callLater(
+            self._settings.request_head_timeout, self._head_timed_out
+        )
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._buf:
+            self._reject(
+                408,
+                f"the request head did not arrive within "
+                f"{self._settings.request_head_timeout:g} seconds",
+            )
+        else:
+            # An idle keep-alive connection: closing it is routine.
+            self._close()
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
         exchange = self._exchange

@@ -23,6 +23,9 @@ class ProxySettings:
 
     max_request_head: int = 32 * 1024
     max_held_bytes: int = 64 * 1024
+    #: Seconds a client may take to send a request head, and may stay idle
+    #: between requests on a kept-alive connection.
+    request_head_timeout: float = 60.0
     backend: BackendSettings = field(default_factory=BackendSettings)
 
 
