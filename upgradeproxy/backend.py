@@ -314,7 +314,8 @@ class BackendPool:
             if connection.is_idle:
                 connection.reused = True
                 return succeed(connection)
-        return self.endpoint.connect(self._factory)  # type: ignore[no-any-return]
+        # The factory builds only BackendConnection protocols.
+        return self.endpoint.connect(self._factory)  # type: ignore[return-value]
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""

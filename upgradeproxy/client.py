@@ -214,7 +214,10 @@ class ClientConnection(Protocol):
         exchange.attempts += 1
         d = self._proxy.pool.acquire()
         d.addCallbacks(
-            self._backend_ready, self._backend_unreachable, (exchange,), None, (exchange,)
+            self._backend_ready,
+            self._backend_unreachable,
+            callbackArgs=(exchange,),
+            errbackArgs=(exchange,),
         )
         d.addErrback(self._unexpected)
 

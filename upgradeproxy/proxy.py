@@ -59,7 +59,7 @@ class ProxyFactory(ServerFactory):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         assert clock is not None
         if isinstance(backend, BackendAddress):
             endpoint, self.prefix, self.backend_name = (

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
@@ -116,6 +117,7 @@ class _DemoEndpoint:
         port = self._service.port
         assert port is not None, "the demo backend starts before the proxy listens"
         address = port.getHost()
+        assert isinstance(address, IPv4Address)
         return TCP4ClientEndpoint(reactor, address.host, address.port).connect(factory)
 
 
@@ -135,7 +137,7 @@ class _DemoBackendService(Service):
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self.port is not None:
-            return self.port.stopListening()  # type: ignore[no-any-return]
+            return self.port.stopListening()
         return None
 
 
