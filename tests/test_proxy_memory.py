@@ -574,3 +574,23 @@ def test_a_tunnel_is_not_cut_by_the_head_timeout() -> None:
     h = _tunnel()
     h.clock.advance(3600)
     assert not h.client_closed
+
+
+def test_a_malformed_request_body_after_the_response_started_adds_no_http() -> None:
+    h = ProxyHarness()
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    h.backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npart")
+    before = h.client_received
+    h.client_sends(b"zz\r\n")  # not a chunk-size line
+    assert h.client_received == before
+    assert h.client_closed
+
+
+def test_reading_resumes_once_a_held_body_reaches_its_backend() -> None:
+    h = ProxyHarness(settings=ProxySettings(max_held_bytes=100))
+    h.endpoint.hold_connections = True
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n" + b"x" * 300)
+    assert h.client_transport.producerState == "paused"
+    h.endpoint.complete_connection()
+    assert h.backend.received.endswith(b"\r\n\r\n" + b"x" * 300)
+    assert h.client_transport.producerState == "producing"

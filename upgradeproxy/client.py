@@ -169,10 +169,19 @@ class ClientConnection(Protocol):
                 return
         if exchange.backend is not None and not exchange.body_done:
             self._forward_body(exchange)
+        self._limit_held_bytes()
+
+    def _limit_held_bytes(self) -> None:
+        """Stop reading while too many bytes wait for their owner.
+
+        They are the bytes beyond the request in flight (the next request,
+        or the first bytes of a switched protocol), or a body waiting for its
+        backend connection. They are kept; only reading more waits.
+        """
         if self._exchange is not None and len(self._buf) > self._settings.max_held_bytes:
-            # Bytes beyond the request (or a body waiting for its backend
-            # connection): keep them, but stop reading more for now.
             self._gate.pause(_HOLDING)
+        else:
+            self._gate.resume(_HOLDING)
 
     def _begin(self, head: RequestHead) -> _Exchange | None:
         """Start an exchange for ``head``, or refuse the request."""
@@ -233,6 +242,7 @@ class ClientConnection(Protocol):
                 self._gate.producer(_BACKEND_FULL), True
             )
             self._forward_body(exchange)
+            self._limit_held_bytes()
 
     def _backend_unreachable(self, reason: Failure, exchange: _Exchange) -> None:
         if exchange is not self._exchange:
@@ -446,12 +456,18 @@ class ClientConnection(Protocol):
             )
         exchange = self._exchange
         self._exchange = None
-        if exchange is not None:
-            exchange.status = status
-            self._log_access(exchange)
         transport = self.transport
         assert transport is not None
         unregister_producer(transport)
+        if exchange is not None:
+            if exchange.response_kind is not None:
+                # A response is already on its way: an error response now
+                # would be read as part of its body. Cutting it short is the
+                # only honest signal left.
+                self._close()
+                return
+            exchange.status = status
+            self._log_access(exchange)
         transport.write(error_response(status, reason))
         self._close()
 

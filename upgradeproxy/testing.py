@@ -92,15 +92,31 @@ class ScriptedBackendEndpoint:
 
     def __init__(self) -> None:
         self.connections: list[ScriptedBackend] = []
+        #: Refuse every connection attempt.
         self.refuse = False
+        #: Leave connection attempts pending until :meth:`complete_connection`.
+        self.hold_connections = False
+        self._pending: list[tuple[IProtocolFactory, Deferred[IProtocol]]] = []
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         if self.refuse:
             return fail(error.ConnectionRefusedError("scripted refusal"))
+        if self.hold_connections:
+            pending: Deferred[IProtocol] = Deferred()
+            self._pending.append((factory, pending))
+            return pending
+        return succeed(self._build(factory))
+
+    def complete_connection(self) -> None:
+        """Let the oldest pending connection attempt succeed."""
+        factory, pending = self._pending.pop(0)
+        pending.callback(self._build(factory))
+
+    def _build(self, factory: IProtocolFactory) -> IProtocol:
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9000))
         assert protocol is not None
         self.connections.append(ScriptedBackend(protocol))
-        return succeed(protocol)
+        return protocol
 
 
 class ProxyHarness:
