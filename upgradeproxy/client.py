@@ -44,6 +44,7 @@ from .rewrite import (
     request_for_backend,
     response_for_client,
     switch_for_client,
+    without_h2c,
 )
 from .tunnel import Side, Tunnel
 
@@ -188,6 +189,8 @@ class ClientConnection(Protocol):
         if head.method == b"CONNECT":
             self._reject(501, "CONNECT is not supported by this reverse proxy")
             return None
+        if not self._settings.forward_h2c:
+            head = without_h2c(head)
         try:
             framing = request_framing(head)
             upgrade = is_upgrade_request(head)
@@ -202,7 +205,9 @@ class ClientConnection(Protocol):
             self._reject(e.status, e.reason)
             return None
         if upgrade:
-            refusal = self._proxy.check_request(UpgradeAttempt(head))
+            refusal = self._proxy.check_request(
+                UpgradeAttempt(head, backend=self._proxy.backend_name)
+            )
             if refusal is not None:
                 self._reject(refusal.status, refusal.reason)
                 return None
@@ -364,7 +369,9 @@ class ClientConnection(Protocol):
         exchange = self._exchange
         assert exchange is not None and exchange.backend is not None
         backend = exchange.backend
-        attempt = UpgradeAttempt(exchange.request, head, exchange.body_done)
+        attempt = UpgradeAttempt(
+            exchange.request, head, exchange.body_done, self._proxy.backend_name
+        )
         refusal = self._proxy.check_response(attempt)
         if refusal is not None:
             self._refuse_switch(exchange, refusal)

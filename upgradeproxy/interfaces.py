@@ -39,12 +39,14 @@ class UpgradeAttempt:
     fields were removed). ``response`` is the backend's ``101`` head as
     received, or ``None`` while the request is being checked.
     ``request_body_complete`` tells whether the whole request body had been
-    forwarded when the ``101`` arrived.
+    forwarded when the ``101`` arrived. ``backend`` names the backend.
     """
 
     request: RequestHead
     response: ResponseHead | None = None
     request_body_complete: bool = True
+    #: The backend's name, as in the logs (for example ``127.0.0.1:9000``).
+    backend: str = ""
 
     @property
     def is_upgrade(self) -> bool:
@@ -89,4 +91,28 @@ class IUpgradeValidator(Interface):
         This includes a ``101`` to a request that did not ask to upgrade.
         A refusal makes the proxy answer ``502`` with the refusal's reason,
         log it at warning level, and close both connections.
+        """
+
+
+class IValidatorPlugin(Interface):
+    """Makes validators by name: what ``--validator NAME[:ARG]`` finds.
+
+    Providers are Twisted plugins (they also provide
+    :class:`twisted.plugin.IPlugin`) found with :func:`twisted.plugin.getPlugins`
+    in the :mod:`upgradeproxy.plugins` package, which any installed
+    distribution can add a drop-in module to.
+    """
+
+    name = Attribute("The short name used with --validator, such as 'origin'.")
+    description = Attribute("One line for --list-validators, saying what it checks.")
+    argument = Attribute(
+        "How to write the argument after the colon, such as 'PATTERN[,PATTERN...]', "
+        "or None when the validator takes none."
+    )
+
+    def make(argument: str | None) -> IUpgradeValidator:
+        """A validator configured by ``argument`` (the text after the colon, or None).
+
+        Raise :class:`ValueError` with a message that says what to write
+        instead when the argument is missing, unexpected or malformed.
         """

@@ -14,7 +14,7 @@ from .backend import BackendPool, BackendSettings
 from .client import ClientConnection
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from .tunnel import Tunnel
-from .validators import RFC9110Validator, unsolicited_switch
+from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,8 @@ class ProxySettings:
     #: Seconds a client may take to send a request head, and may stay idle
     #: between requests on a kept-alive connection.
     request_head_timeout: float = 60.0
+    #: Forward ``Upgrade: h2c`` offers to the backend (off: see ``rewrite.without_h2c``).
+    forward_h2c: bool = False
     backend: BackendSettings = field(default_factory=BackendSettings)
 
 
@@ -42,7 +44,8 @@ class ProxyFactory(ServerFactory):
         endpoints.serverFromString(reactor, "tcp:8080").listen(factory)
 
     ``validators`` is the chain of :class:`~upgradeproxy.interfaces.IUpgradeValidator`
-    providers asked about every upgrade; the default is strict RFC 9110.
+    providers asked about every upgrade; the default is strict RFC 9110 plus
+    the RFC 6455 handshake rules for WebSocket.
     """
 
     log = Logger()
@@ -73,7 +76,7 @@ class ProxyFactory(ServerFactory):
         self.settings = settings or ProxySettings()
         self.scheme = scheme
         self.validators: tuple[IUpgradeValidator, ...] = tuple(
-            (RFC9110Validator(),) if validators is None else validators
+            (RFC9110Validator(), WebSocketValidator()) if validators is None else validators
         )
         for validator in self.validators:
             if not IUpgradeValidator.providedBy(validator):
@@ -81,6 +84,14 @@ class ProxyFactory(ServerFactory):
         self.pool = BackendPool(endpoint, clock, self.settings.backend)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
+
+    def startFactory(self) -> None:
+        names = ", ".join(str(getattr(v, "name", v)) for v in self.validators) or "none"
+        self.log.info(
+            "proxying to {backend}; upgrade validators: {validators}",
+            backend=self.backend_name,
+            validators=names,
+        )
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)

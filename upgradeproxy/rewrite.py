@@ -27,6 +27,30 @@ class ClientHop:
     scheme: str = "http"
 
 
+def without_h2c(head: RequestHead) -> RequestHead:
+    """``head`` with any offer to upgrade to ``h2c`` taken out.
+
+    An ``h2c`` upgrade through a proxy gives the client an HTTP/2 connection
+    straight to the backend, past every routing and access rule the proxy
+    applies to later requests (h2c smuggling). So ``h2c`` is removed from
+    ``Upgrade``, ``HTTP2-Settings`` is dropped, and ``Connection`` loses the
+    tokens that named them; other offered protocols stay.
+    """
+    headers = head.headers
+    if b"h2c" not in headers.tokens(b"upgrade"):
+        return head
+    remaining = [p for p in headers.elements(b"upgrade") if p.lower() != b"h2c"]
+    dropped = {b"http2-settings"} | (set() if remaining else {b"upgrade"})
+    connection = [t for t in headers.elements(b"connection") if t.lower() not in dropped]
+    kept = headers.without((b"upgrade", b"connection", b"http2-settings"))
+    added: list[Field] = []
+    if connection:
+        added.append((b"Connection", b", ".join(connection)))
+    if remaining:
+        added.append((b"Upgrade", b", ".join(remaining)))
+    return RequestHead(head.method, head.target, head.version, kept.plus(added))
+
+
 def backend_target(target: bytes, prefix: bytes) -> bytes:
     """The request target to send to the backend, in origin-form.
 

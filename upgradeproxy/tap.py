@@ -17,6 +17,7 @@ from zope.interface import implementer
 from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
 from .proxy import ProxyFactory, ProxySettings
+from .registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
 
 DEFAULT_LISTEN = "tcp:8080"
 
@@ -40,6 +41,12 @@ class Options(usage.Options):
         "other Upgrade token) right."
     )
     optFlags = [
+        [
+            "forward-h2c",
+            None,
+            "Forward 'Upgrade: h2c' offers to the backend (by default they are removed, "
+            "so that h2c cannot smuggle requests past the proxy).",
+        ],
         [
             "demo",
             None,
@@ -68,6 +75,16 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["validators"] = []
+
+    def opt_validator(self, spec: str) -> None:
+        """NAME or NAME:ARG; repeatable; replaces the default chain (rfc9110, websocket)."""
+        self["validators"].append(spec)
+
+    def opt_list_validators(self) -> None:
+        """Print every installed validator and exit."""
+        sys.stdout.write(describe_installed() + "\n")
+        raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
         """Listen on this Twisted server endpoint (repeatable; default tcp:8080)."""
@@ -92,6 +109,10 @@ class Options(usage.Options):
                 self["backend_address"] = parse_backend(reactor, self["backend"])
             except BadBackend as e:
                 _exit_usage(str(e))
+        try:
+            self["validator_chain"] = build_chain(self["validators"] or DEFAULT_CHAIN)
+        except BadValidator as e:
+            _exit_usage(str(e))
         for description in self["listen"]:
             from twisted.internet import reactor
 
@@ -153,8 +174,11 @@ def makeService(options: Options) -> IService:
         backend = BackendAddress(_DemoEndpoint(demo), b"", "built-in demo backend")
     else:
         backend = options["backend_address"]
-    settings = ProxySettings(backend=BackendSettings(response_timeout=options["response-timeout"]))
-    factory = ProxyFactory(backend, settings=settings)
+    settings = ProxySettings(
+        forward_h2c=bool(options["forward-h2c"]),
+        backend=BackendSettings(response_timeout=options["response-timeout"]),
+    )
+    factory = ProxyFactory(backend, options["validator_chain"], settings=settings)
     for description in options["listen"]:
         endpoint = serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)

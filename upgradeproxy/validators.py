@@ -1,10 +1,27 @@
-"""Built-in upgrade validators."""
+"""Built-in upgrade validators.
+
+Each one is a small class providing :class:`~upgradeproxy.interfaces.IUpgradeValidator`;
+:mod:`upgradeproxy.plugins.upgradeproxy_validators` makes them available by
+name to ``--validator``.
+"""
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
+from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import rfc6455
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
+
+
+def _text(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+def _listing(values: list[bytes]) -> str:
+    return ", ".join(_text(v) for v in values) or "nothing"
 
 
 def unsolicited_switch(attempt: UpgradeAttempt) -> Refusal | None:
@@ -28,9 +45,19 @@ class RFC9110Validator:
     must list ``upgrade`` in ``Connection`` (``Upgrade`` is a connection
     option), must have no body framing fields, and may only come after the
     whole request body.
+
+    With ``lenient_connection``, a ``101`` that forgets ``Connection: upgrade``
+    is accepted (the client still receives a correct one), and a warning is
+    logged once per backend: some backends (Proxmox Backup Server among them)
+    omit it, and an operator may choose to let them.
     """
 
     name = "rfc9110"
+    log = Logger()
+
+    def __init__(self, *, lenient_connection: bool = False) -> None:
+        self.lenient_connection = lenient_connection
+        self._warned: set[str] = set()
 
     def check_request(self, attempt: UpgradeAttempt) -> Refusal | None:
         return None
@@ -48,17 +75,17 @@ class RFC9110Validator:
                 "(RFC 9110 §7.8)"
             )
         if b"upgrade" not in response.headers.tokens(b"connection"):
-            return Refusal(
-                "the backend answered 101 without 'Connection: upgrade' (RFC 9110 §7.6.1)"
-            )
+            if not self.lenient_connection:
+                return Refusal(
+                    "the backend answered 101 without 'Connection: upgrade' (RFC 9110 §7.6.1)"
+                )
+            self._warn_lenient(attempt.backend)
         offered = {p.lower() for p in attempt.offered}
         for protocol in selected:
             if protocol.lower() not in offered:
                 return Refusal(
-                    f"the backend switched to {protocol.decode('latin-1')!r}, which the client "
-                    f"did not offer (it offered "
-                    f"{', '.join(p.decode('latin-1') for p in attempt.offered)}) "
-                    "(RFC 9110 §7.8)"
+                    f"the backend switched to {_text(protocol)!r}, which the client did not "
+                    f"offer (it offered {_listing(attempt.offered)}) (RFC 9110 §7.8)"
                 )
         for name in (b"content-length", b"transfer-encoding"):
             if response.headers.has(name):
@@ -70,4 +97,140 @@ class RFC9110Validator:
             return Refusal(
                 "the backend answered 101 before the whole request body was sent (RFC 9110 §7.8)"
             )
+        return None
+
+    def _warn_lenient(self, backend: str) -> None:
+        if backend in self._warned:
+            return
+        self._warned.add(backend)
+        self.log.warn(
+            "backend {backend} answers 101 without 'Connection: upgrade' (RFC 9110 §7.6.1); "
+            "accepted because of rfc9110:lenient-connection. This is logged once per backend.",
+            backend=backend or "(unnamed)",
+        )
+
+
+@implementer(IUpgradeValidator)
+class WebSocketValidator:
+    """The WebSocket opening handshake of RFC 6455 §4, for ``websocket`` upgrades.
+
+    The request must have ``Sec-WebSocket-Version: 13`` and one
+    ``Sec-WebSocket-Key`` that is base64 of 16 bytes (otherwise ``400``, and
+    the backend is never contacted). The ``101`` must carry the
+    ``Sec-WebSocket-Accept`` computed from that key, may select only a
+    subprotocol the client offered, and only extensions the client offered.
+    Upgrades to other protocols pass untouched.
+    """
+
+    name = "websocket"
+
+    def check_request(self, attempt: UpgradeAttempt) -> Refusal | None:
+        if b"websocket" not in (p.lower() for p in attempt.offered):
+            return None
+        headers = attempt.request.headers
+        if headers.get_all(b"sec-websocket-version") != [b"13"]:
+            return Refusal(
+                "a WebSocket upgrade needs 'Sec-WebSocket-Version: 13' (RFC 6455 §4.1)", 400
+            )
+        keys = headers.get_all(b"sec-websocket-key")
+        if len(keys) != 1 or not rfc6455.is_valid_key(keys[0]):
+            return Refusal(
+                "a WebSocket upgrade needs one Sec-WebSocket-Key that is the base64 "
+                "encoding of 16 bytes (RFC 6455 §4.1)",
+                400,
+            )
+        return None
+
+    def check_response(self, attempt: UpgradeAttempt) -> Refusal | None:
+        if b"websocket" not in (p.lower() for p in attempt.selected):
+            return None
+        assert attempt.response is not None
+        request, response = attempt.request.headers, attempt.response.headers
+        key = request.get(b"sec-websocket-key") or b""
+        expected = rfc6455.accept_for(key)
+        accepts = response.get_all(b"sec-websocket-accept")
+        if accepts != [expected]:
+            got = _listing(accepts) if accepts else "none"
+            return Refusal(
+                f"the backend's 101 has Sec-WebSocket-Accept {got}, but the key calls for "
+                f"{_text(expected)} (RFC 6455 §4.2.2)"
+            )
+        offered = [p.lower() for p in request.elements(b"sec-websocket-protocol")]
+        chosen = response.elements(b"sec-websocket-protocol")
+        if len(chosen) > 1 or (chosen and chosen[0].lower() not in offered):
+            return Refusal(
+                f"the backend selected the subprotocol {_listing(chosen)}, but the client "
+                f"offered {_listing(offered)} (RFC 6455 §4.2.2)"
+            )
+        offered_extensions = set(
+            rfc6455.extension_names(request.get_all(b"sec-websocket-extensions"))
+        )
+        for extension in rfc6455.extension_names(response.get_all(b"sec-websocket-extensions")):
+            if extension not in offered_extensions:
+                return Refusal(
+                    f"the backend enabled the extension {_text(extension)}, which the client "
+                    f"did not offer (RFC 6455 §9.1)"
+                )
+        return None
+
+
+@implementer(IUpgradeValidator)
+class AllowValidator:
+    """Only upgrades to the listed protocols pass; any other gets ``403``.
+
+    The backend never sees a refused request. Every protocol a request
+    offers must be on the list.
+    """
+
+    name = "allow"
+
+    def __init__(self, protocols: list[str]) -> None:
+        self.protocols = frozenset(p.lower().encode("latin-1") for p in protocols)
+
+    def check_request(self, attempt: UpgradeAttempt) -> Refusal | None:
+        refused = [p for p in attempt.offered if p.lower() not in self.protocols]
+        if not refused:
+            return None
+        allowed = ", ".join(sorted(_text(p) for p in self.protocols))
+        return Refusal(
+            f"upgrades to {_listing(refused)} are not allowed here (allowed: {allowed})", 403
+        )
+
+    def check_response(self, attempt: UpgradeAttempt) -> Refusal | None:
+        return None
+
+
+@implementer(IUpgradeValidator)
+class OriginValidator:
+    """WebSocket upgrades from an ``Origin`` that matches no pattern get ``403``.
+
+    This stops cross-site WebSocket hijacking: a browser always sends
+    ``Origin`` with a WebSocket handshake, so a page on another site cannot
+    open a WebSocket with the user's cookies. Patterns are shell-style and
+    matched against the whole origin, case-insensitively
+    (``https://*.example.com``). Requests without ``Origin`` come from
+    non-browser clients and pass.
+    """
+
+    name = "origin"
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = [p.lower() for p in patterns]
+
+    def check_request(self, attempt: UpgradeAttempt) -> Refusal | None:
+        if b"websocket" not in (p.lower() for p in attempt.offered):
+            return None
+        origins = attempt.request.headers.get_all(b"origin")
+        if not origins:
+            return None
+        origin = _text(origins[0]).lower()
+        if len(origins) == 1 and any(fnmatchcase(origin, p) for p in self.patterns):
+            return None
+        return Refusal(
+            f"WebSocket connections from origin {_listing(origins)} are not allowed here "
+            f"(allowed: {', '.join(self.patterns)})",
+            403,
+        )
+
+    def check_response(self, attempt: UpgradeAttempt) -> Refusal | None:
         return None

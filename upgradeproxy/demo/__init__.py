@@ -16,6 +16,9 @@ behaves exactly as they expect. It owns these routes:
 Request heads and bodies are parsed by :mod:`upgradeproxy.http1`. Bytes that
 arrive after a head -- a body, a pipelined request, the first frames of the
 new protocol -- stay in the connection's buffer for whoever reads next.
+
+The server never closes a connection outright: it half-closes after its last
+response or Close frame and closes fully when the client has closed too.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class _Transport(_Interface):
     def writeSequence(self, data: Sequence[bytes]) -> None: ...
     def loseConnection(self) -> None: ...
     def loseWriteConnection(self) -> None: ...
+    def resumeProducing(self) -> None: ...
     def registerProducer(self, producer: object, streaming: bool) -> None: ...
     def unregisterProducer(self) -> None: ...
 
@@ -337,6 +341,7 @@ class DemoBackendProtocol(Protocol):
         self._buf = bytearray()
         self._pos = 0  # the bytes of _buf before this offset are handled
         self._state: Callable[[], bool] = self._read_head
+        self._read_closed = False
 
     def connectionMade(self) -> None:
         self._transport = cast(_Transport, self.transport)
@@ -355,17 +360,17 @@ class DemoBackendProtocol(Protocol):
         self._pos = 0
 
     def readConnectionLost(self) -> None:
-        """The client sends no more: after the echo upgrade, half-close back; else close."""
-        if self._state == self._echo:
-            self._state = self._discard
-            self._transport.unregisterProducer()
-            self._transport.loseWriteConnection()
+        """The client sends no more: half-close back, or finish closing if we already did."""
+        self._read_closed = True
+        if self._state == self._discard:
+            self._transport.loseConnection()
         else:
             self._close()
 
     def writeConnectionLost(self) -> None:
-        """Our half-close took effect; both directions are done, as only the echo half-closes."""
-        self._transport.loseConnection()
+        """Our half-close is done; so is the connection if the client's is too."""
+        if self._read_closed:
+            self._transport.loseConnection()
 
     def _read_head(self) -> bool:
         try:
@@ -539,11 +544,20 @@ class DemoBackendProtocol(Protocol):
         self._close()
 
     def _close(self) -> None:
+        """Send what is buffered and then FIN, and discard input until the client's FIN.
+
+        Closing outright while the client's bytes are unread would make the
+        kernel send a reset, which can destroy the last response or Close
+        frame before the client reads it. There is no timer: the connection
+        ends when the client closes its side.
+        """
         if self._state == self._discard:
             return
         self._state = self._discard
         self._transport.unregisterProducer()
-        self._transport.loseConnection()
+        # Reading may be paused by a full write buffer; the client's FIN must get through.
+        self._transport.resumeProducing()
+        self._transport.loseWriteConnection()
 
 
 class DemoBackendFactory(ServerFactory):
