@@ -27,6 +27,18 @@ class BackendAddress:
     name: str
 
 
+def describe_endpoint(endpoint: IStreamClientEndpoint) -> str:
+    """A short name for a client endpoint, for logs: ``host:port``, a path, or its type."""
+    host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
+    port = getattr(endpoint, "_port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    path = getattr(endpoint, "_path", None)
+    if path is not None:
+        return f"unix:{path}"
+    return type(endpoint).__name__
+
+
 def parse_backend(reactor: object, text: str, *, connect_timeout: float = 10.0) -> BackendAddress:
     """Parse ``http://host:port[/prefix]`` or a client endpoint string.
 
@@ -40,7 +52,7 @@ def parse_backend(reactor: object, text: str, *, connect_timeout: float = 10.0) 
         endpoint = clientFromString(reactor, text)
     except Exception as e:  # clientFromString raises many types for bad strings
         raise BadBackend(f"cannot use backend {text!r} ({e}); {_USAGE}") from None
-    return BackendAddress(endpoint, b"", text)
+    return BackendAddress(endpoint, b"", describe_endpoint(endpoint))
 
 
 def _parse_url(reactor: object, text: str, connect_timeout: float) -> BackendAddress:

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from .address import BackendAddress
+from .address import BackendAddress, describe_endpoint
 from .backend import BackendPool, BackendSettings
 from .client import ClientConnection
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
@@ -64,14 +64,9 @@ class ProxyFactory(ServerFactory):
 
             clock = reactor
         assert clock is not None
-        if isinstance(backend, BackendAddress):
-            endpoint, self.prefix, self.backend_name = (
-                backend.endpoint,
-                backend.prefix,
-                backend.name,
-            )
-        else:
-            endpoint, self.prefix, self.backend_name = backend, b"", repr(backend)
+        if not isinstance(backend, BackendAddress):
+            backend = BackendAddress(backend, b"", describe_endpoint(backend))
+        endpoint, self.prefix, self.backend_name = backend.endpoint, backend.prefix, backend.name
         self.clock = clock
         self.settings = settings or ProxySettings()
         self.scheme = scheme

@@ -30,6 +30,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .address import BackendAddress
 from .interfaces import IUpgradeValidator
 from .proxy import ProxyFactory, ProxySettings
 
@@ -129,7 +130,8 @@ class ProxyHarness:
     ) -> None:
         self.clock = Clock()
         self.endpoint = ScriptedBackendEndpoint()
-        self.factory = ProxyFactory(self.endpoint, validators, clock=self.clock, settings=settings)
+        backend = BackendAddress(self.endpoint, b"", "scripted backend")
+        self.factory = ProxyFactory(backend, validators, clock=self.clock, settings=settings)
         self.client = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
         self.client_transport = _connect(self.client, "192.0.2.7", 50000)
 
