@@ -25,9 +25,9 @@ from upgradeproxy.demo import (
     PAGE,
     DemoBackendFactory,
     DemoBackendProtocol,
-    websocket_accept,
 )
 from upgradeproxy.http1 import ResponseHead, parse_response_head
+from upgradeproxy.rfc6455 import accept_for
 
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
@@ -405,7 +405,7 @@ def test_handshake_and_first_frame_in_one_packet() -> None:
     assert head.status == 101
     assert head.headers.get(b"upgrade") == b"websocket"
     assert head.headers.get(b"connection") == b"Upgrade"
-    assert head.headers.get(b"sec-websocket-accept") == ACCEPT == websocket_accept(KEY)
+    assert head.headers.get(b"sec-websocket-accept") == ACCEPT == accept_for(KEY)
     assert not head.headers.has(b"sec-websocket-protocol")
     assert not head.headers.has(b"content-length")
     assert server_frames(rest) == [(TEXT, "héllo".encode())]

@@ -23,9 +23,6 @@ response or Close frame and closes fully when the client has closed too.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +48,7 @@ from upgradeproxy.http1 import (
     request_framing,
     request_keeps_alive,
 )
+from upgradeproxy.rfc6455 import accept_for, is_valid_key
 
 __all__ = [
     "ECHO_BODY_PATH",
@@ -64,7 +62,6 @@ __all__ = [
     "WEBSOCKET_PATH",
     "DemoBackendFactory",
     "DemoBackendProtocol",
-    "websocket_accept",
 ]
 
 _log = Logger()
@@ -89,7 +86,6 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 PAGE = resources.files(__name__).joinpath("page.html").read_bytes()
 """The HTML page served at :data:`PAGE_PATH`."""
 
-_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _ECHO_TOKEN = ECHO_PROTOCOL.encode()
 _PLAIN_TEXT = b"text/plain; charset=utf-8"
 
@@ -102,11 +98,6 @@ _CONTROL_OPCODES = frozenset({_CLOSE, _PING, _PONG})
 _PROTOCOL_ERROR = 1002
 _INVALID_PAYLOAD = 1007
 _MESSAGE_TOO_BIG = 1009
-
-
-def websocket_accept(key: bytes) -> bytes:
-    """The ``Sec-WebSocket-Accept`` value that answers ``key`` (RFC 6455 §4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
 
 
 class _Transport(_Interface):
@@ -151,13 +142,9 @@ def _handshake_accept(head: RequestHead) -> bytes:
     keys = head.headers.get_all(b"sec-websocket-key")
     if len(keys) != 1:
         raise ValueError("a WebSocket handshake needs exactly one Sec-WebSocket-Key")
-    try:
-        nonce = base64.b64decode(keys[0], validate=True)
-    except binascii.Error:
-        nonce = b""
-    if len(nonce) != 16:
+    if not is_valid_key(keys[0]):
         raise ValueError("Sec-WebSocket-Key must be 16 bytes in base64")
-    return websocket_accept(keys[0])
+    return accept_for(keys[0])
 
 
 def _response_head(status: int, fields: Sequence[Field]) -> bytes:
