@@ -280,6 +280,8 @@ class BackendConnection(Protocol):
 
 
 class _BackendConnectionFactory(Factory):
+    noisy = False  # one log line per backend connection would drown the access log
+
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
 

@@ -49,6 +49,7 @@ class ProxyFactory(ServerFactory):
     """
 
     log = Logger()
+    noisy = False  # startFactory logs a line that says more
 
     def __init__(
         self,
