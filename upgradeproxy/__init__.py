@@ -5,11 +5,15 @@ The names most applications need are re-exported here.
 
 from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
-from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
+from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
 from .proxy import ProxyFactory, ProxySettings
-from .validators import RFC9110Validator
+from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
 
 __all__ = [
+    "AllowValidator",
+    "IValidatorPlugin",
+    "OriginValidator",
+    "WebSocketValidator",
     "BackendAddress",
     "BackendSettings",
     "BadBackend",
