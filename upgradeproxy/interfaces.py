@@ -29,6 +29,9 @@ class Refusal:
 
     reason: str
     status: int = 502
+    #: What the party at fault can change, in a sentence (optional). Shown by
+    #: ``upgradeproxy check``; never sent to clients.
+    hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
