@@ -43,9 +43,9 @@ from .rewrite import (
     interim_for_client,
     request_for_backend,
     response_for_client,
-    switch_for_client,
     without_h2c,
 )
+from .switch import complete_switch, log_refused_switch
 from .tunnel import Side, Tunnel
 
 if TYPE_CHECKING:
@@ -374,53 +374,29 @@ class ClientConnection(Protocol):
         )
         refusal = self._proxy.check_response(attempt)
         if refusal is not None:
-            self._refuse_switch(exchange, refusal)
+            self._refuse_switch(exchange, attempt, refusal)
             return
-        # Everything below happens in this one reactor turn, so no byte can
-        # slip in between: the 101, then what the backend sent behind it,
-        # then the client's held bytes, then raw pass-through both ways.
-        transport = self.transport
-        assert transport is not None and backend.transport is not None
-        transport.write(switch_for_client(head).serialize())
-        protocol = b", ".join(attempt.selected).decode("latin-1")
-        tunnel = Tunnel(
-            transport,
-            backend.transport,
-            protocol=protocol,
-            client_address=self.address,
-            clock=self._proxy.clock,
-            on_end=self._proxy.tunnel_ended,
-        )
-        if early_data:
-            tunnel.data(Side.BACKEND, early_data)
         held = bytes(self._buf)
         self._buf.clear()
-        if held:
-            tunnel.data(Side.CLIENT, held)
         self._gate.resume_all()
         self._exchange = None
-        self._tunnel = tunnel
-        backend.enter_tunnel(tunnel)
-        self._proxy.tunnel_started(tunnel)
-        self.log.info(
-            "{client} {method} {target} switched to {protocol}",
-            client=self.address,
-            method=exchange.request.method.decode("latin-1"),
-            target=exchange.request.target.decode("latin-1"),
-            protocol=protocol,
+        assert self.transport is not None
+        self._tunnel = complete_switch(
+            self._proxy,
+            attempt,
+            client=self.transport,
+            backend=backend,
+            early_data=early_data,
+            held=held,
+            client_address=self.address,
         )
-        tunnel.start()
         if self._read_eof:
-            tunnel.read_closed(Side.CLIENT)
+            self._tunnel.read_closed(Side.CLIENT)
 
-    def _refuse_switch(self, exchange: _Exchange, refusal: Refusal) -> None:
-        self.log.warn(
-            "refused the backend's switch for {client} {method} {target}: {reason}",
-            client=self.address,
-            method=exchange.request.method.decode("latin-1"),
-            target=exchange.request.target.decode("latin-1"),
-            reason=refusal.reason,
-        )
+    def _refuse_switch(
+        self, exchange: _Exchange, attempt: UpgradeAttempt, refusal: Refusal
+    ) -> None:
+        log_refused_switch(attempt, refusal, self.address)
         self._abandon_backend(exchange)
         self._reject(502, refusal.reason, quiet=True)
 

@@ -1,0 +1,88 @@
+"""The moment of a protocol switch, shared by every front end of the proxy.
+
+After the validators accept a ``101``, :func:`complete_switch` does, in one
+reactor turn so that no byte can slip in between: write the ``101`` to the
+client, then the bytes that followed the backend's ``101`` head, then replay
+the client's held bytes into the backend, then hand both connections to a
+:class:`~upgradeproxy.tunnel.Tunnel`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import ITransport
+from twisted.logger import Logger
+
+from .interfaces import Refusal, UpgradeAttempt
+from .rewrite import switch_for_client
+from .tunnel import Side, Tunnel
+
+if TYPE_CHECKING:
+    from .backend import BackendConnection
+    from .proxy import ProxyFactory
+
+log = Logger()
+
+
+def _describe(attempt: UpgradeAttempt) -> tuple[str, str]:
+    return attempt.request.method.decode("latin-1"), attempt.request.target.decode("latin-1")
+
+
+def log_refused_switch(attempt: UpgradeAttempt, refusal: Refusal, client_address: str) -> None:
+    """The warning that says exactly why a backend's ``101`` was refused."""
+    method, target = _describe(attempt)
+    log.warn(
+        "refused the backend's switch for {client} {method} {target}: {reason}",
+        client=client_address,
+        method=method,
+        target=target,
+        reason=refusal.reason,
+    )
+
+
+def complete_switch(
+    proxy: ProxyFactory,
+    attempt: UpgradeAttempt,
+    *,
+    client: ITransport,
+    backend: BackendConnection,
+    early_data: bytes,
+    held: bytes,
+    client_address: str,
+) -> Tunnel:
+    """Switch an accepted upgrade to raw pass-through; return the running tunnel.
+
+    ``early_data`` is what the backend sent right behind its ``101`` head;
+    ``held`` is what the client sent after its request, which nobody has
+    parsed. The caller routes the client connection's later events to the
+    returned tunnel.
+    """
+    response = attempt.response
+    assert response is not None and backend.transport is not None
+    client.write(switch_for_client(response).serialize())
+    protocol = b", ".join(attempt.selected).decode("latin-1")
+    tunnel = Tunnel(
+        client,
+        backend.transport,
+        protocol=protocol,
+        client_address=client_address,
+        clock=proxy.clock,
+        on_end=proxy.tunnel_ended,
+    )
+    if early_data:
+        tunnel.data(Side.BACKEND, early_data)
+    if held:
+        tunnel.data(Side.CLIENT, held)
+    backend.enter_tunnel(tunnel)
+    proxy.tunnel_started(tunnel)
+    method, target = _describe(attempt)
+    log.info(
+        "{client} {method} {target} switched to {protocol}",
+        client=client_address,
+        method=method,
+        target=target,
+        protocol=protocol,
+    )
+    tunnel.start()
+    return tunnel
