@@ -50,8 +50,9 @@ BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 # chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
 # Extensions are accepted as any visible text after ";" and dropped: the proxy
 # re-encodes chunks and never forwards extensions. Sixteen hex digits is the
-# most that fits 64 bits.
-CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+# most that fits 64 bits. The BWS belongs to the extension: whitespace after
+# the size with no ";" to follow is not chunk syntax (llhttp refuses it too).
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?")
 
 # Content-Length = 1*DIGIT                                      (RFC 9110 §8.6)
 # Nineteen digits keeps the value within 63 bits.
