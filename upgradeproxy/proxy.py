@@ -28,6 +28,8 @@ class ProxySettings:
     request_head_timeout: float = 60.0
     #: Forward ``Upgrade: h2c`` offers to the backend (off: see ``rewrite.without_h2c``).
     forward_h2c: bool = False
+    #: Move tunnel bytes with splice(2) where both sides are plain sockets (Linux).
+    splice: bool = True
     backend: BackendSettings = field(default_factory=BackendSettings)
 
 

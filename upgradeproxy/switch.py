@@ -69,6 +69,7 @@ def complete_switch(
         client_address=client_address,
         clock=proxy.clock,
         on_end=proxy.tunnel_ended,
+        splice=proxy.settings.splice,
     )
     if early_data:
         tunnel.data(Side.BACKEND, early_data)

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import error
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITransport
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, ISSLTransport, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .flow import unregister_producer
+from .splice import SplicePump, can_splice
 
 
 class Side(enum.Enum):
@@ -84,19 +85,48 @@ class Tunnel:
         client_address: str,
         clock: IReactorTime,
         on_end: Callable[[Tunnel], None] | None = None,
+        splice: bool = False,
     ) -> None:
         self._transports = {Side.CLIENT: client, Side.BACKEND: backend}
         self._clock = clock
         self._eof: set[Side] = set()
         self._lost: set[Side] = set()
         self._on_end = on_end
+        self._splice = splice
+        self._pump: SplicePump | None = None
         self.stats = TunnelStats(protocol, client_address, clock.seconds())
 
+    @property
+    def spliced(self) -> bool:
+        """True when the kernel moves this tunnel's bytes (see :mod:`upgradeproxy.splice`)."""
+        return self._pump is not None
+
+    def transport(self, side: Side) -> ITransport:
+        return self._transports[side]
+
     def start(self) -> None:
-        """Wire flow control: each side's reads pause while the other's buffer is full."""
+        """Start moving bytes: with ``splice(2)`` where possible, otherwise in Python.
+
+        The Python relay wires flow control by making each transport the
+        producer of the other: a side's reads pause while the other's send
+        buffer is full.
+        """
         client, backend = self._transports[Side.CLIENT], self._transports[Side.BACKEND]
+        if (
+            self._splice
+            and IReactorFDSet.providedBy(self._clock)
+            and can_splice(client)
+            and can_splice(backend)
+        ):
+            self._pump = SplicePump(self, self._clock)
+            self._pump.start()
+            return
         client.registerProducer(backend, True)  # type: ignore[attr-defined]
         backend.registerProducer(client, True)  # type: ignore[attr-defined]
+
+    def note_end(self, side: Side, why: str) -> None:
+        """``side`` stopped sending (EOF) or failed; the first such event is logged."""
+        self._note_first(side, why)
 
     def data(self, side: Side, data: bytes) -> None:
         """Bytes arrived from ``side``: pass them on unchanged."""
@@ -110,6 +140,8 @@ class Tunnel:
 
     def read_closed(self, side: Side) -> None:
         """``side`` sent EOF: nothing more will come from it."""
+        if self._pump is not None:
+            return  # the pump reads the EOF from the socket itself
         if side in self._eof or side in self._lost:
             return
         self._eof.add(side)
@@ -143,7 +175,10 @@ class Tunnel:
     def close(self) -> None:
         """Close both connections from the proxy's side (for example, at shutdown)."""
         self._note_first(Side.CLIENT, "closed by the proxy")
-        self._close_both()
+        if self._pump is not None:
+            self._pump.close()
+        else:
+            self._close_both()
 
     def _close_both(self) -> None:
         for side, transport in self._transports.items():

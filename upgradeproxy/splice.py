@@ -1,0 +1,295 @@
+"""Zero-copy tunnels on Linux: ``splice(2)`` through one pipe per direction.
+
+When both connections of a tunnel are plain TCP (or UNIX) sockets, the bytes
+need not pass through Python at all: the kernel moves them from one socket
+into a pipe and from the pipe into the other socket. :class:`SplicePump`
+takes both sockets away from their Twisted transports for the life of the
+tunnel, drives them with two small reactor descriptors, and hands them back
+at the end, so that closing goes through Twisted as usual and the protocols
+see ``connectionLost``.
+
+Like the Python relay it never parses and never writes HTTP. Flow control is
+the pipe: a direction reads only when its pipe is empty, so a slow reader
+stops the writer with at most one pipe of bytes in flight. ``SPLICE_F_MORE``
+is never used: it corks small messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from twisted.internet import error, tcp
+from twisted.internet.interfaces import (
+    IReactorFDSet,
+    IReadDescriptor,
+    ISSLTransport,
+    ITransport,
+    IWriteDescriptor,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from .tunnel import Side, Tunnel
+
+AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
+
+#: Bytes moved per splice call, and the pipe size asked for.
+PIPE_SIZE = 256 * 1024
+#: Splice calls per direction per reactor wake-up, so one busy tunnel
+#: cannot starve the others.
+_ROUNDS = 8
+
+
+def can_splice(transport: ITransport) -> bool:
+    """True when ``transport`` is a connected plain socket this module can drive."""
+    return (
+        AVAILABLE
+        and isinstance(transport, tcp.Connection)
+        and not ISSLTransport.providedBy(transport)
+        and bool(transport.connected)
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    )
+
+
+def _take_pending_output(transport: tcp.Connection) -> bytes:
+    """Remove and return what ``transport`` has buffered but not yet sent.
+
+    This reaches into ``twisted.internet.abstract.FileDescriptor``'s write
+    buffers (``dataBuffer``, ``offset``, ``_tempDataBuffer``): the ``101``
+    head and the replayed bytes are there, and must go out before anything
+    the kernel moves.
+    """
+    pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return pending
+
+
+def _describe(e: OSError) -> str:
+    if e.errno in (errno.ECONNRESET, errno.EPIPE):
+        return "connection lost (reset)"
+    return e.strerror or str(e)
+
+
+class _Direction:
+    """Bytes flowing from one socket to the other."""
+
+    __slots__ = ("blocked", "done", "dst", "eof", "in_pipe", "pending", "pipe", "source", "src")
+
+    def __init__(self, source: Side, src: _Socket, dst: _Socket, pending: bytes) -> None:
+        self.source = source
+        self.src = src
+        self.dst = dst
+        self.pending = pending
+        self.pipe: tuple[int, int] | None = None
+        self.in_pipe = 0
+        self.eof = False
+        self.done = False
+        self.blocked = False  # waiting for dst to become writable
+
+    def leftover(self) -> bytes:
+        """Everything not yet delivered to dst, out of the pipe, which is closed."""
+        data = [self.pending]
+        self.pending = b""
+        if self.pipe is not None:
+            read_end, write_end = self.pipe
+            while self.in_pipe > 0:
+                try:
+                    chunk = os.read(read_end, self.in_pipe)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                data.append(chunk)
+                self.in_pipe -= len(chunk)
+            os.close(read_end)
+            os.close(write_end)
+            self.pipe = None
+        return b"".join(data)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Socket:
+    """One socket of the tunnel, as the reactor sees it while splicing."""
+
+    def __init__(self, pump: SplicePump, side: Side, sock: socket.socket) -> None:
+        self.pump = pump
+        self.side = side
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return f"splice-{self.side.value}"
+
+    def doRead(self) -> None:
+        self.pump.readable(self.side)
+
+    def doWrite(self) -> None:
+        self.pump.writable(self.side)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Only reached if the reactor itself drops the descriptor.
+        self.pump.fail(self.side, reason.getErrorMessage())
+
+
+class SplicePump:
+    """Moves a tunnel's bytes with ``splice(2)`` until both directions end."""
+
+    def __init__(self, tunnel: Tunnel, reactor: IReactorFDSet) -> None:
+        from .tunnel import Side
+
+        self._tunnel = tunnel
+        self._reactor = reactor
+        self._transports: dict[Side, tcp.Connection] = {
+            side: tunnel.transport(side)  # type: ignore[misc]
+            for side in (Side.CLIENT, Side.BACKEND)
+        }
+        self._sockets = {
+            side: _Socket(self, side, transport.socket)
+            for side, transport in self._transports.items()
+        }
+        self._to = {}
+        for side, transport in self._transports.items():
+            transport.stopReading()
+            transport.stopWriting()
+            # Bytes already buffered for ``side`` go out first.
+            self._to[side] = _Direction(
+                side.peer, self._sockets[side.peer], self._sockets[side],
+                _take_pending_output(transport),
+            )  # fmt: skip
+        self._finished = False
+
+    def start(self) -> None:
+        for direction in self._to.values():
+            self._move(direction)
+
+    # -- reactor events ---------------------------------------------------------------
+
+    def readable(self, side: Side) -> None:
+        self._move(self._to[side.peer])
+
+    def writable(self, side: Side) -> None:
+        direction = self._to[side]
+        direction.blocked = False
+        self._reactor.removeWriter(direction.dst)
+        self._move(direction)
+
+    # -- moving bytes ---------------------------------------------------------------------
+
+    def _move(self, d: _Direction) -> None:
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        for _ in range(_ROUNDS):
+            if self._finished or d.done:
+                return
+            if d.pending:
+                try:
+                    sent = d.dst.sock.send(d.pending)
+                except BlockingIOError:
+                    self._wait_for_dst(d)
+                    return
+                except OSError as e:
+                    self.fail(d.dst.side, _describe(e))
+                    return
+                d.pending = d.pending[sent:]
+                continue
+            if d.in_pipe:
+                assert d.pipe is not None
+                try:
+                    moved = os.splice(d.pipe[0], d.dst.fd, d.in_pipe, flags=flags)
+                except BlockingIOError:
+                    self._wait_for_dst(d)
+                    return
+                except OSError as e:
+                    self.fail(d.dst.side, _describe(e))
+                    return
+                d.in_pipe -= moved
+                continue
+            if d.eof:
+                self._direction_done(d)
+                return
+            if d.pipe is None:
+                d.pipe = _new_pipe()
+            try:
+                moved = os.splice(d.src.fd, d.pipe[1], PIPE_SIZE, flags=flags)
+            except BlockingIOError:
+                self._reactor.addReader(d.src)
+                return
+            except OSError as e:
+                self.fail(d.src.side, _describe(e))
+                return
+            if moved == 0:
+                d.eof = True
+                self._reactor.removeReader(d.src)
+                self._tunnel.note_end(d.source, "EOF")
+            else:
+                d.in_pipe += moved
+                self._tunnel.stats.sent[d.source] += moved
+        # Out of rounds with more to do: stay registered and come back.
+        if not d.blocked and not d.eof:
+            self._reactor.addReader(d.src)
+
+    def _wait_for_dst(self, d: _Direction) -> None:
+        d.blocked = True
+        self._reactor.removeReader(d.src)
+        self._reactor.addWriter(d.dst)
+
+    def _direction_done(self, d: _Direction) -> None:
+        d.done = True
+        if all(direction.done for direction in self._to.values()):
+            self._finish(None, "")
+            return
+        try:
+            d.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.fail(d.dst.side, _describe(e))
+
+    # -- endings --------------------------------------------------------------------------
+
+    def fail(self, side: Side, why: str) -> None:
+        """``side`` failed: close it, and close the other after flushing what it is owed."""
+        self._tunnel.note_end(side, why)
+        self._finish(side, why)
+
+    def close(self) -> None:
+        """Close both connections from the proxy's side."""
+        self._finish(None, "")
+
+    def _finish(self, failed: Side | None, why: str) -> None:
+        """Hand both sockets back to their Twisted transports, which close them."""
+        if self._finished:
+            return
+        self._finished = True
+        for sock in self._sockets.values():
+            self._reactor.removeReader(sock)
+            self._reactor.removeWriter(sock)
+        owed = {side: direction.leftover() for side, direction in self._to.items()}
+        for side, transport in self._transports.items():
+            if side is failed:
+                continue
+            if owed[side]:
+                transport.write(owed[side])
+            transport.loseConnection()
+        if failed is not None:
+            self._transports[failed].connectionLost(Failure(error.ConnectionLost(why)))
+
+
+def _new_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        import fcntl
+
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass  # the default size (usually 64 KiB) works, a little slower
+    return read_end, write_end
