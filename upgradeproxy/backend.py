@@ -125,8 +125,9 @@ class BackendConnection(Protocol):
     def abandon(self) -> None:
         """The exchange is over on the client's side: drop this connection."""
         self._sink = None
-        if self._state is not _State.CLOSED:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        self._cancel_timer()
+        self._state = _State.CLOSED
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- Twisted protocol events ---------------------------------------------
 
