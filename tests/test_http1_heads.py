@@ -15,6 +15,7 @@ from http1_helpers import head, rejects, request, splits
 from upgradeproxy.http1 import (
     HOP_BY_HOP,
     Headers,
+    ProtocolError,
     RequestHead,
     ResponseHead,
     is_upgrade_request,
@@ -787,3 +788,41 @@ def test_a_higher_minor_version_response_persists_like_1_1():
     # RFC 9110 §2.5: process a higher minor version as the highest one known.
     assert response_keeps_alive(response(b"HTTP/1.2 200 OK"))
     assert not response_keeps_alive(response(b"HTTP/1.2 200 OK", b"Connection: close"))
+
+
+# -- resuming a search: ``checked`` -------------------------------------------------------
+
+
+def _feed_with_checked(data: bytes, sizes: list[int], parse):  # type: ignore[no-untyped-def]
+    """Feed ``data`` in pieces, passing ``checked`` as a caller that appends would."""
+    buf = bytearray()
+    checked = 0
+    pos = 0
+    for size in sizes:
+        buf += data[pos : pos + size]
+        pos += size
+        result = parse(buf, 0, 64 * 1024, checked)
+        if result is not None:
+            return result
+        checked = len(buf)
+    return None
+
+
+@pytest.mark.parametrize("split", range(1, 60))
+def test_checked_gives_the_same_head_at_every_split(split: int) -> None:
+    data = b"GET /x HTTP/1.1\r\nHost: a\r\nB: c\r\n\r\nrest"
+    whole = parse_request_head(data)
+    assert _feed_with_checked(data, [split, len(data)], parse_request_head) == whole
+
+
+def test_checked_still_sees_a_bare_cr_split_from_what_follows() -> None:
+    with pytest.raises(ProtocolError, match="bare CR or LF"):
+        _feed_with_checked(
+            b"GET / HTTP/1.1\r\nHost: a\rX\r\n\r\n", [24, 1, 100], parse_request_head
+        )
+
+
+def test_checked_finds_a_terminator_split_across_reads_one_byte_at_a_time() -> None:
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nnext"
+    result = _feed_with_checked(data, [1] * len(data), parse_response_head)
+    assert result is not None and result[1] == len(data) - 4

@@ -96,6 +96,8 @@ class BackendConnection(Protocol):
         self._tunnel: Tunnel | None = None
         self.reused = False
         self._received = False
+        # How much of the buffer was searched for a head end already.
+        self._checked = 0
 
     # -- used by the client side -------------------------------------------
 
@@ -207,14 +209,18 @@ class BackendConnection(Protocol):
     def _parse_head(self) -> bool:
         """Parse one response head; False when more bytes are needed or all is done."""
         try:
-            parsed = parse_response_head(self._buf, 0, self._settings.max_response_head)
+            parsed = parse_response_head(
+                self._buf, 0, self._settings.max_response_head, self._checked
+            )
         except ProtocolError as e:
             self._fail(BackendFailure(502, f"malformed response from the backend: {e.reason}"))
             return False
         if parsed is None:
+            self._checked = len(self._buf)
             return False
         head, end = parsed
         del self._buf[:end]
+        self._checked = 0
         sink = self._sink
         assert sink is not None
         if head.status == 101:

@@ -92,6 +92,8 @@ class ClientConnection(Protocol):
         self._gate: ReadGate
         self._hop: ClientHop
         self._head_timer: IDelayedCall | None = None
+        # How much of the buffer was searched for a head end already.
+        self._checked = 0
         self.address = "unknown"
 
     # -- Twisted protocol events ---------------------------------------------
@@ -156,14 +158,18 @@ class ClientConnection(Protocol):
             if self._closing:
                 return
             try:
-                parsed = parse_request_head(self._buf, 0, self._settings.max_request_head)
+                parsed = parse_request_head(
+                    self._buf, 0, self._settings.max_request_head, self._checked
+                )
             except ProtocolError as e:
                 self._reject(e.status, e.reason)
                 return
             if parsed is None:
+                self._checked = len(self._buf)
                 return
             head, end = parsed
             del self._buf[:end]
+            self._checked = 0
             self._stop_head_timer()
             exchange = self._begin(head)
             if exchange is None:

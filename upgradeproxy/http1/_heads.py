@@ -53,7 +53,7 @@ class ResponseHead:
 
 
 def _locate_head(
-    buf: bytes | bytearray, start: int, max_size: int, too_large: ProtocolError
+    buf: bytes | bytearray, start: int, max_size: int, too_large: ProtocolError, checked: int
 ) -> int:
     """The offset just past the head's empty line, or -1 if it has not come yet.
 
@@ -65,9 +65,11 @@ def _locate_head(
     Rejects a bare CR or LF as soon as one arrives, so that a client that
     ends its lines with LF alone gets an answer instead of a timeout.
     """
-    end = buf.find(_END, start, start + max_size)
+    # Bytes before ``checked`` were searched already; a terminator or a
+    # CR-LF pair may straddle that point, hence the small step back.
+    end = buf.find(_END, max(start, checked - 3), start + max_size)
     scan_end = end + len(_END) if end >= 0 else min(len(buf), start + max_size)
-    bare = BARE_LINE_END.search(buf, start, scan_end)
+    bare = BARE_LINE_END.search(buf, max(start, checked - 1), scan_end)
     if bare is not None:
         raise ProtocolError("line ending other than CRLF (bare CR or LF) in the head")
     if end < 0:
@@ -101,12 +103,15 @@ def _describe_bad_field(line: bytes, who: str) -> str:
 
 
 def parse_request_head(
-    buf: bytes | bytearray, start: int = 0, max_size: int = 32 * 1024
+    buf: bytes | bytearray, start: int = 0, max_size: int = 32 * 1024, checked: int = 0
 ) -> tuple[RequestHead, int] | None:
     """Parse one request head from ``buf[start:]``.
 
     Returns ``(head, end)`` where ``end`` is the offset of the first byte
-    after the head, or ``None`` if more bytes are needed. Empty lines before
+    after the head, or ``None`` if more bytes are needed. A caller that
+    keeps appending to ``buf`` after ``None`` passes the length ``buf`` had
+    then as ``checked``, so those bytes are not searched again (a head
+    trickling in byte by byte then costs linear time, not quadratic). Empty lines before
     the request line are skipped (RFC 9112 §2.2). Raises
     :class:`ProtocolError` for anything that is not a well-formed HTTP/1.x
     request head, and with status 431 when the head, counting those empty
@@ -122,7 +127,7 @@ def parse_request_head(
         raise too_large
     if len(buf) - start < 2 and buf[start:] in (b"", b"\r"):
         return None
-    end = _locate_head(buf, start, limit - start, too_large)
+    end = _locate_head(buf, start, limit - start, too_large, checked)
     if end < 0:
         return None
     lines = bytes(buf[start : end - len(_END)]).split(b"\r\n")
@@ -143,11 +148,12 @@ def parse_request_head(
 
 
 def parse_response_head(
-    buf: bytes | bytearray, start: int = 0, max_size: int = 64 * 1024
+    buf: bytes | bytearray, start: int = 0, max_size: int = 64 * 1024, checked: int = 0
 ) -> tuple[ResponseHead, int] | None:
     """Parse one response head from ``buf[start:]``.
 
-    Returns ``(head, end)`` or ``None`` if more bytes are needed; raises
+    Returns ``(head, end)`` or ``None`` if more bytes are needed (``checked``
+    as for :func:`parse_request_head`); raises
     :class:`ProtocolError` for a malformed or oversized head.
     """
     end = _locate_head(
@@ -155,6 +161,7 @@ def parse_response_head(
         start,
         max_size,
         ProtocolError(f"response head larger than {max_size} bytes"),
+        checked,
     )
     if end < 0:
         return None
