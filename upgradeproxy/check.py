@@ -35,10 +35,10 @@ from .http1 import (
     ProtocolError,
     RequestHead,
     ResponseHead,
+    is_token,
     parse_request_head,
     parse_response_head,
 )
-from .http1._abnf import TOKEN
 from .interfaces import Refusal, UpgradeAttempt
 from .registry import DEFAULT_CHAIN
 from .validators import (
@@ -770,7 +770,7 @@ def _url_argument(text: str) -> Target:
 
 
 def _token_argument(text: str) -> str:
-    if TOKEN.fullmatch(text.encode("latin-1", "replace")) is None:
+    if not is_token(text.encode("latin-1", "replace")):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a protocol token (letters, digits and !#$%&'*+-.^_`|~, "
             "for example websocket or proxmox-backup-protocol-v1)"
@@ -780,7 +780,7 @@ def _token_argument(text: str) -> str:
 
 def _header_argument(text: str) -> tuple[str, str]:
     name, colon, value = text.partition(":")
-    if not colon or TOKEN.fullmatch(name.encode("latin-1", "replace")) is None:
+    if not colon or not is_token(name.encode("latin-1", "replace")):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a header: write it as 'Name: value' (for example "
             "'Origin: https://chat.example.com')"

@@ -34,7 +34,8 @@ def unsolicited_switch(attempt: UpgradeAttempt) -> Refusal | None:
     if attempt.is_upgrade:
         return None
     return Refusal(
-        "the backend answered 101 to a request that did not ask to upgrade (RFC 9110 §15.2.2)"
+        "the backend answered 101 to a request that did not ask to upgrade (RFC 9110 §15.2.2)",
+        hint="answer 101 only to requests that send Upgrade and list 'upgrade' in Connection",
     )
 
 

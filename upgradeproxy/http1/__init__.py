@@ -12,6 +12,7 @@ Content-Length, obs-fold, bare CR or LF, whitespace before a colon -- is a
 """
 
 from ._connection import (
+    is_token,
     is_upgrade_request,
     offered_protocols,
     request_keeps_alive,
@@ -50,6 +51,7 @@ __all__ = [
     "RequestHead",
     "ResponseHead",
     "encode_chunk",
+    "is_token",
     "is_upgrade_request",
     "offered_protocols",
     "parse_request_head",

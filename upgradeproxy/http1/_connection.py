@@ -6,7 +6,13 @@ RFC 9110 §7.8 decides whether a request asks to switch protocols.
 
 from __future__ import annotations
 
+from ._abnf import TOKEN
 from ._heads import RequestHead, ResponseHead
+
+
+def is_token(value: bytes) -> bool:
+    """True when ``value`` is an RFC 9110 token (a header name, a protocol name, ...)."""
+    return TOKEN.fullmatch(value) is not None
 
 
 def offered_protocols(head: RequestHead) -> list[bytes]:
