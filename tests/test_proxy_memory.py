@@ -594,3 +594,23 @@ def test_reading_resumes_once_a_held_body_reaches_its_backend() -> None:
     h.endpoint.complete_connection()
     assert h.backend.received.endswith(b"\r\n\r\n" + b"x" * 300)
     assert h.client_transport.producerState == "producing"
+
+
+def test_a_backend_connection_paused_by_a_slow_client_reads_again_once_pooled() -> None:
+    h = ProxyHarness()
+    h.client_sends(GET)
+    backend = h.backend
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    h.client_transport.producer.pauseProducing()  # the client's send buffer is full
+    backend.send(b"67890")
+    assert backend.transport.producerState == "producing"
+    assert h.factory.pool.idle_count == 1
+
+
+def test_an_error_answer_to_head_has_no_body() -> None:
+    h = ProxyHarness()
+    h.endpoint.refuse = True
+    h.client_sends(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, _, body = h.client_received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"Content-Length: " in head and body == b""

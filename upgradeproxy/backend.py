@@ -61,7 +61,13 @@ class ResponseSink(TypingProtocol):
 
     def response_body(self, data: bytes) -> None: ...
 
-    def response_end(self) -> None: ...
+    def response_end(self) -> None:
+        """The response is complete; the connection may already be back in the pool.
+
+        A sink that made the connection the producer of its client must
+        unregister it *and then resume it*: a slow client may have paused
+        it, and a paused idle connection would never read again.
+        """
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None: ...
 

@@ -338,6 +338,8 @@ class ClientConnection(Protocol):
         if exchange.response_kind is BodyKind.CHUNKED:
             transport.write(LAST_CHUNK)
         unregister_producer(transport)
+        if exchange.backend is not None and exchange.backend.transport is not None:
+            exchange.backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._log_access(exchange)
         self._exchange = None
         if not exchange.keep_alive or self._read_eof:
@@ -448,16 +450,20 @@ class ClientConnection(Protocol):
         transport = self.transport
         assert transport is not None
         unregister_producer(transport)
+        if exchange is not None and exchange.response_kind is not None:
+            # A response is already on its way: an error response now would
+            # be read as part of its body. Cutting it short is the only
+            # honest signal left.
+            self._close()
+            return
+        response = error_response(
+            status, reason, head_only=exchange is not None and exchange.request.method == b"HEAD"
+        )
         if exchange is not None:
-            if exchange.response_kind is not None:
-                # A response is already on its way: an error response now
-                # would be read as part of its body. Cutting it short is the
-                # only honest signal left.
-                self._close()
-                return
             exchange.status = status
+            exchange.response_bytes = len(response)
             self._log_access(exchange)
-        transport.write(error_response(status, reason))
+        transport.write(response)
         self._close()
 
     def _close(self) -> None:

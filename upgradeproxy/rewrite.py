@@ -153,10 +153,13 @@ def switch_for_client(head: ResponseHead) -> ResponseHead:
     return ResponseHead(101, head.reason or b"Switching Protocols", (1, 1), kept.plus(added))
 
 
-def error_response(status: int, reason: str, *, extra: tuple[Field, ...] = ()) -> bytes:
+def error_response(
+    status: int, reason: str, *, head_only: bool = False, extra: tuple[Field, ...] = ()
+) -> bytes:
     """A complete response that tells the client, in plain words, what went wrong.
 
-    The connection is always closed after it.
+    The connection is always closed after it. ``head_only`` (for a ``HEAD``
+    request) leaves the body out but keeps its ``Content-Length``.
     """
     body = reason.encode("utf-8") + b"\n"
     phrase = HTTPStatus(status).phrase.encode("ascii")
@@ -168,4 +171,4 @@ def error_response(status: int, reason: str, *, extra: tuple[Field, ...] = ()) -
             *extra,
         )
     )
-    return ResponseHead(status, phrase, (1, 1), headers).serialize() + body
+    return ResponseHead(status, phrase, (1, 1), headers).serialize() + (b"" if head_only else body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
 from .proxy import ProxyFactory, ProxySettings
 from .registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
+from .workers import WorkerPool, WorkersUnsupported, listen_address, open_sockets
 
 DEFAULT_LISTEN = "tcp:8080"
 
@@ -42,6 +44,11 @@ class Options(usage.Options):
     )
     optFlags = [
         [
+            "no-splice",
+            None,
+            "Move tunnel bytes through Python even where splice(2) could move them.",
+        ],
+        [
             "forward-h2c",
             None,
             "Forward 'Upgrade: h2c' offers to the backend (by default they are removed, "
@@ -61,6 +68,13 @@ class Options(usage.Options):
             None,
             "The backend: http://HOST:PORT[/PATH], or a Twisted client "
             "endpoint string such as unix:path=/run/app.sock.",
+        ],
+        [
+            "workers",
+            None,
+            "1",
+            "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one "
+            "per core. With more than one, a parent process starts, watches and restarts them.",
         ],
         [
             "response-timeout",
@@ -113,9 +127,9 @@ class Options(usage.Options):
             self["validator_chain"] = build_chain(self["validators"] or DEFAULT_CHAIN)
         except BadValidator as e:
             _exit_usage(str(e))
-        for description in self["listen"]:
-            from twisted.internet import reactor
+        from twisted.internet import reactor
 
+        for description in self["listen"]:
             try:
                 serverFromString(reactor, description)
             except Exception as e:
@@ -123,6 +137,24 @@ class Options(usage.Options):
                     f"cannot listen on {description!r} ({e}); write --listen as a Twisted "
                     "server endpoint, for example tcp:8080 or tcp:8080:interface=127.0.0.1"
                 )
+        self["worker_count"] = _worker_count(self["workers"])
+        if self["worker_count"] > 1:
+            try:
+                self["listen_addresses"] = [listen_address(reactor, d) for d in self["listen"]]
+            except WorkersUnsupported as e:
+                _exit_usage(str(e))
+
+
+def _worker_count(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        _exit_usage(f"--workers takes a number of processes or 'auto', not {text!r}")
+    return count
 
 
 @implementer(IStreamClientEndpoint)
@@ -155,6 +187,12 @@ class _DemoBackendService(Service):
         super().startService()
         self.port = reactor.listenTCP(0, DemoBackendFactory(), interface="127.0.0.1")
 
+    @property
+    def url(self) -> str:
+        """The demo backend's address, once it listens."""
+        assert self.port is not None
+        return f"http://127.0.0.1:{self.port.getHost().port}"  # type: ignore[attr-defined]
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self.port is not None:
@@ -162,23 +200,55 @@ class _DemoBackendService(Service):
         return None
 
 
+def build_factory(options: Options, backend: BackendAddress | None = None) -> ProxyFactory:
+    """The proxy factory that ``options`` describe (``backend`` overrides ``--backend``)."""
+    settings = ProxySettings(
+        forward_h2c=bool(options["forward-h2c"]),
+        splice=not options["no-splice"],
+        backend=BackendSettings(response_timeout=options["response-timeout"]),
+    )
+    if backend is None:
+        backend = options["backend_address"]
+    return ProxyFactory(backend, options["validator_chain"], settings=settings)
+
+
+def _worker_args(options: Options, backend: str) -> list[str]:
+    """The proxy options a worker process is started with."""
+    args = ["--backend", backend, "--response-timeout", repr(options["response-timeout"])]
+    for spec in options["validators"]:
+        args += ["--validator", spec]
+    for flag in ("forward-h2c", "no-splice"):
+        if options[flag]:
+            args.append(f"--{flag}")
+    return args
+
+
 def makeService(options: Options) -> IService:
-    """The proxy as a service: one listener per --listen, and the demo backend if asked."""
+    """The proxy as a service: one listener per --listen, and the demo backend if asked.
+
+    With ``--workers N`` above 1, listening and proxying happen in N worker
+    processes instead (see :mod:`upgradeproxy.workers`).
+    """
     from twisted.internet import reactor
 
     top = MultiService()
-    backend: BackendAddress
+    demo: _DemoBackendService | None = None
     if options["demo"]:
         demo = _DemoBackendService()
         demo.setServiceParent(top)
+    if options["worker_count"] > 1:
+
+        def worker_args() -> list[str]:
+            backend = options["backend"] or demo.url  # type: ignore[union-attr]
+            return _worker_args(options, backend)
+
+        sockets = open_sockets(options["listen_addresses"], options["worker_count"])
+        WorkerPool(reactor, sockets, worker_args).setServiceParent(top)
+        return top
+    backend = None
+    if demo is not None:
         backend = BackendAddress(_DemoEndpoint(demo), b"", "built-in demo backend")
-    else:
-        backend = options["backend_address"]
-    settings = ProxySettings(
-        forward_h2c=bool(options["forward-h2c"]),
-        backend=BackendSettings(response_timeout=options["response-timeout"]),
-    )
-    factory = ProxyFactory(backend, options["validator_chain"], settings=settings)
+    factory = build_factory(options, backend)
     for description in options["listen"]:
         endpoint = serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)

@@ -206,6 +206,8 @@ class _ResourceExchange:
         request = self._request
         if request.producer is not None:
             request.unregisterProducer()
+            if self._backend is not None and self._backend.transport is not None:
+                self._backend.transport.resumeProducing()  # type: ignore[attr-defined]
         request.finish()
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:

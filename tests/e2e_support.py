@@ -1,0 +1,187 @@
+"""Helpers for the end-to-end tests (``tests/test_e2e_*.py``): real peers through the proxy.
+
+- :func:`demo_behind_proxy`: the demo backend and a proxy in front of it, both
+  on 127.0.0.1 in the test's reactor, and both cleaned up afterwards -- the
+  backend's listener is stopped only once every connection to it has closed.
+- :func:`run_bounded`: run an external program (curl, chromium, node) in its
+  own process group, killing the whole group by its id on a timeout and
+  whatever is left of it afterwards.
+- :class:`BackgroundProcess`: a long-running external peer (a Node server)
+  that reports JSON lines on stdout, stopped by its id when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from loopback import HOST, TIMEOUT, Loopback, Proxy, eventually
+from twisted.internet import reactor
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+
+from upgradeproxy.demo import DemoBackendFactory, DemoBackendProtocol
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+class _TrackedDemoProtocol(DemoBackendProtocol):
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.open.discard(self)
+        super().connectionLost(reason)
+
+
+class TrackedDemoBackend(DemoBackendFactory):
+    """The demo backend, knowing which of its connections are still open."""
+
+    protocol = _TrackedDemoProtocol
+
+    def __init__(self) -> None:
+        self.open: set[DemoBackendProtocol] = set()
+
+
+@contextlib.asynccontextmanager
+async def demo_behind_proxy(loopback: Loopback, **proxy_kwargs: Any) -> AsyncIterator[Proxy]:
+    """The demo backend on 127.0.0.1 with a proxy (from ``loopback``) in front of it.
+
+    ``proxy_kwargs`` go to :class:`~upgradeproxy.ProxyFactory` (``settings=...``).
+
+    On the way out the proxy's idle backend connections are closed, and the
+    backend must see every connection to it close before its listener stops:
+    a connection the proxy left open is an error.
+    """
+    demo = TrackedDemoBackend()
+    port: IListeningPort = reactor.listenTCP(0, demo, interface=HOST)
+    try:
+        yield loopback.proxy(port.getHost().port, **proxy_kwargs)
+    finally:
+        for proxy in loopback.proxies:
+            proxy.factory.pool.close_idle()
+        try:
+            await eventually(lambda: not demo.open, what="the demo backend's connections to close")
+        finally:
+            for connection in list(demo.open):
+                connection.transport.abortConnection()  # type: ignore[union-attr]
+            await port.stopListening()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL what is left of the process group that ``pid`` leads (ours)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_bounded(
+    args: Sequence[str | os.PathLike[str]], timeout: float, **kwargs: Any
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``args`` to completion (call it in a thread) and capture its output.
+
+    The program runs in a new session, so that it and every process it
+    starts (chromium's helpers) form one group; after ``timeout`` seconds the
+    group is killed and the test fails, and whatever of the group outlives
+    its leader is killed too.
+    """
+    with subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kwargs,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process.pid)
+            stdout, stderr = process.communicate()
+            raise AssertionError(
+                f"{args[0]} did not finish within {timeout}s and was killed;"
+                f" stdout: {stdout[-2000:]!r}; stderr: {stderr[-2000:]!r}"
+            ) from None
+        finally:
+            _kill_group(process.pid)
+    return subprocess.CompletedProcess(list(args), process.returncode, stdout, stderr)
+
+
+class BackgroundProcess:
+    """A long-running program that writes one JSON object per line on stdout.
+
+    :meth:`event` waits for the next line; :meth:`stop` ends the program
+    (SIGTERM, then SIGKILL to its process group) and returns its stderr.
+    """
+
+    def __init__(self, args: Sequence[str | os.PathLike[str]], **kwargs: Any) -> None:
+        self.args = list(args)
+        self.process = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+            **kwargs,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        self._stderr.extend(self.process.stderr)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def event(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next JSON line (blocking: call it in a thread, or when one is due)."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"{self.args[1:2]} said nothing for {timeout}s; stderr: {self.stderr[-2000:]}"
+            ) from None
+        if line is None:
+            self.process.wait(TIMEOUT)
+            status = self.process.returncode
+            raise AssertionError(
+                f"{self.args[1:2]} exited ({status}); stderr: {self.stderr[-2000:]}"
+            )
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+    def stop(self) -> str:
+        """Terminate the program (and its group) and wait for it; return its stderr."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(TIMEOUT)
+        _kill_group(self.process.pid)
+        self.process.wait(TIMEOUT)
+        for reader in self._readers:
+            reader.join(TIMEOUT)
+        return self.stderr

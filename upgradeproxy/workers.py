@@ -1,0 +1,261 @@
+"""Several processes serving the same addresses: ``--workers N``.
+
+The parent process opens one listening socket per worker and address, all
+bound to the same address with ``SO_REUSEPORT`` (the kernel then spreads new
+connections evenly over them), starts each worker with
+``python -m upgradeproxy.workers`` and hands it its sockets. The parent
+serves nothing itself: it re-emits its workers' log events (they write them
+to it as JSON lines, tagged with their PID), restarts a worker that dies, and
+passes SIGTERM on when it is stopped. A worker exits when the parent goes
+away (its standard input closes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+log = Logger()
+
+#: Seconds before a worker that died is started again.
+RESTART_DELAY = 1.0
+#: Seconds a worker gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+
+
+class WorkersUnsupported(ValueError):
+    """A ``--listen`` endpoint that several workers cannot share."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    family: socket.AddressFamily
+    host: str
+    port: int
+    backlog: int
+
+
+def listen_address(reactor: object, description: str) -> ListenAddress:
+    """The TCP address a ``--listen`` endpoint string names.
+
+    Raises :class:`WorkersUnsupported` for other kinds of endpoints.
+    """
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, TCP6ServerEndpoint):
+        family = socket.AF_INET6
+    elif isinstance(endpoint, TCP4ServerEndpoint):
+        family = socket.AF_INET
+    else:
+        raise WorkersUnsupported(
+            f"--workers needs tcp: or tcp6: listen endpoints, not {description!r}"
+        )
+    host = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return ListenAddress(family, host, endpoint._port, endpoint._backlog)
+
+
+def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[socket.socket]]:
+    """``count`` lists of listening sockets, one socket per address in each.
+
+    All sockets of one address share it with ``SO_REUSEPORT``; port 0 is
+    resolved once, by the first, and reused by the others.
+    """
+    per_worker: list[list[socket.socket]] = [[] for _ in range(count)]
+    for address in addresses:
+        port = address.port
+        for sockets in per_worker:
+            sock = socket.socket(address.family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address.host, port))
+            sock.listen(address.backlog)
+            sock.setblocking(False)
+            sock.set_inheritable(True)
+            port = sock.getsockname()[1]
+            sockets.append(sock)
+    return per_worker
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """The parent's end of one worker: its log events, and its end."""
+
+    def __init__(self, pool: WorkerPool, slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._publish(line)
+
+    def _publish(self, line: bytes) -> None:
+        try:
+            # jsonFileLogObserver starts each record with an RS character.
+            event = eventFromJSON(line.decode("utf-8").lstrip("\x1e"))
+        except ValueError:
+            log.info("worker {slot}: {line}", slot=self.slot, line=line.decode("utf-8", "replace"))
+            return
+        globalLogPublisher(event)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.pool.worker_ended(self, reason)
+
+
+class WorkerPool(Service):
+    """Starts, watches and stops the worker processes."""
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        sockets: list[list[socket.socket]],
+        worker_args: Callable[[], list[str]],
+    ) -> None:
+        self._reactor = reactor
+        self._sockets = sockets
+        self._worker_args = worker_args
+        self._workers: dict[int, _WorkerProcess] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        for slot in range(len(self._sockets)):
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        fds = [sock.fileno() for sock in self._sockets[slot]]
+        argv = [sys.executable, "-m", "upgradeproxy.workers"]
+        for fd, sock in zip(fds, self._sockets[slot], strict=True):
+            argv += ["--fd", f"{fd}:{int(sock.family)}"]
+        argv += ["--", *self._worker_args()]
+        worker = _WorkerProcess(self, slot)
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: 2}
+        child_fds.update({fd: fd for fd in fds})
+        process = self._reactor.spawnProcess(
+            worker, sys.executable, argv, env=os.environ.copy(), childFDs=child_fds
+        )
+        self._workers[slot] = worker
+        log.info("started worker {slot} (pid {pid})", slot=slot, pid=process.pid)
+
+    def worker_ended(self, worker: _WorkerProcess, reason: Failure) -> None:
+        if self._workers.get(worker.slot) is not worker:
+            return
+        del self._workers[worker.slot]
+        if self._stopping:
+            return
+        log.warn(
+            "worker {slot} ended ({why}); starting a new one in {delay:g}s",
+            slot=worker.slot,
+            why=reason.getErrorMessage(),
+            delay=RESTART_DELAY,
+        )
+        clock: IReactorTime = self._reactor  # type: ignore[assignment]
+        clock.callLater(RESTART_DELAY, self._restart, worker.slot)
+
+    def _restart(self, slot: int) -> None:
+        if not self._stopping and slot not in self._workers:
+            self._spawn(slot)
+
+    def stopService(self) -> defer.Deferred[object]:
+        """Pass SIGTERM on to every worker; kill the ones still running after a while."""
+        super().stopService()
+        self._stopping = True
+        workers = list(self._workers.values())
+        for worker in workers:
+            _signal(worker, "TERM")
+        clock: IReactorTime = self._reactor  # type: ignore[assignment]
+        killer = clock.callLater(STOP_TIMEOUT, _signal_all, workers, "KILL")
+        done = defer.DeferredList([w.ended for w in workers])
+
+        def finished(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            for sockets in self._sockets:
+                for sock in sockets:
+                    sock.close()
+            return result
+
+        return done.addBoth(finished)
+
+
+def _signal_all(workers: list[_WorkerProcess], name: str) -> None:
+    for worker in workers:
+        _signal(worker, name)
+
+
+def _signal(worker: _WorkerProcess, name: str) -> None:
+    transport = worker.transport
+    if transport is not None and getattr(transport, "pid", None) is not None:
+        with contextlib.suppress(Exception):  # the process ended meanwhile
+            transport.signalProcess(name)
+
+
+# -- the worker side ----------------------------------------------------------------------
+
+
+class _ParentWatch(protocol.Protocol):
+    """Stops the worker when its parent goes away (standard input closes)."""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        from twisted.internet import reactor
+
+        with contextlib.suppress(ReactorNotRunning):  # already stopping
+            reactor.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one worker: ``--fd FD:FAMILY``... ``--`` then the proxy's own options."""
+    import argparse
+
+    from twisted.internet import reactor, stdio
+    from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
+    from zope.interface import provider
+
+    from .tap import Options, build_factory
+
+    parser = argparse.ArgumentParser(prog="python -m upgradeproxy.workers")
+    parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
+    parser.add_argument("proxy_options", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    options = Options()
+    options.parseOptions([a for a in args.proxy_options if a != "--"])
+
+    to_parent = jsonFileLogObserver(sys.stdout)
+    system = f"worker {os.getpid()}"
+
+    @provider(ILogObserver)
+    def tagged(event: dict[str, object]) -> None:
+        event.setdefault("log_system", system)
+        to_parent(event)
+
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
+    factory = build_factory(options)
+    for spec in args.fd:
+        fd, family = (int(part) for part in spec.split(":"))
+        os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
+        reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)  # type: ignore[attr-defined]
+        os.close(fd)
+    stdio.StandardIO(  # type: ignore[call-arg]
+        _ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
