@@ -8,6 +8,7 @@ the commands proves that ``twistd upgradeproxy`` works.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -201,3 +202,93 @@ async def test_twist_proxies_a_get(
     )
     await check_get(loopback, port, running)
     await stop_cleanly(loopback, running)
+
+
+# -- several worker processes ----------------------------------------------------------
+
+
+def _worker_pids(log: str, slot: int) -> list[int]:
+    return [int(pid) for pid in re.findall(rf"started worker {slot} \(pid (\d+)\)", log)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_share_the_load_and_a_killed_one_is_replaced(
+    loopback: Loopback, processes: list[Running], tmp_path: Path
+) -> None:
+    backend = loopback.backend(echo_app)
+    port = free_port()
+    running = await start(
+        processes,
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "upgradeproxy",
+            "--workers",
+            "2",
+            "--listen",
+            f"tcp:{port}:interface={HOST}",
+            "--backend",
+            f"http://{HOST}:{backend.port_number}",
+        ],
+        tmp_path,
+        port,
+    )
+    for _ in range(40):
+        await check_get(loopback, port, running)
+    serving = set(re.findall(r"\[worker (\d+)\] 127\.0\.0\.1 \"GET /hello", running.log))
+    assert len(serving) == 2, running.log
+
+    (first,) = _worker_pids(running.log, 0)
+    os.kill(first, signal.SIGKILL)
+    deadline = reactor.seconds() + 15
+    while len(_worker_pids(running.log, 0)) < 2:
+        assert reactor.seconds() < deadline, f"worker 0 was not replaced:\n{running.log}"
+        await sleep(0.1)
+    assert "worker 0 ended" in running.log
+    (_, replacement) = _worker_pids(running.log, 0)
+    assert replacement != first and _alive(replacement)
+    for _ in range(10):
+        await check_get(loopback, port, running)
+
+    (other,) = _worker_pids(running.log, 1)
+    running.process.terminate()
+    code = await loopback.run(running.process.wait, 15, timeout=20)
+    assert code in (0, -signal.SIGTERM), running.log
+    assert not _alive(replacement) and not _alive(other), "workers outlived their parent"
+
+
+def test_workers_need_tcp_listen_endpoints(tmp_path: Path) -> None:
+    result = run(
+        [TWISTD, "-n", "--pidfile=", "upgradeproxy", "--workers", "2", "--listen",
+         f"unix:{tmp_path}/s.sock", "--backend", "http://127.0.0.1:9"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--workers needs tcp: or tcp6: listen endpoints" in result.stderr
+
+
+def test_workers_must_be_a_count(tmp_path: Path) -> None:
+    result = run(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "upgradeproxy",
+            "--workers",
+            "many",
+            "--backend",
+            "http://a:1",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--workers takes a number of processes or 'auto', not 'many'" in result.stderr
