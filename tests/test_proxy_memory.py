@@ -614,3 +614,28 @@ def test_an_error_answer_to_head_has_no_body() -> None:
     head, _, body = h.client_received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"Content-Length: " in head and body == b""
+
+
+def test_an_eof_right_behind_an_upgrade_request_is_carried_into_the_tunnel() -> None:
+    h = ProxyHarness()
+    h.endpoint.hold_connections = True  # the EOF comes before the backend connection
+    h.client_sends(UPGRADE + b"hello")
+    h.client_transport.eof()
+    assert not h.client_closed
+    h.endpoint.complete_connection()
+    h.backend.send(SWITCH)
+    assert h.backend.received.endswith(b"\r\n\r\nhello")
+    assert h.backend.transport.write_closed, "the client's EOF reaches the backend"
+    h.backend.send(b"bye")
+    assert h.client_received.endswith(b"bye")
+
+
+def test_an_eof_inside_a_body_waiting_for_its_backend_still_ends_the_exchange() -> None:
+    h = ProxyHarness()
+    h.endpoint.hold_connections = True
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n123")
+    h.client_transport.eof()
+    h.endpoint.complete_connection()
+    assert h.client_closed
+    assert h.backend.closed
+    assert h.factory.connections == set()

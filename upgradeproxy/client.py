@@ -124,15 +124,20 @@ class ClientConnection(Protocol):
         exchange = self._exchange
         if exchange is None:
             self._close()
-        elif not exchange.body_done:
-            self.log.info(
-                "client {client} closed its side before the end of the request body",
-                client=self.address,
-            )
-            self._abandon_backend(exchange)
-            self._close()
+        elif exchange.backend is not None and not exchange.body_done:
+            self._body_cut_short(exchange)
         # Otherwise the answer is still coming (and may be a switch, which
-        # will carry this EOF into the tunnel).
+        # will carry this EOF into the tunnel), or the body still waits in the
+        # buffer for its backend connection, which decides when it comes.
+
+    def _body_cut_short(self, exchange: _Exchange) -> None:
+        self.log.info(
+            "client {client} closed its side before the end of the request body",
+            client=self.address,
+        )
+        self._abandon_backend(exchange)
+        self._exchange = None
+        self._close()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -288,6 +293,8 @@ class ClientConnection(Protocol):
             exchange.body_done = True
             unregister_producer(backend.transport)
             self._gate.resume(_BACKEND_FULL)
+        elif self._read_eof:
+            self._body_cut_short(exchange)
 
     # -- the backend's answer (ResponseSink) -------------------------------------
 

@@ -10,7 +10,8 @@ see ``connectionLost``.
 
 Like the Python relay it never parses and never writes HTTP. Flow control is
 the pipe: a direction reads only when its pipe is empty, so a slow reader
-stops the writer with at most one pipe of bytes in flight. ``SPLICE_F_MORE``
+stops the writer with at most one pipe of bytes in flight. Empty pipes are
+shared by all tunnels, so an idle tunnel holds no pipe at all. ``SPLICE_F_MORE``
 is never used: it corks small messages.
 """
 
@@ -73,6 +74,43 @@ def _take_pending_output(transport: tcp.Connection) -> bytes:
     return pending
 
 
+class _PipePool:
+    """Empty pipes, shared by every tunnel of the process.
+
+    A direction holds a pipe only while bytes are in it, so an idle tunnel
+    costs no descriptors beyond its two sockets, and a busy process reuses a
+    few pipes instead of creating two per tunnel.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._keep = keep
+
+    def take(self) -> tuple[int, int] | None:
+        """An empty pipe, or ``None`` when no descriptor is left for one."""
+        if self._free:
+            return self._free.pop()
+        try:
+            return _new_pipe()
+        except OSError:
+            return None
+
+    def give_back(self, pipe: tuple[int, int]) -> None:
+        """Return an *empty* pipe."""
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+
+_pipes = _PipePool()
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    for fd in pipe:
+        os.close(fd)
+
+
 def _describe(e: OSError) -> str:
     if e.errno in (errno.ECONNRESET, errno.EPIPE):
         return "connection lost (reset)"
@@ -96,22 +134,23 @@ class _Direction:
         self.blocked = False  # waiting for dst to become writable
 
     def leftover(self) -> bytes:
-        """Everything not yet delivered to dst, out of the pipe, which is closed."""
+        """Everything not yet delivered to dst; the pipe goes back to the pool."""
         data = [self.pending]
         self.pending = b""
         if self.pipe is not None:
-            read_end, write_end = self.pipe
             while self.in_pipe > 0:
                 try:
-                    chunk = os.read(read_end, self.in_pipe)
+                    chunk = os.read(self.pipe[0], self.in_pipe)
                 except OSError:
                     break
                 if not chunk:
                     break
                 data.append(chunk)
                 self.in_pipe -= len(chunk)
-            os.close(read_end)
-            os.close(write_end)
+            if self.in_pipe:
+                _close_pipe(self.pipe)  # not empty: nobody else may have it
+            else:
+                _pipes.give_back(self.pipe)
             self.pipe = None
         return b"".join(data)
 
@@ -214,14 +253,15 @@ class SplicePump:
                     self.fail(d.dst.side, _describe(e))
                     return
                 d.in_pipe -= moved
+                if not d.in_pipe:
+                    _pipes.give_back(d.pipe)
+                    d.pipe = None
                 continue
             if d.eof:
                 self._direction_done(d)
                 return
-            if d.pipe is None:
-                d.pipe = _new_pipe()
             try:
-                moved = os.splice(d.src.fd, d.pipe[1], PIPE_SIZE, flags=flags)
+                moved = self._read(d, flags)
             except BlockingIOError:
                 self._reactor.addReader(d.src)
                 return
@@ -233,11 +273,29 @@ class SplicePump:
                 self._reactor.removeReader(d.src)
                 self._tunnel.note_end(d.source, "EOF")
             else:
-                d.in_pipe += moved
                 self._tunnel.stats.sent[d.source] += moved
         # Out of rounds with more to do: stay registered and come back.
         if not d.blocked and not d.eof:
             self._reactor.addReader(d.src)
+
+    def _read(self, d: _Direction, flags: int) -> int:
+        """Move what src has into a pipe (or, with no descriptor left, into memory)."""
+        pipe = _pipes.take()
+        if pipe is None:
+            data = d.src.sock.recv(PIPE_SIZE)
+            d.pending = data
+            return len(data)
+        try:
+            moved = os.splice(d.src.fd, pipe[1], PIPE_SIZE, flags=flags)
+        except BaseException:
+            _pipes.give_back(pipe)  # still empty
+            raise
+        if moved:
+            d.pipe = pipe
+            d.in_pipe = moved
+        else:
+            _pipes.give_back(pipe)
+        return moved
 
     def _wait_for_dst(self, d: _Direction) -> None:
         d.blocked = True
