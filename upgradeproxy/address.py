@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    clientFromString,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 _USAGE = (
@@ -55,6 +61,21 @@ def parse_backend(reactor: object, text: str, *, connect_timeout: float = 10.0) 
     return BackendAddress(endpoint, b"", describe_endpoint(endpoint))
 
 
+def _tcp_endpoint(reactor: object, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A plain TCP endpoint for an IP address; a resolving one for a name.
+
+    ``HostnameEndpoint`` resolves in a thread even for an address, which
+    would cost every new backend connection a thread round trip.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
 def _parse_url(reactor: object, text: str, connect_timeout: float) -> BackendAddress:
     parts = urlsplit(text)
     if parts.scheme == "https":
@@ -71,6 +92,6 @@ def _parse_url(reactor: object, text: str, connect_timeout: float) -> BackendAdd
         raise BadBackend(
             f"backend URL {text!r} may not carry a query, fragment or credentials; {_USAGE}"
         )
-    endpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=connect_timeout)
+    endpoint = _tcp_endpoint(reactor, parts.hostname, port, connect_timeout)
     prefix = parts.path.rstrip("/").encode("utf-8")
     return BackendAddress(endpoint, prefix, f"{parts.hostname}:{port}")

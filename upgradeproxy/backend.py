@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .flow import no_delay
 from .http1 import (
     BodyDecoder,
     BodyKind,
@@ -138,6 +139,9 @@ class BackendConnection(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     # -- Twisted protocol events ---------------------------------------------
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -363,5 +367,5 @@ class BackendSettings:
 
     response_timeout: float = 60.0
     max_response_head: int = 64 * 1024
-    max_idle: int = 32
+    max_idle: int = 256
     idle_timeout: float = 60.0

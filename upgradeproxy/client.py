@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .backend import BackendConnection, BackendFailure
-from .flow import ReadGate, unregister_producer
+from .flow import ReadGate, no_delay, unregister_producer
 from .http1 import (
     LAST_CHUNK,
     BodyDecoder,
@@ -100,6 +100,7 @@ class ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        no_delay(self.transport)
         self._gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
@@ -485,14 +486,13 @@ class ClientConnection(Protocol):
             backend.abandon()
 
     def _log_access(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        duration = self._proxy.clock.seconds() - exchange.started
+        # One pre-formatted line: formatting nine fields through the log
+        # format string cost a fifth of a request's time.
         self.log.info(
-            '{client} "{method} {target} HTTP/{major}.{minor}" {status} {bytes} {duration:.3f}s',
-            client=self.address,
-            method=exchange.request.method.decode("latin-1"),
-            target=exchange.request.target.decode("latin-1"),
-            major=exchange.request.version[0],
-            minor=exchange.request.version[1],
-            status=exchange.status,
-            bytes=exchange.response_bytes,
-            duration=self._proxy.clock.seconds() - exchange.started,
+            "{access}",
+            access=f'{self.address} "{request.method.decode("latin-1")} '
+            f'{request.target.decode("latin-1")} HTTP/{request.version[0]}.{request.version[1]}" '
+            f"{exchange.status} {exchange.response_bytes} {duration:.3f}s",
         )

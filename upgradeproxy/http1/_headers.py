@@ -7,7 +7,7 @@ commas (§5.6.1). Nothing here validates syntax: the head parser already did.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Field = tuple[bytes, bytes]
 
@@ -31,6 +31,20 @@ class Headers:
     """An ordered sequence of ``(name, value)`` pairs, exactly as received."""
 
     fields: tuple[Field, ...] = ()
+    # Values by lowercase name, built on the first lookup: a head is looked
+    # up many times on its way through the proxy.
+    _index: dict[bytes, list[bytes]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def _values(self) -> dict[bytes, list[bytes]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for name, value in self.fields:
+                index.setdefault(name.lower(), []).append(value)
+            object.__setattr__(self, "_index", index)
+        return index
 
     @classmethod
     def of(cls, fields: Iterable[Field]) -> Headers:
@@ -44,17 +58,15 @@ class Headers:
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (lowercase), in order."""
-        return [v for n, v in self.fields if n.lower() == name]
+        return list(self._values().get(name, ()))
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of ``name`` (lowercase), or ``None``."""
-        for n, v in self.fields:
-            if n.lower() == name:
-                return v
-        return None
+        values = self._values().get(name)
+        return values[0] if values else None
 
     def has(self, name: bytes) -> bool:
-        return any(n.lower() == name for n, _ in self.fields)
+        return name in self._values()
 
     def tokens(self, name: bytes) -> list[bytes]:
         """The comma-separated list elements of every ``name`` field, lowercased.
@@ -76,6 +88,8 @@ class Headers:
     def without(self, names: Iterable[bytes]) -> Headers:
         """These headers less every field whose lowercase name is in ``names``."""
         drop = frozenset(names)
+        if drop.isdisjoint(self._values()):
+            return self
         return Headers(tuple(f for f in self.fields if f[0].lower() not in drop))
 
     def plus(self, fields: Iterable[Field]) -> Headers:
