@@ -9,6 +9,7 @@ arrives (before any backend is contacted), and once when the backend answers
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from zope.interface import Attribute, Interface
 
@@ -34,7 +35,7 @@ class Refusal:
     hint: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class UpgradeAttempt:
     """What a validator looks at: the client's request and, later, the ``101``.
 
@@ -51,17 +52,17 @@ class UpgradeAttempt:
     #: The backend's name, as in the logs (for example ``127.0.0.1:9000``).
     backend: str = ""
 
-    @property
+    @cached_property
     def is_upgrade(self) -> bool:
         """True when the request asked to switch protocols (RFC 9110 §7.8)."""
         return is_upgrade_request(self.request)
 
-    @property
+    @cached_property
     def offered(self) -> list[bytes]:
         """The protocols the client offered in ``Upgrade``, in order."""
         return offered_protocols(self.request) if self.is_upgrade else []
 
-    @property
+    @cached_property
     def selected(self) -> list[bytes]:
         """The protocols the backend's ``101`` names in ``Upgrade``, in order."""
         if self.response is None:

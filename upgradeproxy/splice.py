@@ -274,8 +274,12 @@ class SplicePump:
                 self._tunnel.note_end(d.source, "EOF")
             else:
                 self._tunnel.stats.sent[d.source] += moved
-        # Out of rounds with more to do: stay registered and come back.
-        if not d.blocked and not d.eof:
+        # Out of rounds: come back for what is still to do. Bytes already
+        # read must not wait for src to have more (it may have no more), so
+        # they wait for dst instead, which is usually writable at once.
+        if d.pending or d.in_pipe:
+            self._wait_for_dst(d)
+        elif not d.eof:
             self._reactor.addReader(d.src)
 
     def _read(self, d: _Direction, flags: int) -> int:

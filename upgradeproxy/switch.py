@@ -78,7 +78,9 @@ def complete_switch(
     backend.enter_tunnel(tunnel)
     proxy.tunnel_started(tunnel)
     method, target = _describe(attempt)
-    log.info(
+    # Debug only: the line at the tunnel's end says all of it, and a line
+    # per handshake is a real share of a handshake's cost.
+    log.debug(
         "{client} {method} {target} switched to {protocol}",
         client=client_address,
         method=method,
