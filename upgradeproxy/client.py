@@ -94,6 +94,8 @@ class ClientConnection(Protocol):
         self._head_timer: IDelayedCall | None = None
         # How much of the buffer was searched for a head end already.
         self._checked = 0
+        # Bytes of empty lines dropped before the head now awaited.
+        self._empty_lines = 0
         self.address = "unknown"
 
     # -- Twisted protocol events ---------------------------------------------
@@ -163,11 +165,14 @@ class ClientConnection(Protocol):
         if exchange is None:
             if self._closing:
                 return
+            self._drop_empty_lines()
+            limit = self._settings.max_request_head
             try:
-                parsed = parse_request_head(
-                    self._buf, 0, self._settings.max_request_head, self._checked
-                )
+                # Empty lines already dropped count towards the head's size.
+                parsed = parse_request_head(self._buf, 0, limit - self._empty_lines, self._checked)
             except ProtocolError as e:
+                if e.status == 431:
+                    e = ProtocolError(f"request head larger than {limit} bytes", 431)
                 self._reject(e.status, e.reason)
                 return
             if parsed is None:
@@ -176,6 +181,7 @@ class ClientConnection(Protocol):
             head, end = parsed
             del self._buf[:end]
             self._checked = 0
+            self._empty_lines = 0
             self._stop_head_timer()
             exchange = self._begin(head)
             if exchange is None:
@@ -183,6 +189,21 @@ class ClientConnection(Protocol):
         if exchange.backend is not None and not exchange.body_done:
             self._forward_body(exchange)
         self._limit_held_bytes()
+
+    def _drop_empty_lines(self) -> None:
+        """Discard empty lines before a request (RFC 9112 §2.2 lets a server ignore them).
+
+        Done here, once, rather than by every parse attempt: a client that
+        trickles empty lines would otherwise cost quadratic time.
+        """
+        buf = self._buf
+        start = 0
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        if start:
+            del buf[:start]
+            self._checked = max(0, self._checked - start)
+            self._empty_lines += start
 
     def _limit_held_bytes(self) -> None:
         """Stop reading while too many bytes wait for their owner.

@@ -51,23 +51,27 @@ def without_h2c(head: RequestHead) -> RequestHead:
     return RequestHead(head.method, head.target, head.version, kept.plus(added))
 
 
-def backend_target(target: bytes, prefix: bytes) -> bytes:
-    """The request target to send to the backend, in origin-form.
+def split_target(target: bytes) -> tuple[bytes, bytes | None]:
+    """A request target in origin-form, and the authority it named, if any.
 
     An absolute-form target (``http://host/path``) is reduced to its path
-    and query (RFC 9112 §3.2.2); ``prefix`` (the path of the backend URL) is
-    put in front. ``*`` (for ``OPTIONS *``) stays as it is.
+    and query, and its authority returned (RFC 9112 §3.2.2); ``*`` (for
+    ``OPTIONS *``) and origin-form targets stay as they are.
     """
-    if target == b"*":
-        return target
-    if not target.startswith(b"/"):
-        parts = urlsplit(target.decode("latin-1"))
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            raise ProtocolError("request target is neither a path nor an absolute URL")
-        target = (parts.path or "/").encode("latin-1")
-        if parts.query:
-            target += b"?" + parts.query.encode("latin-1")
-    return prefix.rstrip(b"/") + target if prefix else target
+    if target == b"*" or target.startswith(b"/"):
+        return target, None
+    parts = urlsplit(target.decode("latin-1"))
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ProtocolError("request target is neither a path nor an absolute URL")
+    path = (parts.path or "/").encode("latin-1")
+    if parts.query:
+        path += b"?" + parts.query.encode("latin-1")
+    return path, parts.netloc.encode("latin-1")
+
+
+def _behind(prefix: bytes, path: bytes) -> bytes:
+    """``path`` under the backend URL's path ``prefix``."""
+    return prefix.rstrip(b"/") + path if prefix and path != b"*" else path
 
 
 def request_for_backend(
@@ -89,8 +93,14 @@ def request_for_backend(
     headers = head.headers
     prior_xff = headers.elements(b"x-forwarded-for")
     prior_via = headers.get_all(b"via")
-    host = headers.get(b"host")
+    path, authority = split_target(head.target)
+    host = authority if authority is not None else headers.get(b"host")
     kept = headers.end_to_end().without((*_FORWARDING, b"via"))
+    if authority is not None or host is None:
+        # The backend gets HTTP/1.1, which must carry Host: the target's
+        # authority wins over a received Host (RFC 9112 §3.2.2), and a
+        # request that named no host gets an empty one (§3.2).
+        kept = Headers(((b"Host", host or b""), *kept.without((b"host",)).fields))
     added: list[Field] = []
     if framing is BodyKind.CHUNKED:
         added.append((b"Transfer-Encoding", b"chunked"))
@@ -99,10 +109,10 @@ def request_for_backend(
         added.extend((b"Upgrade", v) for v in headers.get_all(b"upgrade"))
     added.append((b"X-Forwarded-For", b", ".join([*prior_xff, hop.address.encode("latin-1")])))
     added.append((b"X-Forwarded-Proto", hop.scheme.encode("ascii")))
-    if host is not None:
+    if host:
         added.append((b"X-Forwarded-Host", host))
     added.append((b"Via", b", ".join([*prior_via, VIA])))
-    return RequestHead(head.method, backend_target(head.target, prefix), (1, 1), kept.plus(added))
+    return RequestHead(head.method, _behind(prefix, path), (1, 1), kept.plus(added))
 
 
 def response_for_client(
