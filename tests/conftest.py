@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_twisted
 from loopback import Loopback
 
@@ -16,3 +17,18 @@ async def loopback() -> AsyncIterator[Loopback]:
         yield harness
     finally:
         await harness.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also registered in pyproject.toml once it lists it; registering twice is harmless.
+    config.addinivalue_line("markers", "soak: long load and soak tests, run with -m soak")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests run only when asked for with -m (they take minutes)."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="a soak test: run it with -m soak")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)

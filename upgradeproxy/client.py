@@ -418,7 +418,7 @@ class ClientConnection(Protocol):
         self._gate.resume_all()
         self._exchange = None
         assert self.transport is not None
-        self._tunnel = complete_switch(
+        tunnel = complete_switch(
             self._proxy,
             attempt,
             client=self.transport,
@@ -426,9 +426,13 @@ class ClientConnection(Protocol):
             early_data=early_data,
             held=held,
             client_address=self.address,
+            attach=self._attach,
         )
         if self._read_eof:
-            self._tunnel.read_closed(Side.CLIENT)
+            tunnel.read_closed(Side.CLIENT)
+
+    def _attach(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
 
     def _refuse_switch(
         self, exchange: _Exchange, attempt: UpgradeAttempt, refusal: Refusal

@@ -63,6 +63,8 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None]:
     parts = urlsplit(target.decode("latin-1"))
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise ProtocolError("request target is neither a path nor an absolute URL")
+    if "@" in parts.netloc:
+        raise ProtocolError("userinfo in the request target (RFC 9110 §4.2.4)")
     path = (parts.path or "/").encode("latin-1")
     if parts.query:
         path += b"?" + parts.query.encode("latin-1")

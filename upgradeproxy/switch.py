@@ -9,6 +9,7 @@ the client's held bytes into the backend, then hand both connections to a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import ITransport
@@ -50,13 +51,15 @@ def complete_switch(
     early_data: bytes,
     held: bytes,
     client_address: str,
+    attach: Callable[[Tunnel], None],
 ) -> Tunnel:
     """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
     ``early_data`` is what the backend sent right behind its ``101`` head;
     ``held`` is what the client sent after its request, which nobody has
-    parsed. The caller routes the client connection's later events to the
-    returned tunnel.
+    parsed. ``attach`` routes the client connection's events to the tunnel;
+    it is called before the tunnel starts, because starting may already end
+    it (a client that reset while its bytes were held).
     """
     response = attempt.response
     assert response is not None and backend.transport is not None
@@ -76,6 +79,7 @@ def complete_switch(
     if held:
         tunnel.data(Side.CLIENT, held)
     backend.enter_tunnel(tunnel)
+    attach(tunnel)
     proxy.tunnel_started(tunnel)
     method, target = _describe(attempt)
     # Debug only: the line at the tunnel's end says all of it, and a line

@@ -62,6 +62,9 @@ class ProxyResource(Resource):
         self.proxy = ProxyFactory(backend, validators, clock=clock, settings=settings)
 
     def render(self, request: Request) -> int:
+        # The backend's fields only: no twisted.web default type or banner.
+        request.defaultContentType = None
+        request.responseHeaders.removeHeader(b"server")
         _ResourceExchange(self.proxy, request).start()
         return NOT_DONE_YET
 
@@ -71,6 +74,9 @@ class _TunnelClientSide:
 
     def __init__(self) -> None:
         self.tunnel: Tunnel | None = None
+
+    def attach(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
 
     def dataReceived(self, data: bytes) -> None:
         assert self.tunnel is not None
@@ -223,7 +229,7 @@ class _ResourceExchange:
         self._done = True
         client_side = _TunnelClientSide()
         detached = _twistedweb.detach(self._request, client_side)
-        client_side.tunnel = complete_switch(
+        complete_switch(
             self._proxy,
             attempt,
             client=detached.transport,
@@ -231,6 +237,7 @@ class _ResourceExchange:
             early_data=early_data,
             held=detached.held,
             client_address=self._client,
+            attach=client_side.attach,
         )
 
     def backend_failed(self, failure: BackendFailure) -> None:
