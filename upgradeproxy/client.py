@@ -14,7 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +55,9 @@ from .tunnel import Side, Tunnel
 
 if TYPE_CHECKING:
     from .proxy import ProxyFactory
+
+#: Seconds a refused client may go on sending before the proxy closes anyway.
+LINGER_SECONDS = 2.0
 
 # Reasons for which the client's reads are paused.
 _BACKEND_FULL = "backend send buffer full"
@@ -92,6 +100,7 @@ class ClientConnection(Protocol):
         self._gate: ReadGate
         self._hop: ClientHop
         self._head_timer: IDelayedCall | None = None
+        self._linger: IDelayedCall | None = None
         # How much of the buffer was searched for a head end already.
         self._checked = 0
         # Bytes of empty lines dropped before the head now awaited.
@@ -125,7 +134,7 @@ class ClientConnection(Protocol):
             return
         self._read_eof = True
         exchange = self._exchange
-        if exchange is None:
+        if exchange is None or self._closing:
             self._close()
         elif exchange.backend is not None and not exchange.body_done:
             self._body_cut_short(exchange)
@@ -148,6 +157,7 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._stop_head_timer()
+        self._stop_linger()
         if self._tunnel is not None:
             self._tunnel.lost(Side.CLIENT, reason)
         else:
@@ -497,12 +507,36 @@ class ClientConnection(Protocol):
             exchange.response_bytes = len(response)
             self._log_access(exchange)
         transport.write(response)
-        self._close()
+        self._close_after_error()
 
     def _close(self) -> None:
         self._closing = True
+        self._stop_linger()
         self._gate.resume_all()
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _close_after_error(self) -> None:
+        """Close after an error response, without letting a reset destroy it.
+
+        A client may still be sending (a huge head, a body) when it is
+        refused. Closing a socket with unread input makes the kernel send a
+        reset, which can discard the response before the client reads it. So
+        on TCP the proxy ends its side, reads and drops what still comes for
+        a short while, and closes on the client's EOF or when that time is up.
+        """
+        transport = self.transport
+        if not ITCPTransport.providedBy(transport) or ISSLTransport.providedBy(transport):
+            self._close()
+            return
+        self._closing = True
+        self._gate.resume_all()
+        transport.loseWriteConnection()
+        self._linger = self._proxy.clock.callLater(LINGER_SECONDS, self._close)
+
+    def _stop_linger(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
 
     def _abandon_backend(self, exchange: _Exchange) -> None:
         backend = exchange.backend
