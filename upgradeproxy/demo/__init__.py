@@ -555,3 +555,4 @@ class DemoBackendFactory(ServerFactory):
     """
 
     protocol = DemoBackendProtocol
+    noisy = False  # "Starting factory <object at 0x...>" tells a newcomer nothing
