@@ -19,11 +19,6 @@ async def loopback() -> AsyncIterator[Loopback]:
         await harness.close()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Also registered in pyproject.toml once it lists it; registering twice is harmless.
-    config.addinivalue_line("markers", "soak: long load and soak tests, run with -m soak")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Soak tests run only when asked for with -m (they take minutes)."""
     if config.option.markexpr:

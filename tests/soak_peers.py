@@ -209,6 +209,21 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
             "protocol": type(getattr(transport, "protocol", None)).__name__,
         }
 
+    def describe_pump(pump: Any) -> dict[str, Any] | None:
+        if pump is None:
+            return None
+        readers, writers = set(reactor.getReaders()), set(reactor.getWriters())
+        out: dict[str, Any] = {"finished": getattr(pump, "_finished", None)}
+        for side, d in getattr(pump, "_to", {}).items():
+            out[f"to_{side.value}"] = {
+                name: getattr(d, name, None) for name in ("in_pipe", "eof", "done", "blocked")
+            } | {
+                "pending": len(getattr(d, "pending", b"") or b""),
+                "src_reading": d.src in readers,
+                "dst_writing": d.dst in writers,
+            }
+        return out
+
     def leftovers() -> list[dict[str, Any]]:
         """What each remaining tunnel looks like (for diagnosing a leak)."""
         out = []
@@ -223,6 +238,7 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
                     "spliced": tunnel.spliced,
                     "client": describe(tunnel.transport(Side.CLIENT)),
                     "backend": describe(tunnel.transport(Side.BACKEND)),
+                    "pump": describe_pump(getattr(tunnel, "_pump", None)),
                 }
             )
         return out
@@ -710,13 +726,27 @@ class Generator:
     def flood_progress(self) -> dict[str, Any]:
         return {"received": sum(f.received for f in self.floods), **measure()}
 
-    async def drain_floods(self, sent: dict[str, int]) -> dict[str, Any]:
+    async def drain_floods(self, sent: dict[str, int], timeout: float = 120) -> dict[str, Any]:
         """Read everything at full speed until each tunnel's EOF; compare with what was sent."""
         started = time.monotonic()
         floods, self.floods = self.floods, []
         for f in floods:
             f.full_speed()
-        received = await defer.gatherResults([f.done for f in floods])
+        try:
+            received = await defer.gatherResults([f.done for f in floods]).addTimeout(
+                timeout, reactor
+            )
+        except defer.TimeoutError:
+            stuck = [f for f in floods if not f.done.called]
+            self.floods = stuck
+            return {
+                "stuck": [
+                    {"ident": f.ident, "received": f.received, "sent": sent.get(str(f.ident))}
+                    for f in stuck[:20]
+                ],
+                "stuck_count": len(stuck),
+                "seconds": time.monotonic() - started,
+            }
         wrong = [
             f"{f.ident}: got {got} of {sent.get(str(f.ident))}"
             for f, got in zip(floods, received, strict=True)

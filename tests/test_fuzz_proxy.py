@@ -15,7 +15,9 @@ Two properties:
 2. **Hostile input never crashes, hangs or leaks.** Random bytes and
    mutations of valid heads, cut into random reads, against a backend that
    answers, switches, sends junk, closes, resets or says nothing. No event
-   is logged with a failure or at error level, after the fake clock passes
+   is logged with a failure or at error level, every backend connection
+   receives only well-formed requests (read by h11, an independent parser:
+   nothing malformed is ever passed on), after the fake clock passes
    every timeout the connection is closed or answered, and once the client
    is gone nothing is left: no client connection, no open backend connection
    outside the idle pool, no timer but the pool's idle timers.

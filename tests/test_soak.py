@@ -172,10 +172,16 @@ def assert_clean(stats: dict[str, Any]) -> None:
 
 
 #: After the tunnels are gone, the proxy's memory is back to where it started:
-#: Python-allocated blocks within this many (against millions at the peak),
-#: and RSS within this fraction of the peak's growth, or 8 MiB.
+#: the blocks Python has allocated within this many of the baseline (against
+#: some hundreds of thousands more at the peak)...
 BLOCKS_TOLERANCE = 20_000
-RSS_TOLERANCE = 0.10
+#: ... and RSS within this fraction of its growth at the peak. RSS does not
+#: come all the way back: the allocator keeps partly used arenas for reuse
+#: (the blocks show that no object is left). That it is reuse and not a leak
+#: is checked by a second round, after which RSS may not have grown by more
+#: than ROUND_TOLERANCE of the first round's growth at the peak.
+RSS_TOLERANCE = 0.5
+ROUND_TOLERANCE = 0.25
 
 
 def test_ten_thousand_tunnels_held_with_traffic_then_closed(peers: Peers) -> None:
@@ -225,15 +231,16 @@ def test_ten_thousand_tunnels_held_with_traffic_then_closed(peers: Peers) -> Non
         assert_clean(s)
     assert backend.call("stats")["open"] == sum(s["idle"] for s in end)
 
-    per_tunnel = []
-    for first, top, last, full_stats in zip(start, peak, end, full, strict=True):
-        held_here = full_stats["tunnels"]
-        growth = top["rss"] - first["rss"]
-        per_tunnel.append(growth / held_here)
-        assert own_fds(last) == own_fds(first), (first, last)
-        assert last["blocks"] - first["blocks"] < BLOCKS_TOLERANCE, (first, last)
-        assert last["rss"] - first["rss"] < max(8 * MiB, RSS_TOLERANCE * growth), (first, last)
+    # The same again, without the hold: does anything grow from round to round?
+    again = clients.call("open", ports=ports, n=tunnels, timeout=900)
+    assert again["failed"] == [] and again["opened"] == tunnels, again
+    bytes_checked += again["checked"]
+    clients.call("close", timeout=300)
+    end2 = wait_until_empty(proxies)
+    for s in end2:
+        assert_clean(s)
 
+    mib = lambda n: round(n / MiB, 1)  # noqa: E731
     report(
         "ten_thousand_tunnels",
         {
@@ -245,19 +252,32 @@ def test_ten_thousand_tunnels_held_with_traffic_then_closed(peers: Peers) -> Non
             "traffic_rounds": rounds,
             "bytes_checked": bytes_checked,
             "peak_fds": [s["fds"] for s in full],
-            "fds_start_end": [(a["fds"], b["fds"]) for a, b in zip(start, end, strict=True)],
-            "rss_mib_start_peak_end": [
-                (round(a["rss"] / MiB, 1), round(b["rss"] / MiB, 1), round(c["rss"] / MiB, 1))
-                for a, b, c in zip(start, peak, end, strict=True)
+            "fds_start_end_end2": [
+                (a["fds"], b["fds"], c["fds"]) for a, b, c in zip(start, end, end2, strict=True)
             ],
-            "rss_kib_per_tunnel": [round(x / 1024, 1) for x in per_tunnel],
-            "blocks_start_end": [
-                (a["blocks"], b["blocks"]) for a, b in zip(start, end, strict=True)
+            "rss_mib_start_peak_end_end2": [
+                (mib(a["rss"]), mib(b["rss"]), mib(c["rss"]), mib(d["rss"]))
+                for a, b, c, d in zip(start, peak, end, end2, strict=True)
+            ],
+            "rss_kib_per_tunnel": [
+                round((b["rss"] - a["rss"]) / f["tunnels"] / 1024, 1)
+                for a, b, f in zip(start, peak, full, strict=True)
+            ],
+            "blocks_start_peak_end_end2": [
+                (a["blocks"], b["blocks"], c["blocks"], d["blocks"])
+                for a, b, c, d in zip(start, peak, end, end2, strict=True)
             ],
             "close_seconds": round(closed["seconds"], 1),
-            "log_levels": [s["log"] for s in end],
+            "log_levels": [s["log"] for s in end2],
         },
     )
+    for first, top, last, second in zip(start, peak, end, end2, strict=True):
+        assert own_fds(last) == own_fds(first) == own_fds(second), (first, last, second)
+        assert last["blocks"] - first["blocks"] < BLOCKS_TOLERANCE, (first, last)
+        assert second["blocks"] - first["blocks"] < BLOCKS_TOLERANCE, (first, second)
+        growth = top["rss"] - first["rss"]
+        assert last["rss"] - first["rss"] < RSS_TOLERANCE * growth, (first, top, last)
+        assert second["rss"] - last["rss"] < ROUND_TOLERANCE * growth, (last, second)
 
 
 #: What the proxy may hold per tunnel while its reader is slower than its
@@ -299,6 +319,9 @@ def test_slow_readers_on_a_thousand_flooded_tunnels_keep_memory_bounded(
     read_slowly = clients.call("flood_progress")["received"]
     sent = backend.call("stop_flood")
     drained = clients.call("drain_floods", sent=sent, timeout=180)
+    assert "stuck" not in drained, json.dumps(
+        {"clients": drained, "proxy": proxy.call("leftovers")}, indent=1
+    )
     assert drained["wrong"] == [], drained
     assert drained["tunnels"] == SLOW_TUNNELS
     end = wait_until_empty([proxy])[0]
