@@ -732,21 +732,21 @@ class Generator:
         floods, self.floods = self.floods, []
         for f in floods:
             f.full_speed()
-        try:
-            received = await defer.gatherResults([f.done for f in floods]).addTimeout(
-                timeout, reactor
-            )
-        except defer.TimeoutError:
-            stuck = [f for f in floods if not f.done.called]
-            self.floods = stuck
-            return {
-                "stuck": [
-                    {"ident": f.ident, "received": f.received, "sent": sent.get(str(f.ident))}
-                    for f in stuck[:20]
-                ],
-                "stuck_count": len(stuck),
-                "seconds": time.monotonic() - started,
-            }
+        deadline = time.monotonic() + timeout
+        while not all(f.done.called for f in floods):
+            if time.monotonic() > deadline:
+                stuck = [f for f in floods if not f.done.called]
+                self.floods = stuck
+                return {
+                    "stuck": [
+                        {"ident": f.ident, "received": f.received, "sent": sent.get(str(f.ident))}
+                        for f in stuck[:20]
+                    ],
+                    "stuck_count": len(stuck),
+                    "seconds": time.monotonic() - started,
+                }
+            await sleep(0.2)
+        received = [f.received for f in floods]
         wrong = [
             f"{f.ident}: got {got} of {sent.get(str(f.ident))}"
             for f, got in zip(floods, received, strict=True)
