@@ -571,3 +571,24 @@ async def test_loopback_a_client_reset_just_before_a_spliced_switch_ends_the_tun
         await proxy_is_empty(proxy.factory, clock)
     finally:
         proxy.factory.tunnels.clear()  # a leaked tunnel would also fail the fixture's clean-up
+
+
+@pytest.mark.loopback
+@pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is not available here")
+@pytest_twisted.ensureDeferred
+async def test_loopback_an_eof_read_in_the_last_round_of_a_splice_wake_up_is_passed_on(
+    loopback: Loopback, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The splice relay moves at most _ROUNDS chunks per wake-up. An EOF read
+    # in the last round must still end that direction; found by the
+    # slow-reader soak test, where it left tunnels open for ever. With one
+    # round per wake-up every EOF is read in a last round.
+    monkeypatch.setattr(splice, "_ROUNDS", 1)
+    loopback.proxy_defaults["settings"] = ProxySettings(splice=True)
+    client, conn, factory, clock = await switched(loopback)
+    conn.transport.write(b"last words")
+    conn.transport.loseWriteConnection()
+    assert await loopback.run(client.recv_to_eof) == b"last words"
+    client.shutdown_write()
+    await wait(conn.closed)
+    await proxy_is_empty(factory, clock)

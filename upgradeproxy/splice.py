@@ -279,7 +279,9 @@ class SplicePump:
         # they wait for dst instead, which is usually writable at once.
         if d.pending or d.in_pipe:
             self._wait_for_dst(d)
-        elif not d.eof:
+        elif d.eof:
+            self._direction_done(d)  # an EOF read in the last round ends it now
+        else:
             self._reactor.addReader(d.src)
 
     def _read(self, d: _Direction, flags: int) -> int:
