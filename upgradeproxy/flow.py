@@ -39,10 +39,6 @@ class ReadGate:
         self._transport = transport
         self._reasons: set[str] = set()
 
-    @property
-    def paused(self) -> bool:
-        return bool(self._reasons)
-
     def pause(self, reason: str) -> None:
         if not self._reasons:
             self._transport.pauseProducing()  # type: ignore[attr-defined]

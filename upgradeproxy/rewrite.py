@@ -165,9 +165,7 @@ def switch_for_client(head: ResponseHead) -> ResponseHead:
     return ResponseHead(101, head.reason or b"Switching Protocols", (1, 1), kept.plus(added))
 
 
-def error_response(
-    status: int, reason: str, *, head_only: bool = False, extra: tuple[Field, ...] = ()
-) -> bytes:
+def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
     """A complete response that tells the client, in plain words, what went wrong.
 
     The connection is always closed after it. ``head_only`` (for a ``HEAD``
@@ -180,7 +178,6 @@ def error_response(
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", b"%d" % len(body)),
             (b"Connection", b"close"),
-            *extra,
         )
     )
     return ResponseHead(status, phrase, (1, 1), headers).serialize() + (b"" if head_only else body)
