@@ -86,7 +86,7 @@ def assert_nothing_left(h: ProxyHarness) -> None:
     reference of its own either: it deletes its locals first.)
     """
     assert h.factory.connections == set()
-    assert h.factory.tunnels == set()
+    assert not h.factory.tunnels
     idle = h.factory.pool.idle_count
     open_backends = sum(not b.closed for b in h.endpoint.connections)
     assert open_backends == idle, "a backend connection outside the pool is still open"

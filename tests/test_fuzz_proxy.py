@@ -311,7 +311,7 @@ def test_the_same_bytes_arrive_whatever_the_packet_boundaries(
 
     h.client_transport.loseConnection()
     assert h.backend.closed
-    assert h.factory.connections == set() and h.factory.tunnels == set()
+    assert h.factory.connections == set() and not h.factory.tunnels
     assert h.clock.getDelayedCalls() == []
 
 
@@ -488,7 +488,7 @@ def _hostile_exchange(
         if ending != "stay" or not h.client_closed:
             h.client_transport.loseConnection()
         assert h.factory.connections == set()
-        assert h.factory.tunnels == set()
+        assert not h.factory.tunnels
         open_backends = [b for b in h.endpoint.connections if not b.closed]
         assert len(open_backends) == h.factory.pool.idle_count, "only pooled ones stay open"
         assert len(h.clock.getDelayedCalls()) == h.factory.pool.idle_count, (

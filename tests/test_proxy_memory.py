@@ -297,12 +297,11 @@ def test_a_reset_on_one_side_closes_the_other_quietly_and_logs_the_tunnel() -> N
     assert h.client_closed
     assert h.client_received == before, "nothing HTTP is written into a switched connection"
     text = messages(logs)
-    assert "tunnel closed: websocket" in text
-    assert "2.500s" in text
-    assert "3 bytes client→backend, 5 bytes backend→client" in text
-    assert "backend closed first (connection lost (reset))" in text
+    assert '"TUNNEL /chat websocket" 2.500s' in text
+    assert "up=3 down=5" in text
+    assert 'closed_by=backend reason="connection lost (reset)"' in text
     assert all(e["log_level"].name == "info" for e in logs)
-    assert h.factory.tunnels == set()
+    assert not h.factory.tunnels
     assert h.factory.connections == set()
 
 
@@ -560,14 +559,29 @@ def test_a_client_that_never_finishes_its_head_gets_408() -> None:
 
 
 def test_an_idle_keep_alive_connection_is_closed_quietly() -> None:
-    h = ProxyHarness(settings=ProxySettings(request_head_timeout=10))
+    h = ProxyHarness(settings=ProxySettings(request_head_timeout=10, keep_alive_timeout=20))
     h.client_sends(GET)
     h.clock.advance(30)  # waiting on the backend is not the client's fault
     assert not h.client_closed
     h.backend.send(OK)
-    h.clock.advance(10.1)
+    h.clock.advance(19.9)
+    assert not h.client_closed, "idle, but within the keep-alive timeout"
+    h.clock.advance(0.2)
     assert h.client_closed
     assert h.client_received.endswith(b"hello")
+
+
+def test_a_head_started_on_a_kept_alive_connection_must_arrive_within_the_head_timeout() -> None:
+    h = ProxyHarness(settings=ProxySettings(request_head_timeout=10, keep_alive_timeout=60))
+    h.client_sends(GET)
+    h.backend.send(OK)
+    h.clock.advance(30)
+    h.client_sends(b"GET /next HTTP/1.1\r\nHo")
+    h.clock.advance(9.9)
+    assert not h.client_closed
+    h.clock.advance(0.2)
+    assert b"408 Request Timeout" in h.client_received
+    assert h.client_closed
 
 
 def test_a_tunnel_is_not_cut_by_the_head_timeout() -> None:

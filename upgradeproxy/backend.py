@@ -91,7 +91,7 @@ class BackendConnection(Protocol):
     log = Logger()
 
     def __init__(self, pool: BackendPool) -> None:
-        self._pool = pool
+        self.pool = pool
         self._settings = pool.settings
         self._buf = bytearray()
         self._state = _State.IDLE
@@ -167,7 +167,7 @@ class BackendConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
-        self._pool.forget(self)
+        self.pool.forget(self)
         if self._tunnel is not None:
             self._state = _State.CLOSED
             self._tunnel.lost(Side.BACKEND, reason)
@@ -262,7 +262,7 @@ class BackendConnection(Protocol):
         self._decoder = None
         if self._keep_alive and not self._buf and self._state is not _State.CLOSED:
             self._state = _State.IDLE
-            self._pool.release(self)
+            self.pool.release(self)
         else:
             self._state = _State.CLOSED
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -281,7 +281,7 @@ class BackendConnection(Protocol):
     def _start_timer(self) -> None:
         self._cancel_timer()
         timeout = self._settings.response_timeout
-        self._timer = self._pool.clock.callLater(timeout, self._timed_out, timeout)
+        self._timer = self.pool.clock.callLater(timeout, self._timed_out, timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

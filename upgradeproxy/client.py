@@ -11,7 +11,7 @@ reactor turn as the switch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import (
@@ -25,7 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .accesslog import RequestRecord
 from .backend import BackendConnection, BackendFailure
+from .balancer import describe_connect_failure
 from .flow import ReadGate, no_delay, unregister_producer
 from .http1 import (
     LAST_CHUNK,
@@ -48,12 +50,15 @@ from .rewrite import (
     interim_for_client,
     request_for_backend,
     response_for_client,
+    split_target,
     without_h2c,
 )
+from .routing import Route, host_name
 from .switch import complete_switch, log_refused_switch
 from .tunnel import Side, Tunnel
 
 if TYPE_CHECKING:
+    from .balancer import Backend
     from .proxy import ProxyFactory
 
 #: Seconds a refused client may go on sending before the proxy closes anyway.
@@ -75,8 +80,16 @@ class _Exchange:
     upgrade: bool
     keep_alive: bool
     started: float
+    route: Route
+    #: The backend chosen for this request; it counts the request as active.
+    upstream: Backend | None = None
+    #: Backends whose connection failed for this request.
+    tried: list[Backend] = field(default_factory=list)
     backend: BackendConnection | None = None
     attempts: int = 0
+    body_bytes: int = 0
+    #: The name of the backend that answered (or last tried), for the access log.
+    backend_name: str = "-"
     body_done: bool = False
     response_kind: BodyKind | None = None
     status: int = 0
@@ -100,6 +113,8 @@ class ClientConnection(Protocol):
         self._gate: ReadGate
         self._hop: ClientHop
         self._head_timer: IDelayedCall | None = None
+        # True while the head timer measures an idle keep-alive connection.
+        self._idle = False
         self._linger: IDelayedCall | None = None
         # How much of the buffer was searched for a head end already.
         self._checked = 0
@@ -115,9 +130,22 @@ class ClientConnection(Protocol):
         self._gate = ReadGate(self.transport)
         peer = self.transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
-        self._hop = ClientHop(self.address, self._proxy.scheme)
-        self._proxy.connection_opened(self)
-        self._wait_for_head()
+        secure = ISSLTransport.providedBy(self.transport)
+        self._hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
+        proxy = self._proxy
+        proxy.connection_opened(self)
+        if proxy.over_connection_limit or proxy.draining:
+            why = (
+                "the proxy is shutting down"
+                if proxy.draining
+                else f"the proxy is serving its limit of {self._settings.max_connections} "
+                "connections; try again later"
+            )
+            if not proxy.draining:
+                proxy.stats.limit_rejections["max_connections"] += 1
+            self._reject(503, why)
+            return
+        self._wait_for_head(self._settings.request_head_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -148,7 +176,7 @@ class ClientConnection(Protocol):
             client=self.address,
         )
         self._abandon_backend(exchange)
-        self._exchange = None
+        self._end_exchange(exchange)
         self._close()
 
     def writeConnectionLost(self) -> None:
@@ -162,9 +190,9 @@ class ClientConnection(Protocol):
             self._tunnel.lost(Side.CLIENT, reason)
         else:
             exchange = self._exchange
-            self._exchange = None
             if exchange is not None:
                 self._abandon_backend(exchange)
+                self._end_exchange(exchange)
         self._proxy.connection_closed(self)
 
     # -- reading requests ------------------------------------------------------
@@ -187,6 +215,11 @@ class ClientConnection(Protocol):
                 return
             if parsed is None:
                 self._checked = len(self._buf)
+                if self._idle and self._buf and self._head_timer is not None:
+                    # A new head started on a kept-alive connection: from
+                    # now on it is a head that must arrive in time.
+                    self._idle = False
+                    self._head_timer.reset(self._settings.request_head_timeout)
                 return
             head, end = parsed
             del self._buf[:end]
@@ -232,57 +265,123 @@ class ClientConnection(Protocol):
         if head.method == b"CONNECT":
             self._reject(501, "CONNECT is not supported by this reverse proxy")
             return None
+        proxy = self._proxy
         if not self._settings.forward_h2c:
             head = without_h2c(head)
         try:
             framing = request_framing(head)
             upgrade = is_upgrade_request(head)
+            route = proxy.route_for(head)
+        except ProtocolError as e:
+            self._reject(e.status, e.reason)
+            return None
+        if route is None:
+            self._reject(404, self._no_route(head), request=head)
+            return None
+        if upgrade and proxy.at_tunnel_limit:
+            proxy.stats.limit_rejections["max_tunnels"] += 1
+            self._reject(
+                503,
+                f"the proxy has its limit of {self._settings.max_tunnels} tunnels open; "
+                "try again later",
+                route=route,
+                request=head,
+            )
+            return None
+        limit = route.max_request_body
+        if limit is not None and framing.kind is BodyKind.LENGTH and framing.length > limit:
+            self._refuse_large_body(route, head, limit)
+            return None
+        upstream = route.group.choose(self.address)
+        if upstream is None:
+            self._no_backend(route, head)
+            return None
+        try:
             forwarded = request_for_backend(
                 head,
                 self._hop,
                 upgrade=upgrade,
                 framing=framing.kind,
-                prefix=self._proxy.prefix,
+                prefix=upstream.address.prefix,
             )
         except ProtocolError as e:
-            self._reject(e.status, e.reason)
+            self._reject(e.status, e.reason, route=route, request=head)
             return None
         if upgrade:
-            refusal = self._proxy.check_request(
-                UpgradeAttempt(head, backend=self._proxy.backend_name)
+            refusal = proxy.check_request(
+                UpgradeAttempt(head, backend=upstream.name, client=self.address, route=route.name),
+                route,
             )
             if refusal is not None:
-                self._reject(refusal.status, refusal.reason)
+                self._reject(refusal.status, refusal.reason, route=route, request=head)
                 return None
+        upstream.active += 1
         exchange = _Exchange(
             request=head,
             forwarded=forwarded,
             framing=framing,
             decoder=framing.decoder(),
             upgrade=upgrade,
-            keep_alive=request_keeps_alive(head) and not self._read_eof,
-            started=self._proxy.clock.seconds(),
+            keep_alive=request_keeps_alive(head) and not self._read_eof and not proxy.draining,
+            started=proxy.clock.seconds(),
+            route=route,
+            upstream=upstream,
+            backend_name=upstream.name,
         )
         self._exchange = exchange
         self._connect(exchange)
         return exchange
 
+    def _no_route(self, head: RequestHead) -> str:
+        path, authority = split_target(head.target)
+        host = host_name(authority or head.headers.get(b"host")) or "(none)"
+        return (
+            f"no route serves host {host} and path {path.decode('latin-1')[:200]}; "
+            "the proxy's configuration lists the hosts and paths it serves"
+        )
+
+    def _refuse_large_body(self, route: Route, head: RequestHead, limit: int) -> None:
+        self._proxy.stats.limit_rejections["max_request_body"] += 1
+        self._reject(
+            413,
+            f"the request body is larger than this route's limit of {limit} bytes",
+            route=route,
+            request=head,
+        )
+
+    def _no_backend(self, route: Route, head: RequestHead) -> None:
+        self._proxy.stats.limit_rejections["no_healthy_backend"] += 1
+        down = "; ".join(
+            f"{b.name}: {b.last_error or 'down'}" for b in route.group.backends if not b.healthy
+        )
+        self._reject(
+            503,
+            f"no healthy backend for route {route.name}" + (f" ({down})" if down else ""),
+            route=route,
+            request=head,
+        )
+
     def _connect(self, exchange: _Exchange) -> None:
         exchange.attempts += 1
-        d = self._proxy.pool.acquire()
+        upstream = exchange.upstream
+        assert upstream is not None
+        d = upstream.pool.acquire()
         d.addCallbacks(
             self._backend_ready,
             self._backend_unreachable,
             callbackArgs=(exchange,),
-            errbackArgs=(exchange,),
+            errbackArgs=(exchange, upstream),
         )
         d.addErrback(self._unexpected)
 
     def _backend_ready(self, backend: BackendConnection, exchange: _Exchange) -> None:
-        if exchange is not self._exchange:
+        upstream = exchange.upstream
+        if exchange is not self._exchange or upstream is None:
             # The client went away while we were connecting.
-            self._proxy.pool.release(backend)
+            backend.pool.release(backend)
             return
+        if not backend.reused:
+            exchange.route.group.connect_succeeded(upstream)
         exchange.backend = backend
         backend.send_request(exchange.forwarded.serialize(), exchange.request.method, self)
         if not exchange.body_done:
@@ -292,14 +391,49 @@ class ClientConnection(Protocol):
             self._forward_body(exchange)
             self._limit_held_bytes()
 
-    def _backend_unreachable(self, reason: Failure, exchange: _Exchange) -> None:
+    def _backend_unreachable(self, reason: Failure, exchange: _Exchange, upstream: Backend) -> None:
+        """The connection to ``upstream`` failed: no byte of the request was sent.
+
+        So the request may go to another backend of the route, if one is left.
+        """
+        why = describe_connect_failure(reason)
+        group = exchange.route.group
+        group.connect_failed(upstream, why)
         if exchange is not self._exchange:
             return
-        self._reject(
-            502,
-            f"the backend ({self._proxy.backend_name}) could not be reached: "
-            f"{reason.getErrorMessage()}",
-        )
+        self._release_upstream(exchange)
+        exchange.tried.append(upstream)
+        retry = group.choose(self.address, exchange.tried)
+        if retry is not None:
+            self.log.info(
+                "retrying {method} {target} on {retry}: {failed} could not be reached ({why})",
+                method=exchange.request.method.decode("latin-1"),
+                target=exchange.request.target.decode("latin-1"),
+                retry=retry.name,
+                failed=upstream.name,
+                why=why,
+            )
+            if retry.address.prefix != upstream.address.prefix:
+                exchange.forwarded = request_for_backend(
+                    exchange.request,
+                    self._hop,
+                    upgrade=exchange.upgrade,
+                    framing=exchange.framing.kind,
+                    prefix=retry.address.prefix,
+                )
+            retry.active += 1
+            exchange.upstream = retry
+            exchange.backend_name = retry.name
+            self._connect(exchange)
+            return
+        self._reject(502, f"the backend ({upstream.name}) could not be reached: {why}")
+
+    def _release_upstream(self, exchange: _Exchange) -> None:
+        """The exchange no longer occupies its backend."""
+        upstream = exchange.upstream
+        if upstream is not None:
+            exchange.upstream = None
+            upstream.active -= 1
 
     def _unexpected(self, reason: Failure) -> None:
         self.log.failure("unexpected error in the proxy", reason)
@@ -316,6 +450,13 @@ class ClientConnection(Protocol):
             self._reject(e.status, f"malformed request body: {e.reason}")
             return
         del self._buf[:used]
+        limit = exchange.route.max_request_body
+        if limit is not None and chunks:
+            exchange.body_bytes += sum(map(len, chunks))
+            if exchange.body_bytes > limit:
+                self._abandon_backend(exchange)
+                self._refuse_large_body(exchange.route, exchange.request, limit)
+                return
         chunked = exchange.framing.kind is BodyKind.CHUNKED
         for chunk in chunks:
             backend.send_body(encode_chunk(chunk) if chunked else chunk)
@@ -380,20 +521,19 @@ class ClientConnection(Protocol):
         if exchange.backend is not None and exchange.backend.transport is not None:
             exchange.backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._log_access(exchange)
-        self._exchange = None
-        if not exchange.keep_alive or self._read_eof:
+        self._end_exchange(exchange)
+        if not exchange.keep_alive or self._read_eof or self._proxy.draining:
             self._close()
             return
         self._gate.resume(_HOLDING)
-        self._wait_for_head()
+        self._wait_for_head(self._settings.keep_alive_timeout, idle=True)
         self._advance()
 
     # -- waiting for a request head ---------------------------------------------------
 
-    def _wait_for_head(self) -> None:
-        self._head_timer = self._proxy.clock.callLater(
-            self._settings.request_head_timeout, self._head_timed_out
-        )
+    def _wait_for_head(self, timeout: float, *, idle: bool = False) -> None:
+        self._idle = idle
+        self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None and self._head_timer.active():
@@ -412,14 +552,38 @@ class ClientConnection(Protocol):
             # An idle keep-alive connection: closing it is routine.
             self._close()
 
+    # -- shutdown ----------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is in flight on this connection."""
+        return self._exchange is not None
+
+    def drain(self) -> None:
+        """The proxy is shutting down: close now if idle, else after the response."""
+        exchange = self._exchange
+        if self._tunnel is not None:
+            return  # the proxy gives tunnels their grace period itself
+        if exchange is None:
+            self._close()
+        else:
+            exchange.keep_alive = False
+
+    def abort(self) -> None:
+        """Close at once, whatever is in flight."""
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
         exchange = self._exchange
         assert exchange is not None and exchange.backend is not None
         backend = exchange.backend
+        upstream = exchange.upstream
+        assert upstream is not None
+        route = exchange.route
         attempt = UpgradeAttempt(
-            exchange.request, head, exchange.body_done, self._proxy.backend_name
+            exchange.request, head, exchange.body_done, upstream.name, self.address, route.name
         )
-        refusal = self._proxy.check_response(attempt)
+        refusal = self._proxy.check_response(attempt, route)
         if refusal is not None:
             self._refuse_switch(exchange, attempt, refusal)
             return
@@ -427,15 +591,18 @@ class ClientConnection(Protocol):
         self._buf.clear()
         self._gate.resume_all()
         self._exchange = None
+        # The backend stays busy for as long as the tunnel lives.
+        exchange.upstream = None
         assert self.transport is not None
         tunnel = complete_switch(
             self._proxy,
             attempt,
+            route=route,
+            upstream=upstream,
             client=self.transport,
             backend=backend,
             early_data=early_data,
             held=held,
-            client_address=self.address,
             attach=self._attach,
         )
         if self._read_eof:
@@ -472,14 +639,27 @@ class ClientConnection(Protocol):
         self.log.warn(
             "response to {client} cut short: {reason}", client=self.address, reason=failure.reason
         )
-        self._exchange = None
+        self._log_access(exchange)
+        self._end_exchange(exchange)
         unregister_producer(self.transport)
         self._close()
 
     # -- endings -----------------------------------------------------------------
 
-    def _reject(self, status: int, reason: str, *, quiet: bool = False) -> None:
-        """Answer with an error that says what went wrong, then close."""
+    def _reject(
+        self,
+        status: int,
+        reason: str,
+        *,
+        quiet: bool = False,
+        route: Route | None = None,
+        request: RequestHead | None = None,
+    ) -> None:
+        """Answer with an error that says what went wrong, then close.
+
+        ``route`` and ``request`` name what is refused when no exchange
+        started yet, for the access log.
+        """
         if not quiet:
             level = self.log.warn if status >= 500 else self.log.info
             level(
@@ -489,23 +669,24 @@ class ClientConnection(Protocol):
                 reason=reason,
             )
         exchange = self._exchange
-        self._exchange = None
         transport = self.transport
         assert transport is not None
         unregister_producer(transport)
-        if exchange is not None and exchange.response_kind is not None:
-            # A response is already on its way: an error response now would
-            # be read as part of its body. Cutting it short is the only
-            # honest signal left.
-            self._close()
-            return
-        response = error_response(
-            status, reason, head_only=exchange is not None and exchange.request.method == b"HEAD"
-        )
         if exchange is not None:
-            exchange.status = status
-            exchange.response_bytes = len(response)
-            self._log_access(exchange)
+            self._end_exchange(exchange)
+            if exchange.response_kind is not None:
+                # A response is already on its way: an error response now
+                # would be read as part of its body. Cutting it short is the
+                # only honest signal left.
+                self._log_access(exchange)
+                self._close()
+                return
+            route, request = exchange.route, exchange.request
+        response = error_response(
+            status, reason, head_only=request is not None and request.method == b"HEAD"
+        )
+        if request is not None:
+            self._log_request(request, route, status, len(response), exchange)
         transport.write(response)
         self._close_after_error()
 
@@ -544,14 +725,39 @@ class ClientConnection(Protocol):
         if backend is not None:
             backend.abandon()
 
+    def _end_exchange(self, exchange: _Exchange) -> None:
+        """``exchange`` is over: the connection and the backend are free of it."""
+        if self._exchange is exchange:
+            self._exchange = None
+        self._release_upstream(exchange)
+
     def _log_access(self, exchange: _Exchange) -> None:
-        request = exchange.request
-        duration = self._proxy.clock.seconds() - exchange.started
-        # One pre-formatted line: formatting nine fields through the log
-        # format string cost a fifth of a request's time.
-        self.log.info(
-            "{access}",
-            access=f'{self.address} "{request.method.decode("latin-1")} '
-            f'{request.target.decode("latin-1")} HTTP/{request.version[0]}.{request.version[1]}" '
-            f"{exchange.status} {exchange.response_bytes} {duration:.3f}s",
+        self._log_request(
+            exchange.request, exchange.route, exchange.status, exchange.response_bytes, exchange
+        )
+
+    def _log_request(
+        self,
+        request: RequestHead,
+        route: Route | None,
+        status: int,
+        sent: int,
+        exchange: _Exchange | None,
+    ) -> None:
+        proxy = self._proxy
+        duration = proxy.clock.seconds() - exchange.started if exchange is not None else 0.0
+        version = request.version
+        proxy.request_done(
+            route,
+            RequestRecord(
+                client=self.address,
+                method=request.method.decode("latin-1"),
+                target=request.target.decode("latin-1"),
+                version=f"HTTP/{version[0]}.{version[1]}",
+                status=status,
+                bytes=sent,
+                duration=duration,
+                route=route.name if route is not None else "-",
+                backend=exchange.backend_name if exchange is not None else "-",
+            ),
         )

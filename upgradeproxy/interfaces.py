@@ -43,7 +43,9 @@ class UpgradeAttempt:
     fields were removed). ``response`` is the backend's ``101`` head as
     received, or ``None`` while the request is being checked.
     ``request_body_complete`` tells whether the whole request body had been
-    forwarded when the ``101`` arrived. ``backend`` names the backend.
+    forwarded when the ``101`` arrived. ``backend`` names the backend chosen
+    for the request, ``route`` the route that serves it, and ``client`` is
+    the client's address.
     """
 
     request: RequestHead
@@ -51,6 +53,10 @@ class UpgradeAttempt:
     request_body_complete: bool = True
     #: The backend's name, as in the logs (for example ``127.0.0.1:9000``).
     backend: str = ""
+    #: The client's address, as in the logs.
+    client: str = ""
+    #: The name of the route serving the request (see :mod:`upgradeproxy.routing`).
+    route: str = ""
 
     @cached_property
     def is_upgrade(self) -> bool:

@@ -2,41 +2,93 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from .accesslog import AccessLog, RequestRecord, TunnelRecord
 from .address import BackendAddress, describe_endpoint
 from .backend import BackendPool, BackendSettings
+from .balancer import Backend, BackendGroup, Policy
 from .client import ClientConnection
+from .http1 import RequestHead
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
-from .tunnel import Tunnel
+from .rewrite import split_target
+from .routing import Route, Router
+from .tunnel import Side, Tunnel
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
+
+#: Refusals kept for the status page.
+RECENT_REFUSALS = 100
+#: Seconds given to connections still closing after the shutdown grace period.
+CLOSE_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """Limits and timeouts of the proxy; the defaults suit most deployments."""
+    """Limits and timeouts of the proxy; the defaults suit most deployments.
+
+    The limits on connections and tunnels default to none for an embedded
+    factory; the twistd plugin sets 10,000 each.
+    """
 
     max_request_head: int = 32 * 1024
     max_held_bytes: int = 64 * 1024
-    #: Seconds a client may take to send a request head, and may stay idle
-    #: between requests on a kept-alive connection.
+    #: Seconds a client may take to send a request head (408 after).
     request_head_timeout: float = 60.0
+    #: Seconds a kept-alive client connection may stay idle between requests.
+    keep_alive_timeout: float = 60.0
+    #: Client connections served at once; beyond, new connections get 503.
+    max_connections: int | None = None
+    #: Tunnels open at once; beyond, new upgrade requests get 503.
+    max_tunnels: int | None = None
     #: Forward ``Upgrade: h2c`` offers to the backend (off: see ``rewrite.without_h2c``).
     forward_h2c: bool = False
     #: Move tunnel bytes with splice(2) where both sides are plain sockets (Linux).
     splice: bool = True
+    #: For a factory built with one backend: its limits and timeouts.
     backend: BackendSettings = field(default_factory=BackendSettings)
+    #: For a factory built with one backend: the largest request body (413 beyond).
+    max_request_body: int | None = None
+    #: For a factory built with one backend: tunnel idle timeout and lifetime.
+    tunnel_idle_timeout: float | None = None
+    tunnel_lifetime: float | None = None
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters since the start, for metrics and the status page."""
+
+    started: float = field(default_factory=time.time)
+    connections_total: int = 0
+    #: (route, status) -> requests answered.
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    #: (route, validator, stage) -> upgrades refused.
+    refusals: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    recent_refusals: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_REFUSALS)
+    )
+    #: limit name -> requests or connections turned away by it.
+    limit_rejections: Counter[str] = field(default_factory=Counter)
+    tunnels_total: Counter[str] = field(default_factory=Counter)
+    #: Bytes of tunnels that ended, per direction.
+    ended_tunnel_bytes: dict[Side, int] = field(
+        default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0}
+    )
 
 
 class ProxyFactory(ServerFactory):
-    """A reverse proxy to one backend, as a Twisted server factory.
+    """A reverse proxy, as a Twisted server factory.
 
-    Listen with it on any server endpoint::
+    With one backend, listen with it on any server endpoint::
 
         from twisted.internet import endpoints, reactor
         from upgradeproxy import ProxyFactory
@@ -48,6 +100,10 @@ class ProxyFactory(ServerFactory):
     ``validators`` is the chain of :class:`~upgradeproxy.interfaces.IUpgradeValidator`
     providers asked about every upgrade; the default is strict RFC 9110 plus
     the RFC 6455 handshake rules for WebSocket.
+
+    For several backends, by host and path, give ``routes`` (a list of
+    :class:`~upgradeproxy.routing.Route`) instead of ``backend`` and
+    ``validators``; each route carries its own validators.
     """
 
     log = Logger()
@@ -55,78 +111,359 @@ class ProxyFactory(ServerFactory):
 
     def __init__(
         self,
-        backend: IStreamClientEndpoint | BackendAddress,
+        backend: IStreamClientEndpoint | BackendAddress | None = None,
         validators: Iterable[IUpgradeValidator] | None = None,
         *,
+        routes: Sequence[Route] | None = None,
         clock: IReactorTime | None = None,
         settings: ProxySettings | None = None,
         scheme: str = "http",
+        access_log: AccessLog | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
 
             clock = reactor
         assert clock is not None
-        if not isinstance(backend, BackendAddress):
-            backend = BackendAddress(backend, b"", describe_endpoint(backend))
-        endpoint, self.prefix, self.backend_name = backend.endpoint, backend.prefix, backend.name
         self.clock = clock
         self.settings = settings or ProxySettings()
         self.scheme = scheme
-        self.validators: tuple[IUpgradeValidator, ...] = tuple(
-            (RFC9110Validator(), WebSocketValidator()) if validators is None else validators
-        )
-        for validator in self.validators:
-            if not IUpgradeValidator.providedBy(validator):
-                raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
-        self.pool = BackendPool(endpoint, clock, self.settings.backend)
+        self.access_log = access_log or AccessLog()
+        if (backend is None) == (routes is None):
+            raise TypeError("give either a backend or routes")
+        if routes is None:
+            assert backend is not None
+            routes = [self._only_route(backend, validators)]
+        elif validators is not None:
+            raise TypeError("with routes, each route carries its own validators")
+        for route in routes:
+            for validator in route.validators:
+                if not IUpgradeValidator.providedBy(validator):
+                    raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
+        self.router = Router(routes)
         self.connections: set[ClientConnection] = set()
-        self.tunnels: set[Tunnel] = set()
+        self.tunnels: dict[Tunnel, Backend] = {}
+        self.stats = ProxyStats()
+        self.draining = False
+        self._drained: Deferred[None] | None = None
+
+    def _only_route(
+        self,
+        backend: IStreamClientEndpoint | BackendAddress,
+        validators: Iterable[IUpgradeValidator] | None,
+    ) -> Route:
+        if not isinstance(backend, BackendAddress):
+            backend = BackendAddress(backend, b"", describe_endpoint(backend))
+        settings = self.settings
+        group = BackendGroup(
+            [backend], policy=Policy.LEAST_CONN, clock=self.clock, settings=settings.backend,
+            route="default",
+        )  # fmt: skip
+        return Route(
+            "default",
+            group,
+            tuple((RFC9110Validator(), WebSocketValidator()) if validators is None else validators),
+            max_request_body=settings.max_request_body,
+            tunnel_idle_timeout=settings.tunnel_idle_timeout,
+            tunnel_lifetime=settings.tunnel_lifetime,
+        )
+
+    # -- single-backend conveniences ------------------------------------------------
+
+    @property
+    def _first_backend(self) -> Backend:
+        return self.router.routes[0].group.backends[0]
+
+    @property
+    def pool(self) -> BackendPool:
+        """The connection pool of the first backend (the only one, with one backend)."""
+        return self._first_backend.pool
+
+    @property
+    def backend_name(self) -> str:
+        """The name of the first backend (the only one, with one backend)."""
+        return self._first_backend.name
+
+    @property
+    def validators(self) -> tuple[IUpgradeValidator, ...]:
+        """The validators of the first route (the only one, with one backend)."""
+        return self.router.routes[0].validators
+
+    # -- factory events ---------------------------------------------------------------
 
     def startFactory(self) -> None:
-        names = ", ".join(str(getattr(v, "name", v)) for v in self.validators) or "none"
-        self.log.info(
-            "proxying to {backend}; upgrade validators: {validators}",
-            backend=self.backend_name,
-            validators=names,
-        )
+        for route in self.router.routes:
+            names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
+            backends = ", ".join(b.name for b in route.group.backends)
+            where = " ".join([*route.hosts, route.path]) if len(self.router.routes) > 1 else ""
+            self.log.info(
+                "proxying {where}to {backends}; upgrade validators: {validators}",
+                where=f"{where} " if where else "",
+                backends=backends,
+                validators=names,
+            )
+            route.group.start()
+
+    def stopFactory(self) -> None:
+        for route in self.router.routes:
+            route.group.stop()
+            route.group.close_idle()
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self)
 
-    # -- validators --------------------------------------------------------------
+    # -- routing and validators -------------------------------------------------------
 
-    def check_request(self, attempt: UpgradeAttempt) -> Refusal | None:
+    def route_for(self, head: RequestHead) -> Route | None:
+        """The route that serves ``head``, or None when no route does."""
+        router = self.router
+        if router._catch_all is not None:
+            return router._catch_all
+        path, authority = split_target(head.target)
+        return router.match(authority or head.headers.get(b"host"), path)
+
+    def check_request(self, attempt: UpgradeAttempt, route: Route | None = None) -> Refusal | None:
         """The first refusal of the chain for an upgrade request, or ``None``."""
-        return self._ask("check_request", attempt)
+        return self._ask("check_request", attempt, route or self.router.routes[0])
 
-    def check_response(self, attempt: UpgradeAttempt) -> Refusal | None:
+    def check_response(self, attempt: UpgradeAttempt, route: Route | None = None) -> Refusal | None:
         """The first refusal of the chain for a backend's ``101``, or ``None``."""
-        refusal = self._ask("check_response", attempt)
-        return refusal if refusal is not None else unsolicited_switch(attempt)
+        route = route or self.router.routes[0]
+        refusal = self._ask("check_response", attempt, route)
+        if refusal is None:
+            refusal = unsolicited_switch(attempt)
+            if refusal is not None:
+                self._count_refusal(route, attempt, "rfc9110", "response", refusal)
+        return refusal
 
-    def _ask(self, method: str, attempt: UpgradeAttempt) -> Refusal | None:
-        for validator in self.validators:
+    def _ask(self, method: str, attempt: UpgradeAttempt, route: Route) -> Refusal | None:
+        stage = method.removeprefix("check_")
+        for validator in route.validators:
+            name = str(getattr(validator, "name", type(validator).__name__))
             try:
                 refusal: Refusal | None = getattr(validator, method)(attempt)
             except Exception:
-                name = getattr(validator, "name", repr(validator))
                 self.log.failure("upgrade validator {name} raised", name=name)
-                return Refusal(f"upgrade validator {name} failed", 500)
+                refusal = Refusal(f"upgrade validator {name} failed", 500)
             if refusal is not None:
+                self._count_refusal(route, attempt, name, stage, refusal)
                 return refusal
         return None
+
+    def _count_refusal(
+        self, route: Route, attempt: UpgradeAttempt, validator: str, stage: str, refusal: Refusal
+    ) -> None:
+        stats = self.stats
+        stats.refusals[route.name, validator, stage] += 1
+        stats.recent_refusals.append(
+            {
+                "time": time.time(),
+                "route": route.name,
+                "client": attempt.client,
+                "target": attempt.request.target.decode("latin-1"),
+                "validator": validator,
+                "stage": stage,
+                "status": 502 if stage == "response" else refusal.status,
+                "reason": refusal.reason,
+            }
+        )
 
     # -- bookkeeping ---------------------------------------------------------------
 
     def connection_opened(self, connection: ClientConnection) -> None:
         self.connections.add(connection)
+        self.stats.connections_total += 1
 
     def connection_closed(self, connection: ClientConnection) -> None:
         self.connections.discard(connection)
+        self._check_drained()
 
-    def tunnel_started(self, tunnel: Tunnel) -> None:
-        self.tunnels.add(tunnel)
+    @property
+    def over_connection_limit(self) -> bool:
+        limit = self.settings.max_connections
+        return limit is not None and len(self.connections) > limit
+
+    @property
+    def at_tunnel_limit(self) -> bool:
+        limit = self.settings.max_tunnels
+        return limit is not None and len(self.tunnels) >= limit
+
+    def request_done(self, route: Route | None, record: RequestRecord) -> None:
+        """A request was answered: count it and log it."""
+        self.stats.requests[route.name if route else "-", record.status] += 1
+        self.access_log.emit(record)
+
+    def tunnel_started(self, tunnel: Tunnel, backend: Backend) -> None:
+        """``tunnel`` took over a connection to ``backend`` (which stays busy while it lives)."""
+        self.tunnels[tunnel] = backend
+        self.stats.tunnels_total[tunnel.stats.protocol] += 1
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
-        self.tunnels.discard(tunnel)
+        backend = self.tunnels.pop(tunnel, None)
+        if backend is not None:
+            backend.active -= 1
+        stats = tunnel.stats
+        ended = self.stats.ended_tunnel_bytes
+        ended[Side.CLIENT] += stats.sent[Side.CLIENT]
+        ended[Side.BACKEND] += stats.sent[Side.BACKEND]
+        self.access_log.emit(
+            TunnelRecord(
+                client=stats.client,
+                target=stats.target,
+                protocol=stats.protocol,
+                route=stats.route,
+                backend=stats.backend,
+                duration=stats.duration,
+                client_to_backend=stats.sent[Side.CLIENT],
+                backend_to_client=stats.sent[Side.BACKEND],
+                closed_by=stats.closed_by or "unknown",
+                reason=stats.close_reason,
+            )
+        )
+        self._check_drained()
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """Finish gracefully: fires when every connection and tunnel is gone.
+
+        Call it once the listeners stopped. Idle client connections close at
+        once; requests in flight finish, and their connections close after
+        the response. Open tunnels get ``grace`` seconds to end by
+        themselves; then they, and any request still running, are closed.
+        """
+        self.draining = True
+        requests = sum(1 for c in self.connections if c.busy)
+        tunnels = len(self.tunnels)
+        self.log.info(
+            "shutting down: {requests} requests in flight, {tunnels} tunnels open; "
+            "waiting up to {grace:g} seconds for them",
+            requests=requests,
+            tunnels=tunnels,
+            grace=grace,
+        )
+        for connection in list(self.connections):
+            connection.drain()
+        if self._idle_now():
+            self._log_drained(requests, tunnels, 0, 0)
+            return succeed(None)
+        self._drained = Deferred()
+        timer = self.clock.callLater(grace, self._grace_over, requests, tunnels)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+                self._log_drained(requests, tunnels, 0, 0)
+
+        self._drained.addCallback(done)
+        return self._drained
+
+    def _idle_now(self) -> bool:
+        return not self.connections and not self.tunnels
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and self._idle_now():
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def _grace_over(self, requests: int, tunnels: int) -> None:
+        cut_tunnels = len(self.tunnels)
+        cut_requests = sum(1 for c in self.connections if c.busy)
+        self._log_drained(requests, tunnels, cut_requests, cut_tunnels)
+        for tunnel in list(self.tunnels):
+            tunnel.close("the proxy is shutting down")
+        for connection in list(self.connections):
+            if connection.busy:
+                connection.abort()
+        self.clock.callLater(CLOSE_MARGIN, self._give_up)
+
+    def _give_up(self) -> None:
+        """Whatever still has not closed is reset, and the shutdown goes on."""
+        for connection in list(self.connections):
+            connection.abort()
+        if self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def _log_drained(
+        self, requests: int, tunnels: int, cut_requests: int, cut_tunnels: int
+    ) -> None:
+        self.log.info(
+            "shutdown: {finished} of {requests} requests finished, {ended} of {tunnels} "
+            "tunnels ended by themselves; closed {cut_requests} requests and "
+            "{cut_tunnels} tunnels at the end of the grace period",
+            finished=requests - cut_requests,
+            requests=requests,
+            ended=tunnels - cut_tunnels,
+            tunnels=tunnels,
+            cut_requests=cut_requests,
+            cut_tunnels=cut_tunnels,
+        )
+
+    # -- observation ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The proxy's state as plain data, for metrics and the status page."""
+        now = time.time()
+        clock_now = self.clock.seconds()
+        stats = self.stats
+        live_up = live_down = 0
+        tunnels = []
+        for tunnel in self.tunnels:
+            t = tunnel.stats
+            up, down = t.sent[Side.CLIENT], t.sent[Side.BACKEND]
+            live_up += up
+            live_down += down
+            tunnels.append(
+                {
+                    "protocol": t.protocol,
+                    "client": t.client,
+                    "backend": t.backend,
+                    "route": t.route,
+                    "age": clock_now - t.started,
+                    "client_to_backend": up,
+                    "backend_to_client": down,
+                    "spliced": tunnel.spliced,
+                }
+            )
+        ended = stats.ended_tunnel_bytes
+        return {
+            "pid": os.getpid(),
+            "time": now,
+            "started": stats.started,
+            "connections": len(self.connections),
+            "connections_total": stats.connections_total,
+            "requests": [
+                {"route": r, "status": s, "count": n} for (r, s), n in stats.requests.items()
+            ],
+            "refusals": [
+                {"route": r, "validator": v, "stage": s, "count": n}
+                for (r, v, s), n in stats.refusals.items()
+            ],
+            "recent_refusals": list(stats.recent_refusals),
+            "limit_rejections": [
+                {"limit": name, "count": n} for name, n in stats.limit_rejections.items()
+            ],
+            "tunnels": tunnels,
+            "tunnels_total": [{"protocol": p, "count": n} for p, n in stats.tunnels_total.items()],
+            "tunnel_bytes": {
+                "client_to_backend": ended[Side.CLIENT] + live_up,
+                "backend_to_client": ended[Side.BACKEND] + live_down,
+            },
+            "backends": [
+                {
+                    "route": route.name,
+                    "backend": backend.name,
+                    "healthy": backend.healthy,
+                    "active": backend.active,
+                    "failures": backend.failures,
+                    "last_error": backend.last_error,
+                }
+                for route in self.router.routes
+                for backend in route.group.backends
+            ],
+            "limits": {
+                "max_connections": self.settings.max_connections,
+                "max_tunnels": self.settings.max_tunnels,
+            },
+        }

@@ -17,11 +17,13 @@ from twisted.logger import Logger
 
 from .interfaces import Refusal, UpgradeAttempt
 from .rewrite import switch_for_client
-from .tunnel import Side, Tunnel
+from .tunnel import Side, Tunnel, TunnelStats
 
 if TYPE_CHECKING:
     from .backend import BackendConnection
+    from .balancer import Backend
     from .proxy import ProxyFactory
+    from .routing import Route
 
 log = Logger()
 
@@ -46,18 +48,20 @@ def complete_switch(
     proxy: ProxyFactory,
     attempt: UpgradeAttempt,
     *,
+    route: Route,
+    upstream: Backend,
     client: ITransport,
     backend: BackendConnection,
     early_data: bytes,
     held: bytes,
-    client_address: str,
     attach: Callable[[Tunnel], None],
 ) -> Tunnel:
     """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
     ``early_data`` is what the backend sent right behind its ``101`` head;
     ``held`` is what the client sent after its request, which nobody has
-    parsed. ``attach`` routes the client connection's events to the tunnel;
+    parsed. ``upstream`` is the backend the tunnel keeps busy until it ends.
+    ``attach`` routes the client connection's events to the tunnel;
     it is called before the tunnel starts, because starting may already end
     it (a client that reset while its bytes were held).
     """
@@ -65,14 +69,20 @@ def complete_switch(
     assert response is not None and backend.transport is not None
     client.write(switch_for_client(response).serialize())
     protocol = b", ".join(attempt.selected).decode("latin-1")
+    method, target = _describe(attempt)
+    clock = proxy.clock
+    stats = TunnelStats(
+        protocol, attempt.client, clock.seconds(), target, route.name, upstream.name
+    )
     tunnel = Tunnel(
         client,
         backend.transport,
-        protocol=protocol,
-        client_address=client_address,
-        clock=proxy.clock,
+        stats=stats,
+        clock=clock,
         on_end=proxy.tunnel_ended,
         splice=proxy.settings.splice,
+        idle_timeout=route.tunnel_idle_timeout,
+        lifetime=route.tunnel_lifetime,
     )
     if early_data:
         tunnel.data(Side.BACKEND, early_data)
@@ -80,13 +90,12 @@ def complete_switch(
         tunnel.data(Side.CLIENT, held)
     backend.enter_tunnel(tunnel)
     attach(tunnel)
-    proxy.tunnel_started(tunnel)
-    method, target = _describe(attempt)
+    proxy.tunnel_started(tunnel, upstream)
     # Debug only: the line at the tunnel's end says all of it, and a line
     # per handshake is a real share of a handshake's cost.
     log.debug(
         "{client} {method} {target} switched to {protocol}",
-        client=client_address,
+        client=attempt.client,
         method=method,
         target=target,
         protocol=protocol,

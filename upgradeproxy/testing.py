@@ -98,8 +98,11 @@ class ScriptedBackendEndpoint:
         #: Leave connection attempts pending until :meth:`complete_connection`.
         self.hold_connections = False
         self._pending: list[tuple[IProtocolFactory, Deferred[IProtocol]]] = []
+        #: Connection attempts, refused ones included.
+        self.attempts = 0
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.attempts += 1
         if self.refuse:
             return fail(error.ConnectionRefusedError("scripted refusal"))
         if self.hold_connections:
@@ -120,6 +123,15 @@ class ScriptedBackendEndpoint:
         return protocol
 
 
+def connect_client(
+    factory: ProxyFactory, host: str = "192.0.2.7", port: int = 50000
+) -> tuple[IProtocol, MemoryTransport]:
+    """A new in-memory client connection to ``factory``, from ``host:port``."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    assert protocol is not None
+    return protocol, _connect(protocol, host, port)
+
+
 class ProxyHarness:
     """A proxy with one in-memory client connection and scripted backends."""
 
@@ -132,8 +144,7 @@ class ProxyHarness:
         self.endpoint = ScriptedBackendEndpoint()
         backend = BackendAddress(self.endpoint, b"", "scripted backend")
         self.factory = ProxyFactory(backend, validators, clock=self.clock, settings=settings)
-        self.client = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 50000))
-        self.client_transport = _connect(self.client, "192.0.2.7", 50000)
+        self.client, self.client_transport = connect_client(self.factory)
 
     @property
     def backend(self) -> ScriptedBackend:

@@ -16,12 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import error
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime, ISSLTransport, ITransport
-from twisted.logger import Logger
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    ISSLTransport,
+    ITransport,
+)
 from twisted.python.failure import Failure
 
 from .flow import unregister_producer
 from .splice import SplicePump, can_splice
+
+#: The idle check runs this often, as a share of the idle timeout.
+_IDLE_CHECK = 0.25
 
 
 class Side(enum.Enum):
@@ -50,19 +58,29 @@ def describe_close(reason: Failure) -> str:
 
 @dataclass(slots=True)
 class TunnelStats:
-    """What the log line at the end of a tunnel reports."""
+    """What the access record at the end of a tunnel reports."""
 
     protocol: str
     client: str
     started: float
+    target: str = ""
+    route: str = ""
+    backend: str = ""
     ended: float = 0.0
     sent: dict[Side, int] = field(default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0})
-    first_closed: Side | None = None
-    first_close_reason: str = ""
+    #: Who ended the tunnel first: "client", "backend" or "proxy".
+    closed_by: str = ""
+    close_reason: str = ""
 
     @property
     def duration(self) -> float:
         return self.ended - self.started
+
+    @property
+    def moved(self) -> int:
+        """Bytes moved so far, both directions together."""
+        sent = self.sent
+        return sent[Side.CLIENT] + sent[Side.BACKEND]
 
 
 class Tunnel:
@@ -70,22 +88,26 @@ class Tunnel:
 
     The owning protocols forward their events: :meth:`data` for bytes,
     :meth:`read_closed` for an EOF (``IHalfCloseableProtocol.readConnectionLost``)
-    and :meth:`lost` for ``connectionLost``. ``on_end`` is called once, with
-    the tunnel's statistics, when both connections are gone.
-    """
+    and :meth:`lost` for ``connectionLost``. ``on_end`` is called once, when
+    both connections are gone; ``stats`` then holds the whole story.
 
-    log = Logger()
+    ``idle_timeout`` closes the tunnel when no byte moved either way for that
+    long (checked every quarter of it, so it closes between 1 and 1.25 times
+    the timeout after the last byte; counting bytes costs nothing per chunk).
+    ``lifetime`` closes it that long after it started, whatever it does.
+    """
 
     def __init__(
         self,
         client: ITransport,
         backend: ITransport,
         *,
-        protocol: str,
-        client_address: str,
+        stats: TunnelStats,
         clock: IReactorTime,
         on_end: Callable[[Tunnel], None] | None = None,
         splice: bool = False,
+        idle_timeout: float | None = None,
+        lifetime: float | None = None,
     ) -> None:
         self._transports = {Side.CLIENT: client, Side.BACKEND: backend}
         self._clock = clock
@@ -94,7 +116,18 @@ class Tunnel:
         self._on_end = on_end
         self._splice = splice
         self._pump: SplicePump | None = None
-        self.stats = TunnelStats(protocol, client_address, clock.seconds())
+        self.stats = stats
+        self._idle_timeout = idle_timeout
+        self._idle_timer: IDelayedCall | None = None
+        self._idle_seen = 0
+        self._idle_checks = 0
+        self._lifetime_timer: IDelayedCall | None = None
+        if lifetime:
+            self._lifetime_timer = clock.callLater(
+                lifetime, self.close, f"reached its maximum lifetime of {lifetime:g} seconds"
+            )
+        if idle_timeout:
+            self._idle_timer = clock.callLater(idle_timeout * _IDLE_CHECK, self._check_idle)
 
     @property
     def spliced(self) -> bool:
@@ -133,10 +166,11 @@ class Tunnel:
         self.stats.sent[side] += len(data)
         self._transports[side.peer].write(data)
 
-    def _note_first(self, side: Side, why: str) -> None:
-        if self.stats.first_closed is None:
-            self.stats.first_closed = side
-            self.stats.first_close_reason = why
+    def _note_first(self, who: Side | str, why: str) -> None:
+        stats = self.stats
+        if not stats.closed_by:
+            stats.closed_by = who.value if isinstance(who, Side) else who
+            stats.close_reason = why
 
     def read_closed(self, side: Side) -> None:
         """``side`` sent EOF: nothing more will come from it."""
@@ -172,13 +206,33 @@ class Tunnel:
             return
         self._end()
 
-    def close(self) -> None:
-        """Close both connections from the proxy's side (for example, at shutdown)."""
-        self._note_first(Side.CLIENT, "closed by the proxy")
+    def close(self, why: str = "closed by the proxy") -> None:
+        """Close both connections from the proxy's side (a timeout, a shutdown)."""
+        self._note_first("proxy", why)
         if self._pump is not None:
             self._pump.close()
         else:
             self._close_both()
+
+    def _check_idle(self) -> None:
+        timeout = self._idle_timeout
+        assert timeout is not None
+        moved = self.stats.moved
+        if moved != self._idle_seen:
+            self._idle_seen, self._idle_checks = moved, 0
+        else:
+            self._idle_checks += 1
+            if self._idle_checks * _IDLE_CHECK >= 1:
+                self._idle_timer = None
+                self.close(f"idle for {timeout:g} seconds")
+                return
+        self._idle_timer = self._clock.callLater(timeout * _IDLE_CHECK, self._check_idle)
+
+    def _stop_timers(self) -> None:
+        for timer in (self._idle_timer, self._lifetime_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._lifetime_timer = None
 
     def _close_both(self) -> None:
         for side, transport in self._transports.items():
@@ -187,20 +241,7 @@ class Tunnel:
                 transport.loseConnection()
 
     def _end(self) -> None:
-        stats = self.stats
-        stats.ended = self._clock.seconds()
-        first = stats.first_closed.value if stats.first_closed else "unknown"
-        self.log.info(
-            "tunnel closed: {protocol} for {client}, {duration:.3f}s, "
-            "{up} bytes client→backend, {down} bytes backend→client, "
-            "{first} closed first ({why})",
-            protocol=stats.protocol,
-            client=stats.client,
-            duration=stats.duration,
-            up=stats.sent[Side.CLIENT],
-            down=stats.sent[Side.BACKEND],
-            first=first,
-            why=stats.first_close_reason,
-        )
+        self._stop_timers()
+        self.stats.ended = self._clock.seconds()
         if self._on_end is not None:
             self._on_end(self)

@@ -33,10 +33,20 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import _twistedweb
 from .address import BackendAddress
 from .backend import BackendConnection, BackendFailure
-from .http1 import BodyKind, Framing, Headers, RequestHead, ResponseHead, is_upgrade_request
+from .balancer import Backend, describe_connect_failure
+from .http1 import (
+    BodyKind,
+    Framing,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    is_upgrade_request,
+)
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from .proxy import ProxyFactory, ProxySettings
 from .rewrite import VIA, ClientHop, request_for_backend, without_h2c
+from .routing import Route
 from .switch import complete_switch, log_refused_switch
 from .tunnel import Side, Tunnel
 
@@ -110,6 +120,8 @@ class _ResourceExchange:
         self._request = request
         self._head = _request_head(request)
         self._backend: BackendConnection | None = None
+        self._route: Route | None = None
+        self._upstream: Backend | None = None
         self._responded = False
         self._done = False
         address = request.getClientAddress()
@@ -120,9 +132,23 @@ class _ResourceExchange:
         if not self._proxy.settings.forward_h2c:
             head = self._head = without_h2c(head)
         upgrade = is_upgrade_request(head)
+        try:
+            route = self._route = self._proxy.route_for(head)
+        except ProtocolError as e:
+            self._error(e.status, e.reason)
+            return
+        if route is None:
+            self._error(404, "no route serves this request")
+            return
+        upstream = route.group.choose(self._client)
+        if upstream is None:
+            self._error(503, f"no healthy backend for route {route.name}")
+            return
         if upgrade:
-            attempt = UpgradeAttempt(head, backend=self._proxy.backend_name)
-            refusal = self._proxy.check_request(attempt)
+            attempt = UpgradeAttempt(
+                head, backend=upstream.name, client=self._client, route=route.name
+            )
+            refusal = self._proxy.check_request(attempt, route)
             if refusal is not None:
                 self._error(refusal.status, refusal.reason)
                 return
@@ -144,10 +170,12 @@ class _ResourceExchange:
             ClientHop(self._client, scheme),
             upgrade=upgrade,
             framing=BodyKind.LENGTH if body else BodyKind.NONE,
-            prefix=self._proxy.prefix,
+            prefix=upstream.address.prefix,
         )
         self._request.notifyFinish().addErrback(self._client_gone)
-        d = self._proxy.pool.acquire()
+        upstream.active += 1
+        self._upstream = upstream
+        d = upstream.pool.acquire()
         d.addCallbacks(
             self._send,
             self._unreachable,
@@ -156,20 +184,26 @@ class _ResourceExchange:
 
     def _send(self, backend: BackendConnection, data: bytes) -> None:
         if self._done:
-            self._proxy.pool.release(backend)
+            backend.pool.release(backend)
             return
         self._backend = backend
         backend.send_request(data, self._head.method, self)
 
     def _unreachable(self, reason: Failure) -> None:
-        self._error(
-            502,
-            f"the backend ({self._proxy.backend_name}) could not be reached: "
-            f"{reason.getErrorMessage()}",
-        )
+        upstream = self._upstream
+        assert upstream is not None and self._route is not None
+        why = describe_connect_failure(reason)
+        self._route.group.connect_failed(upstream, why)
+        self._error(502, f"the backend ({upstream.name}) could not be reached: {why}")
+
+    def _release_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.active -= 1
 
     def _client_gone(self, reason: Failure) -> None:
         self._done = True
+        self._release_upstream()
         if self._backend is not None:
             self._backend.abandon()
 
@@ -177,6 +211,7 @@ class _ResourceExchange:
         log.info(
             "{status} to {client}: {reason}", status=status, client=self._client, reason=reason
         )
+        self._release_upstream()
         if self._done:
             return
         self._done = True
@@ -209,6 +244,7 @@ class _ResourceExchange:
 
     def response_end(self) -> None:
         self._done = True
+        self._release_upstream()
         request = self._request
         if request.producer is not None:
             request.unregisterProducer()
@@ -217,26 +253,28 @@ class _ResourceExchange:
         request.finish()
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
-        backend = self._backend
-        assert backend is not None
-        attempt = UpgradeAttempt(self._head, head, True, self._proxy.backend_name)
-        refusal: Refusal | None = self._proxy.check_response(attempt)
+        backend, route, upstream = self._backend, self._route, self._upstream
+        assert backend is not None and route is not None and upstream is not None
+        attempt = UpgradeAttempt(self._head, head, True, upstream.name, self._client, route.name)
+        refusal: Refusal | None = self._proxy.check_response(attempt, route)
         if refusal is not None:
             log_refused_switch(attempt, refusal, self._client)
             backend.abandon()
             self._error(502, refusal.reason)
             return
         self._done = True
+        self._upstream = None  # busy until the tunnel ends
         client_side = _TunnelClientSide()
         detached = _twistedweb.detach(self._request, client_side)
         complete_switch(
             self._proxy,
             attempt,
+            route=route,
+            upstream=upstream,
             client=detached.transport,
             backend=backend,
             early_data=early_data,
             held=detached.held,
-            client_address=self._client,
             attach=client_side.attach,
         )
 
@@ -248,6 +286,7 @@ class _ResourceExchange:
             "response to {client} cut short: {reason}", client=self._client, reason=failure.reason
         )
         self._done = True
+        self._release_upstream()
         transport = self._request.channel.transport
         if transport is not None:
             transport.loseConnection()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -32,8 +33,9 @@ log = Logger()
 
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
-#: Seconds a worker gets to exit after SIGTERM before it is killed.
-STOP_TIMEOUT = 10.0
+#: Seconds a worker gets to exit after SIGTERM, beyond its shutdown grace
+#: period, before it is killed.
+STOP_MARGIN = 10.0
 
 
 class WorkersUnsupported(ValueError):
@@ -125,10 +127,16 @@ class WorkerPool(Service):
         reactor: IReactorProcess,
         sockets: list[list[socket.socket]],
         worker_args: Callable[[], list[str]],
+        *,
+        stop_timeout: float = STOP_MARGIN,
+        snapshots: str | None = None,
     ) -> None:
+        """``snapshots`` is a directory where workers write their state for metrics."""
         self._reactor = reactor
         self._sockets = sockets
         self._worker_args = worker_args
+        self._stop_timeout = stop_timeout
+        self._snapshots = snapshots
         self._workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
 
@@ -142,6 +150,8 @@ class WorkerPool(Service):
         argv = [sys.executable, "-m", "upgradeproxy.workers"]
         for fd, sock in zip(fds, self._sockets[slot], strict=True):
             argv += ["--fd", f"{fd}:{int(sock.family)}"]
+        if self._snapshots is not None:
+            argv += ["--snapshots", self._snapshots, "--slot", str(slot)]
         argv += ["--", *self._worker_args()]
         worker = _WorkerProcess(self, slot)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: 2}
@@ -179,7 +189,7 @@ class WorkerPool(Service):
         for worker in workers:
             _signal(worker, "TERM")
         clock: IReactorTime = self._reactor  # type: ignore[assignment]
-        killer = clock.callLater(STOP_TIMEOUT, _signal_all, workers, "KILL")
+        killer = clock.callLater(self._stop_timeout, _signal_all, workers, "KILL")
         done = defer.DeferredList([w.ended for w in workers])
 
         def finished(result: object) -> object:
@@ -188,6 +198,8 @@ class WorkerPool(Service):
             for sockets in self._sockets:
                 for sock in sockets:
                     sock.close()
+            if self._snapshots is not None:
+                shutil.rmtree(self._snapshots, ignore_errors=True)
             return result
 
         return done.addBoth(finished)
@@ -226,14 +238,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
     from zope.interface import provider
 
-    from .tap import Options, build_factory
+    from .metrics import SnapshotWriter
+    from .service import build_factory, open_access_log
+    from .tap import Options
 
     parser = argparse.ArgumentParser(prog="python -m upgradeproxy.workers")
     parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
+    parser.add_argument("--snapshots", help="directory to write this worker's state to")
+    parser.add_argument("--slot", default="0", help="this worker's number")
     parser.add_argument("proxy_options", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     options = Options()
     options.parseOptions([a for a in args.proxy_options if a != "--"])
+    config = options["proxy_config"]
 
     to_parent = jsonFileLogObserver(sys.stdout)
     system = f"worker {os.getpid()}"
@@ -245,12 +262,36 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
-    factory = build_factory(options)
+    access_log, stream = open_access_log(config)
+    factory = build_factory(config, reactor, access_log=access_log)
+    factory.doStart()
+    ports = []
     for spec in args.fd:
         fd, family = (int(part) for part in spec.split(":"))
         os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
-        reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)  # type: ignore[attr-defined]
+        ports.append(
+            reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)  # type: ignore[attr-defined]
+        )
         os.close(fd)
+    writer = None
+    if args.snapshots is not None:
+        writer = SnapshotWriter(factory.snapshot, args.snapshots, args.slot, reactor)
+        writer.start()
+
+    async def shut_down() -> None:
+        """SIGTERM: stop accepting, then finish gracefully within the grace period."""
+        for port in ports:
+            await port.stopListening()
+        await factory.drain(config.shutdown_grace)
+        factory.doStop()
+        if writer is not None:
+            writer.stop()
+        if stream is not None and stream is not sys.stdout:
+            stream.close()
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.Deferred.fromCoroutine(shut_down())
+    )
     stdio.StandardIO(  # type: ignore[call-arg]
         _ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
     )

@@ -1,0 +1,489 @@
+"""Operating the proxy, in memory: routes, several backends, limits, timeouts,
+graceful shutdown, the access log and the state behind the metrics."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from upgradeproxy import BackendSettings, ProxySettings
+from upgradeproxy.accesslog import NAMESPACE, AccessLog, RequestRecord, TunnelRecord
+from upgradeproxy.address import BackendAddress
+from upgradeproxy.balancer import BackendGroup, Policy
+from upgradeproxy.proxy import ProxyFactory
+from upgradeproxy.routing import Route, Router, host_name
+from upgradeproxy.testing import MemoryTransport, ProxyHarness, ScriptedBackendEndpoint
+from upgradeproxy.testing import connect_client as _connect_client
+from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
+
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+SWITCH = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+GET = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def status_of(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1])
+
+
+def messages(logs: list[dict[str, Any]]) -> str:
+    return "\n".join(formatEvent(e) for e in logs)
+
+
+class Client:
+    """One in-memory client connection."""
+
+    def __init__(self, factory: ProxyFactory, host: str = "192.0.2.7", port: int = 50000):
+        self.protocol, self.transport = _connect_client(factory, host, port)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    @property
+    def received(self) -> bytes:
+        return bytes(self.transport.value())
+
+    @property
+    def closed(self) -> bool:
+        return not self.transport.connected
+
+
+class Cluster:
+    """A proxy with routes over several scripted backends."""
+
+    def __init__(
+        self,
+        routes: dict[str, dict[str, Any]] | None = None,
+        *,
+        settings: ProxySettings | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.clock = Clock()
+        self.endpoints: dict[str, ScriptedBackendEndpoint] = {}
+        built = []
+        for name, spec in (routes or {"default": {"backends": ["a"]}}).items():
+            addresses = []
+            for backend in spec.pop("backends"):
+                endpoint = self.endpoints.setdefault(backend, ScriptedBackendEndpoint())
+                addresses.append(BackendAddress(endpoint, b"", backend))
+            group = BackendGroup(
+                addresses,
+                policy=spec.pop("policy", Policy.LEAST_CONN),
+                clock=self.clock,
+                settings=BackendSettings(),
+                fail_timeout=spec.pop("fail_timeout", 10.0),
+                route=name,
+            )
+            validators = (RFC9110Validator(), WebSocketValidator())
+            built.append(Route(name, group, validators, **spec))
+        self.factory = ProxyFactory(
+            routes=built, clock=self.clock, settings=settings, access_log=access_log
+        )
+        self.factory.doStart()
+
+    def client(self, host: str = "192.0.2.7", port: int = 50000) -> Client:
+        return Client(self.factory, host, port)
+
+    def last(self, backend: str) -> Any:
+        return self.endpoints[backend].connections[-1]
+
+    def count(self, backend: str) -> int:
+        """Connections made to ``backend``."""
+        return len(self.endpoints[backend].connections)
+
+    def requests(self, backend: str) -> int:
+        """Requests ``backend`` received, over all its connections."""
+        return sum(
+            c.received.count(b" HTTP/1.1\r\n") for c in self.endpoints[backend].connections
+        )
+
+
+def _tunnel(cluster: Cluster, backend: str = "a", port: int = 50000) -> Client:
+    client = cluster.client(port=port)
+    client.send(UPGRADE)
+    cluster.last(backend).send(SWITCH)
+    assert client.received.startswith(b"HTTP/1.1 101 ")
+    return client
+
+
+# -- routes ------------------------------------------------------------------------
+
+
+def test_host_names_are_compared_without_port_or_case() -> None:
+    assert host_name(b"App.Example:8080") == "app.example"
+    assert host_name(b"[::1]:8080") == "[::1]"
+    assert host_name(None) == ""
+
+
+def _router_cluster() -> Cluster:
+    return Cluster(
+        {
+            "api": {"backends": ["api"], "hosts": ("app.example",), "path": "/api"},
+            "app": {"backends": ["app"], "hosts": ("app.example",)},
+            "wild": {"backends": ["wild"], "hosts": ("*.example",)},
+            "ws": {"backends": ["ws"], "path": "/ws"},
+        }
+    )
+
+
+def _route_of(cluster: Cluster, host: bytes, target: bytes) -> str | None:
+    router: Router = cluster.factory.router
+    route = router.match(host, target)
+    return route.name if route else None
+
+
+def test_the_longest_path_prefix_of_the_best_host_match_wins() -> None:
+    c = _router_cluster()
+    assert _route_of(c, b"app.example", b"/api/users") == "api"
+    assert _route_of(c, b"app.example", b"/api") == "api"
+    assert _route_of(c, b"app.example", b"/api?x=1") == "api"
+    assert _route_of(c, b"app.example", b"/apis") == "app", "a prefix ends at a segment"
+    assert _route_of(c, b"APP.example:443", b"/") == "app"
+    assert _route_of(c, b"chat.example", b"/x") == "wild"
+    assert _route_of(c, b"example", b"/x") is None, "*.example needs a subdomain"
+    assert _route_of(c, b"other.test", b"/ws/room") == "ws"
+    assert _route_of(c, b"other.test", b"/") is None
+
+
+def test_requests_go_to_their_routes_backend_and_no_route_answers_404() -> None:
+    c = _router_cluster()
+    client = c.client()
+    client.send(b"GET /api/users HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert c.count("api") == 1 and c.count("app") == 0
+    c.last("api").send(OK)
+    client.send(b"GET http://chat.example/x HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert c.count("wild") == 1, "an absolute-form target's authority picks the route"
+    c.last("wild").send(OK)
+    with capturedLogs() as logs:
+        client.send(b"GET /nothing HTTP/1.1\r\nHost: other.test\r\n\r\n")
+    assert b"HTTP/1.1 404 Not Found" in client.received
+    assert "no route serves host other.test and path /nothing" in client.received.decode()
+    assert any(e.get("log_namespace") == NAMESPACE for e in logs)
+
+
+# -- several backends ----------------------------------------------------------------
+
+
+def test_a_refused_connection_is_retried_on_another_backend_and_the_dead_one_skipped() -> None:
+    c = Cluster({"r": {"backends": ["a", "b"], "policy": Policy.ROUND_ROBIN}})
+    c.endpoints["a"].refuse = True
+    with capturedLogs() as logs:
+        client = c.client()
+        client.send(GET)
+    assert c.count("b") == 1, "retried on b"
+    c.last("b").send(OK)
+    assert client.received.endswith(b"hello")
+    text = messages(logs)
+    assert "retrying GET /page on b: a could not be reached (" in text
+    assert "scripted refusal" in text
+    # a is out of rotation for its fail timeout: every request goes to b at once.
+    for _ in range(3):
+        client.send(GET)
+        c.last("b").send(OK)
+    assert c.requests("b") == 4 and c.endpoints["a"].attempts == 1
+    c.endpoints["a"].refuse = False
+    c.clock.advance(10.1)
+    assert c.factory.router.routes[0].group.backends[0].healthy
+    for _ in range(2):
+        client.send(GET)
+        connection = c.last("a") if c.count("a") else c.last("b")
+        connection.send(OK)
+    assert c.requests("a") == 1, "back in rotation after its fail timeout"
+
+
+def test_when_every_backend_is_down_the_client_gets_503_with_the_reasons() -> None:
+    c = Cluster({"r": {"backends": ["a", "b"]}})
+    for endpoint in c.endpoints.values():
+        endpoint.refuse = True
+    client = c.client()
+    client.send(GET)
+    assert status_of(client.received) == 502, "the last try answers what went wrong"
+    client = c.client(port=50001)
+    client.send(GET)
+    body = client.received.decode()
+    assert status_of(client.received) == 503
+    assert "no healthy backend for route r" in body
+    assert "scripted refusal" in body
+    assert c.factory.stats.limit_rejections["no_healthy_backend"] == 1
+
+
+def test_least_conn_steers_new_tunnels_away_from_the_busy_backend() -> None:
+    c = Cluster({"r": {"backends": ["a", "b"], "policy": Policy.LEAST_CONN}})
+    first = c.client(port=1)
+    first.send(UPGRADE)
+    busy = "a" if c.count("a") else "b"
+    idle = "b" if busy == "a" else "a"
+    c.last(busy).send(SWITCH)
+    # The tunnel holds its backend: the next three requests all go elsewhere.
+    for port in (2, 3, 4):
+        client = c.client(port=port)
+        client.send(GET)
+        c.last(idle).send(OK)
+    assert c.requests(busy) == 1 and c.requests(idle) == 3
+    backends = {b.name: b for b in c.factory.router.routes[0].group.backends}
+    assert backends[busy].active == 1 and backends[idle].active == 0
+    first.transport.reset()
+    assert backends[busy].active == 0, "the tunnel's end frees its backend"
+
+
+def test_client_hash_keeps_a_client_on_one_backend() -> None:
+    c = Cluster({"r": {"backends": ["a", "b", "c"], "policy": Policy.CLIENT_HASH}})
+    for port in range(5):
+        client = c.client(host="198.51.100.9", port=port)
+        client.send(GET)
+    assert sorted(c.count(b) for b in "abc") == [0, 0, 5]
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_get_503_and_existing_ones_are_unharmed() -> None:
+    c = Cluster(settings=ProxySettings(max_connections=2))
+    first, second = c.client(port=1), c.client(port=2)
+    third = c.client(port=3)
+    assert status_of(third.received) == 503
+    assert "limit of 2 connections" in third.received.decode()
+    first.send(GET)
+    c.last("a").send(OK)
+    assert first.received.endswith(b"hello") and not second.closed
+    assert c.factory.stats.limit_rejections["max_connections"] == 1
+
+
+def test_upgrades_beyond_the_tunnel_limit_get_503_and_plain_requests_still_pass() -> None:
+    c = Cluster(settings=ProxySettings(max_tunnels=1))
+    tunnel = _tunnel(c, port=1)
+    client = c.client(port=2)
+    client.send(UPGRADE)
+    assert status_of(client.received) == 503
+    assert "limit of 1 tunnels open" in client.received.decode()
+    other = c.client(port=3)
+    other.send(GET)
+    c.last("a").send(OK)
+    assert other.received.endswith(b"hello")
+    tunnel.send(b"still here")
+    assert c.endpoints["a"].connections[0].received.endswith(b"still here")
+
+
+def test_a_declared_body_above_the_limit_gets_413_before_any_backend_is_contacted() -> None:
+    c = Cluster({"r": {"backends": ["a"], "max_request_body": 10}})
+    client = c.client()
+    client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n")
+    assert status_of(client.received) == 413
+    assert "larger than this route's limit of 10 bytes" in client.received.decode()
+    assert c.count("a") == 0
+
+
+def test_a_chunked_body_growing_above_the_limit_is_cut_with_413() -> None:
+    c = Cluster({"r": {"backends": ["a"], "max_request_body": 10}})
+    client = c.client()
+    client.send(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"8\r\n12345678\r\n")
+    assert c.last("a").received.endswith(b"8\r\n12345678\r\n")
+    client.send(b"8\r\n12345678\r\n")
+    assert status_of(client.received) == 413
+    assert c.last("a").closed, "the backend connection with half a body is dropped"
+    assert c.last("a").received.count(b"12345678") == 1
+
+
+# -- tunnel timeouts ---------------------------------------------------------------------
+
+
+def advance(clock: Clock, seconds: float) -> None:
+    """Let ``seconds`` pass one at a time, as a real clock would, for periodic timers."""
+    clock.pump([1.0] * int(seconds))
+
+
+def test_an_idle_tunnel_is_closed_after_its_idle_timeout_and_activity_keeps_it_open() -> None:
+    c = Cluster({"r": {"backends": ["a"], "tunnel_idle_timeout": 100}})
+    client = _tunnel(c)
+    for _ in range(5):
+        advance(c.clock, 60)
+        client.send(b"ping")
+    advance(c.clock, 60)
+    c.last("a").send(b"pong")
+    advance(c.clock, 99)
+    assert not client.closed
+    with capturedLogs() as logs:
+        advance(c.clock, 30)
+    assert client.closed and c.last("a").closed
+    record = next(e["access"] for e in logs if e.get("log_namespace") == NAMESPACE)
+    assert record.closed_by == "proxy" and record.reason == "idle for 100 seconds"
+
+
+def test_tunnels_have_no_idle_timeout_by_default() -> None:
+    c = Cluster()
+    client = _tunnel(c)
+    c.clock.advance(7 * 24 * 3600)
+    assert not client.closed
+
+
+def test_a_tunnel_is_closed_at_its_maximum_lifetime() -> None:
+    c = Cluster({"r": {"backends": ["a"], "tunnel_lifetime": 3600}})
+    client = _tunnel(c)
+    c.clock.advance(3599)
+    client.send(b"busy")
+    assert not client.closed
+    with capturedLogs() as logs:
+        c.clock.advance(2)
+    assert client.closed
+    record = next(e["access"] for e in logs if e.get("log_namespace") == NAMESPACE)
+    assert record.reason == "reached its maximum lifetime of 3600 seconds"
+    assert not c.clock.getDelayedCalls()
+
+
+# -- graceful shutdown ------------------------------------------------------------------
+
+
+def test_a_graceful_shutdown_lets_a_request_finish_and_closes_a_tunnel_after_the_grace() -> None:
+    c = Cluster()
+    tunnel = _tunnel(c, port=1)
+    busy = c.client(port=2)
+    busy.send(GET)
+    idle = c.client(port=3)
+    with capturedLogs() as logs:
+        drained = c.factory.drain(30)
+        assert idle.closed, "an idle connection closes at once"
+        assert not busy.closed and not tunnel.closed
+        c.last("a").send(OK)
+        assert busy.received.endswith(b"hello") and b"Connection: close" in busy.received
+        assert busy.closed, "closed after its response"
+        tunnel.send(b"still flowing")
+        c.clock.advance(29)
+        assert not tunnel.closed and not drained.called
+        c.clock.advance(2)
+        assert tunnel.closed
+    assert drained.called
+    text = messages(logs)
+    assert "shutting down: 1 requests in flight, 1 tunnels open" in text
+    assert "1 of 1 requests finished, 0 of 1 tunnels ended by themselves" in text
+    assert "closed 0 requests and 1 tunnels at the end of the grace period" in text
+
+
+def test_a_shutdown_with_nothing_open_is_immediate() -> None:
+    c = Cluster()
+    assert c.factory.drain(30).called
+
+
+def test_a_request_still_running_at_the_end_of_the_grace_is_cut() -> None:
+    c = Cluster()
+    busy = c.client()
+    busy.send(GET)
+    drained = c.factory.drain(5)
+    c.clock.advance(5.1)
+    assert busy.closed
+    c.clock.advance(2.1)
+    assert drained.called
+
+
+# -- the access log ---------------------------------------------------------------------
+
+
+def test_the_access_log_has_a_record_per_request_and_per_tunnel() -> None:
+    events: list[dict[str, Any]] = []
+    c = Cluster(access_log=AccessLog("text", events.append))
+    client = c.client()
+    client.send(GET)
+    c.clock.advance(0.25)
+    c.last("a").send(OK)
+    tunnel = _tunnel(c, port=2)
+    tunnel.send(b"12345")
+    c.last("a").send(b"123")
+    c.clock.advance(2)
+    tunnel.transport.eof()
+    c.last("a").transport.eof()
+    assert [type(e["access"]) for e in events] == [RequestRecord, TunnelRecord]
+    request, closed = (formatEvent(e) for e in events)
+    assert request == (
+        '192.0.2.7 "GET /page HTTP/1.1" 200 5 0.250s route=default backend=a'
+    )
+    assert closed == (
+        '192.0.2.7 "TUNNEL /chat websocket" 2.000s up=5 down=3 closed_by=client '
+        'reason="EOF" route=default backend=a'
+    )
+    assert all(e["log_level"] is LogLevel.info for e in events)
+
+
+def test_the_access_log_in_json_lines() -> None:
+    events: list[dict[str, Any]] = []
+    c = Cluster(access_log=AccessLog("json", events.append))
+    client = c.client()
+    client.send(b"GET /q?a=%C3%A9 HTTP/1.1\r\nHost: h\r\n\r\n")
+    c.last("a").send(OK)
+    line = json.loads(formatEvent(events[0]))
+    assert line == {
+        "type": "request",
+        "client": "192.0.2.7",
+        "method": "GET",
+        "target": "/q?a=%C3%A9",
+        "version": "HTTP/1.1",
+        "status": 200,
+        "bytes": 5,
+        "duration": 0.0,
+        "route": "default",
+        "backend": "a",
+    }
+
+
+def test_refused_requests_are_in_the_access_log_too() -> None:
+    events: list[dict[str, Any]] = []
+    c = Cluster(access_log=AccessLog("text", events.append))
+    client = c.client()
+    client.send(UPGRADE.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"))
+    assert [e["access"].status for e in events] == [400]
+
+
+# -- the state behind metrics -------------------------------------------------------------
+
+
+def test_the_snapshot_counts_known_traffic() -> None:
+    c = Cluster()
+    client = c.client()
+    for _ in range(3):
+        client.send(GET)
+        c.last("a").send(OK)
+    client.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    c.last("a").send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    tunnel = _tunnel(c, port=2)
+    tunnel.send(b"1234567")
+    refused = c.client(port=3)
+    refused.send(UPGRADE)
+    c.last("a").send(SWITCH.replace(b"Connection: Upgrade\r\n", b""))
+    snapshot = c.factory.snapshot()
+    json.dumps(snapshot)  # plain data only
+    assert sorted((r["route"], r["status"], r["count"]) for r in snapshot["requests"]) == [
+        ("default", 200, 3),
+        ("default", 404, 1),
+        ("default", 502, 1),
+    ]
+    assert snapshot["refusals"] == [
+        {"route": "default", "validator": "rfc9110", "stage": "response", "count": 1}
+    ]
+    (recent,) = snapshot["recent_refusals"]
+    assert recent["client"] == "192.0.2.7" and recent["target"] == "/chat"
+    assert "Connection" in recent["reason"]
+    (live,) = snapshot["tunnels"]
+    assert live["protocol"] == "websocket" and live["client_to_backend"] == 7
+    assert snapshot["tunnel_bytes"] == {"client_to_backend": 7, "backend_to_client": 0}
+    assert snapshot["tunnels_total"] == [{"protocol": "websocket", "count": 1}]
+    assert snapshot["connections"] == 2 and snapshot["connections_total"] == 3
+    (backend,) = snapshot["backends"]
+    assert backend["healthy"] and backend["active"] == 1
+
+
+def test_a_single_backend_factory_keeps_its_simple_interface() -> None:
+    h = ProxyHarness()
+    h.client_sends(GET)
+    h.backend.send(OK)
+    assert h.factory.pool.idle_count == 1
+    assert h.factory.backend_name == "scripted backend"
+    assert isinstance(h.client_transport, MemoryTransport)

@@ -1,0 +1,132 @@
+"""The access log: one record per request and one per tunnel, as text or JSON lines.
+
+Records are ``twisted.logger`` events in the ``upgradeproxy.access``
+namespace whose ``access`` field is the record itself, so an observer can
+read the fields, and whose message is the record as one line of text or of
+JSON. They go to the main log unless a file is given, like nginx's
+``access_log``. The line is only formatted when an observer asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    globalLogPublisher,
+)
+
+NAMESPACE = "upgradeproxy.access"
+FORMATS = ("text", "json")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """A request the proxy answered (or refused)."""
+
+    client: str
+    method: str
+    target: str
+    version: str
+    status: int
+    #: Bytes of the response body sent to the client.
+    bytes: int
+    #: Seconds from the request head to the end of the response.
+    duration: float
+    route: str
+    #: The backend that answered, or "-" when none did.
+    backend: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f'{self.client} "{self.method} {self.target} {self.version}" {self.status} '
+            f"{self.bytes} {self.duration:.3f}s route={self.route} backend={self.backend}"
+        )
+
+    @property
+    def json(self) -> str:
+        return json.dumps({"type": "request", **asdict(self)}, ensure_ascii=False)
+
+
+@dataclass(slots=True)
+class TunnelRecord:
+    """A tunnel that ended."""
+
+    client: str
+    target: str
+    protocol: str
+    route: str
+    backend: str
+    duration: float
+    client_to_backend: int
+    backend_to_client: int
+    #: "client", "backend" or "proxy".
+    closed_by: str
+    #: Why that side closed: "EOF", "connection lost (reset)", "idle for 300 seconds"…
+    reason: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f'{self.client} "TUNNEL {self.target} {self.protocol}" {self.duration:.3f}s '
+            f"up={self.client_to_backend} down={self.backend_to_client} "
+            f'closed_by={self.closed_by} reason="{self.reason}" '
+            f"route={self.route} backend={self.backend}"
+        )
+
+    @property
+    def json(self) -> str:
+        return json.dumps({"type": "tunnel", **asdict(self)}, ensure_ascii=False)
+
+
+class AccessLog:
+    """Emits access records to ``observer`` (the main log by default), as ``format``."""
+
+    def __init__(self, format: str = "text", observer: ILogObserver | None = None) -> None:
+        if format not in FORMATS:
+            raise ValueError(
+                f"access log format must be one of {', '.join(FORMATS)}, not {format!r}"
+            )
+        self.format = format
+        self._message = "{access.json}" if format == "json" else "{access.text}"
+        self._observer = observer if observer is not None else globalLogPublisher
+
+    def emit(self, record: RequestRecord | TunnelRecord) -> None:
+        # Built by hand rather than through Logger.emit: this runs for every
+        # request, and only these keys are needed.
+        event: dict[str, Any] = {
+            "log_namespace": NAMESPACE,
+            "log_level": LogLevel.info,
+            "log_format": self._message,
+            "log_time": time.time(),
+            "log_source": None,
+            "access": record,
+        }
+        self._observer(event)
+
+
+def _line(event: dict[str, Any]) -> str | None:
+    if event.get("log_namespace") != NAMESPACE:
+        return None
+    return formatEvent(event) + "\n"
+
+
+def access_log_to(path: str, format: str) -> tuple[AccessLog, IO[str]]:
+    """An access log that writes one line per record to ``path`` ("-": standard output).
+
+    Returns the log and the open file, which the caller closes at shutdown.
+    """
+    stream: IO[str] = (
+        sys.stdout if path == "-" else open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    )
+    publisher = LogPublisher(FileLogObserver(stream, _line))
+    return AccessLog(format, publisher), stream

@@ -1,0 +1,158 @@
+"""From a :class:`~upgradeproxy.config.ProxyConfig` to running Twisted services.
+
+:func:`build_factory` builds the routes, backend groups and validators a
+configuration describes; :class:`ProxyService` listens with the factory and,
+when stopped, shuts down gracefully: it stops accepting, lets requests in
+flight finish, gives tunnels their grace period, then closes what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+
+from .accesslog import AccessLog, access_log_to
+from .address import BackendAddress, parse_backend
+from .backend import BackendSettings
+from .balancer import BackendGroup
+from .config import ProxyConfig, RouteConfig
+from .proxy import ProxyFactory, ProxySettings
+from .registry import build_chain
+from .routing import Route
+
+
+def settings_for(config: ProxyConfig) -> ProxySettings:
+    """The proxy-wide settings of ``config``."""
+    return ProxySettings(
+        max_request_head=config.max_request_head,
+        request_head_timeout=config.client_head_timeout,
+        keep_alive_timeout=config.keep_alive_timeout,
+        max_connections=config.max_connections,
+        max_tunnels=config.max_tunnels,
+        forward_h2c=config.forward_h2c,
+        splice=config.splice,
+    )
+
+
+def build_route(
+    route: RouteConfig, reactor: IReactorTime, *, backends: Sequence[BackendAddress] | None = None
+) -> Route:
+    """The running route for ``route``; ``backends`` replaces its backend list."""
+    if backends is None:
+        backends = [
+            parse_backend(
+                reactor,
+                url,
+                connect_timeout=route.backend_connect_timeout,
+                tls_ca=route.tls_ca,
+                tls_verify=route.tls_verify,
+            )
+            for url in route.backends
+        ]
+    group = BackendGroup(
+        backends,
+        policy=route.policy,
+        clock=reactor,
+        settings=BackendSettings(response_timeout=route.response_timeout),
+        fail_timeout=route.fail_timeout,
+        health=route.health,
+        route=route.name,
+    )
+    return Route(
+        route.name,
+        group,
+        tuple(build_chain(route.validators)),
+        hosts=route.hosts,
+        path=route.path,
+        max_request_body=route.max_request_body,
+        tunnel_idle_timeout=route.tunnel_idle_timeout,
+        tunnel_lifetime=route.tunnel_lifetime,
+    )
+
+
+def build_factory(
+    config: ProxyConfig,
+    reactor: IReactorTime,
+    *,
+    access_log: AccessLog | None = None,
+    backends: Sequence[BackendAddress] | None = None,
+) -> ProxyFactory:
+    """The proxy that ``config`` describes.
+
+    ``backends`` replaces the backends of a configuration with one route
+    (the built-in demo backend is one such).
+    """
+    routes = [
+        build_route(route, reactor, backends=backends if len(config.routes) == 1 else None)
+        for route in config.routes
+    ]
+    access_log = access_log or AccessLog(config.access_log.format)
+    return ProxyFactory(
+        routes=routes, clock=reactor, settings=settings_for(config), access_log=access_log
+    )
+
+
+def open_access_log(config: ProxyConfig) -> tuple[AccessLog, IO[str] | None]:
+    """The access log ``config`` asks for, and the file to close at the end, if any."""
+    access = config.access_log
+    if access.path is None:
+        return AccessLog(access.format), None
+    log, stream = access_log_to(access.path, access.format)
+    return log, stream
+
+
+class ProxyService(MultiService):
+    """Listens with a proxy factory and shuts it down gracefully.
+
+    Stopping (SIGTERM or SIGINT under twistd) closes the listeners first,
+    then waits for :meth:`~upgradeproxy.proxy.ProxyFactory.drain`, so the
+    process exits within the grace period plus a short margin.
+    """
+
+    def __init__(
+        self,
+        factory: ProxyFactory,
+        listen: Sequence[str],
+        *,
+        reactor: Any,
+        grace: float,
+        on_stopped: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.factory = factory
+        self.grace = grace
+        self._reactor = reactor
+        self._on_stopped = on_stopped
+        for description in listen:
+            endpoint = serverFromString(reactor, description)
+            StreamServerEndpointService(endpoint, factory).setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[Any] = Deferred.fromCoroutine(self._stop())
+        return stopped
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.factory.drain(self.grace)
+        if self._on_stopped is not None:
+            self._on_stopped()
+
+
+def metrics_service(
+    description: str, reactor: Any, source: Callable[[], list[tuple[str | None, dict[str, Any]]]]
+) -> StreamServerEndpointService:
+    """A service serving metrics and the status page on ``description``."""
+    from .metrics import metrics_site
+
+    return StreamServerEndpointService(serverFromString(reactor, description), metrics_site(source))
+
+
+def local_snapshots(factory: ProxyFactory) -> Callable[[], list[tuple[str | None, dict[str, Any]]]]:
+    """The snapshot source of a single process."""
+    return lambda: [(None, factory.snapshot())]
