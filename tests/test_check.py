@@ -139,6 +139,8 @@ def test_parse_target(url: str, authority: str, path: str) -> None:
         ("http://app.example:99999/", "invalid port"),
         ("http:///ws", "has no host"),
         ("http://a b/ws", "has an invalid host"),
+        ("http://app.example:0/", "invalid port"),
+        ("http://[::1/ws", "has an invalid host"),
     ],
 )
 def test_parse_target_says_what_to_write(url: str, words: str) -> None:

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -84,7 +85,7 @@ class _State(enum.Enum):
     CLOSED = enum.auto()
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class BackendConnection(Protocol):
     """One connection to the backend, used by one exchange at a time."""
 
@@ -105,6 +106,26 @@ class BackendConnection(Protocol):
         self._received = False
         # How much of the buffer was searched for a head end already.
         self._checked = 0
+        self._handshake: Deferred[BackendConnection] | None = None
+        self._handshaken = False
+
+    def wait_for_handshake(self) -> Deferred[BackendConnection]:
+        """Fires with this connection once its TLS handshake is done, or with why it failed.
+
+        A TLS endpoint reports the connection as made before the handshake;
+        a failed handshake must count as a failed connection (no byte of a
+        request sent), so that it is retried elsewhere and named as such.
+        """
+        if self._handshaken:
+            return succeed(self)
+        self._handshake = Deferred()
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        self._handshaken = True
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.callback(self)
 
     # -- used by the client side -------------------------------------------
 
@@ -168,6 +189,11 @@ class BackendConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         self.pool.forget(self)
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            self._state = _State.CLOSED
+            waiting.errback(reason)
+            return
         if self._tunnel is not None:
             self._state = _State.CLOSED
             self._tunnel.lost(Side.BACKEND, reason)
@@ -312,9 +338,16 @@ class BackendPool:
     log = Logger()
 
     def __init__(
-        self, endpoint: IStreamClientEndpoint, clock: IReactorTime, settings: BackendSettings
+        self,
+        endpoint: IStreamClientEndpoint,
+        clock: IReactorTime,
+        settings: BackendSettings,
+        *,
+        tls: bool = False,
     ) -> None:
+        """``tls``: connections are ready for requests only after their TLS handshake."""
         self.endpoint = endpoint
+        self.tls = tls
         self.clock = clock
         self.settings = settings
         self._idle: list[BackendConnection] = []
@@ -334,7 +367,10 @@ class BackendPool:
                 connection.reused = True
                 return succeed(connection)
         # The factory builds only BackendConnection protocols.
-        return self.endpoint.connect(self._factory)  # type: ignore[return-value]
+        connecting: Deferred[BackendConnection] = self.endpoint.connect(self._factory)  # type: ignore[assignment]
+        if self.tls:
+            connecting.addCallback(BackendConnection.wait_for_handshake)
+        return connecting
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""

@@ -165,7 +165,12 @@ class BackendGroup:
         self.fail_timeout = fail_timeout
         self._clock = clock
         self.backends = tuple(
-            Backend(address, BackendPool(address.endpoint, clock, settings), clock, key)
+            Backend(
+                address,
+                BackendPool(address.endpoint, clock, settings, tls=address.tls),
+                clock,
+                key,
+            )
             for address, key in zip(addresses, _hash_keys(addresses), strict=True)
         )
         self._only = self.backends[0] if len(self.backends) == 1 else None

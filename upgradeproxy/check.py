@@ -28,8 +28,9 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import TextIO
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
+from ._url import BadUrl, UrlProblem, split_http_url
 from .http1 import (
     Headers,
     ProtocolError,
@@ -92,37 +93,35 @@ def parse_target(url: str) -> Target:
     usage = (
         "write the backend's URL as http://HOST:PORT/PATH (for example http://127.0.0.1:9000/ws)"
     )
-    parts = urlsplit(url.strip())
-    if parts.scheme in ("https", "wss"):
+    text = url.strip()
+    if text.lower().startswith(("https:", "wss:")):
         raise ValueError(
-            f"{url!r}: TLS backends cannot be checked yet (upgradeproxy speaks plain HTTP to "
-            f"backends); {usage}"
-        )
-    if parts.scheme not in ("http", "ws"):
-        raise ValueError(f"{url!r} is not an http:// URL; {usage}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"{url!r} carries credentials; send them with --header 'Authorization: ...' instead"
+            f"{url!r}: TLS backends cannot be checked yet (upgradeproxy check speaks plain "
+            f"HTTP); {usage}"
         )
     try:
-        port = parts.port or 80
-    except ValueError:
-        raise ValueError(f"{url!r} has an invalid port; {usage}") from None
-    if not parts.hostname:
-        raise ValueError(f"{url!r} has no host; {usage}")
-    host, authority = parts.hostname, parts.netloc
+        parts = split_http_url(text, {"http": 80, "ws": 80})
+    except BadUrl as e:
+        if e.problem is UrlProblem.SCHEME:
+            raise ValueError(f"{url!r} is not an http:// URL; {usage}") from None
+        if e.problem is UrlProblem.CREDENTIALS:
+            raise ValueError(
+                f"{url!r} carries credentials; send them with --header 'Authorization: ...' instead"
+            ) from None
+        raise ValueError(f"{url!r} {e.problem.value}; {usage}") from None
+    host, authority = parts.host, parts.netloc
     if not authority.isascii():
         try:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise ValueError(f"{url!r} has an invalid host name; {usage}") from None
-        authority = host if parts.port is None else f"{host}:{parts.port}"
+        authority = f"{host}:{parts.port}" if parts.port_given else host
     if _AUTHORITY.fullmatch(authority) is None:
-        raise ValueError(f"{url!r} has an invalid host; {usage}")
+        raise ValueError(f"{url!r} {UrlProblem.BAD_HOST.value}; {usage}")
     path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
         path += "?" + quote(parts.query, safe=_QUERY_SAFE)
-    return Target(url, host, port, authority, path)
+    return Target(url, host, parts.port, authority, path)
 
 
 def new_websocket_key() -> bytes:

@@ -1,0 +1,419 @@
+"""TLS on both sides of the proxy, over real loopback sockets.
+
+The client side: the proxy listens on a Twisted ``ssl:`` server endpoint.
+The backend side: an ``https://`` backend from :func:`upgradeproxy.parse_backend`,
+its certificate checked against a CA bundle, the system's trust store, or
+nothing at all. Certificates come from ``trustme``; the TLS client is
+Python's ``ssl`` module, driven in a thread like :class:`loopback.Client`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import trustme
+from loopback import (
+    HOST,
+    TIMEOUT,
+    BackendServer,
+    Client,
+    Head,
+    Loopback,
+    Proxy,
+    Response,
+    ScriptedBackend,
+    echo_app,
+    eventually,
+    upgrade_request,
+    wait,
+)
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
+
+from upgradeproxy import BackendAddress, ProxyFactory, ProxySettings, parse_backend
+from upgradeproxy.address import describe_tls_failure
+
+pytestmark = [
+    pytest.mark.loopback,
+    # Twisted's ssl: server endpoint still hands pyOpenSSL objects to OpenSSL.
+    pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning"),
+]
+
+PAYLOAD = bytes(range(256)) * 4
+GET = b"GET /hello HTTP/1.1\r\nHost: app.example\r\n\r\n"
+
+
+# -- certificates and listeners ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pems:
+    """A server certificate and its key, as files, and the CA that issued it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def issue(ca: trustme.CA, directory: Path, *names: str) -> Pems:
+    """Write the CA and a certificate for ``names`` into ``directory``."""
+    directory.mkdir(exist_ok=True)
+    pems = Pems(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    issued = ca.issue_cert(*names)
+    ca.cert_pem.write_to_path(str(pems.ca))
+    issued.private_key_pem.write_to_path(str(pems.key))
+    issued.cert_chain_pems[0].write_to_path(str(pems.cert))
+    return pems
+
+
+@pytest.fixture
+def pems(ca: trustme.CA, tmp_path: Path) -> Pems:
+    """A certificate for ``localhost`` and ``127.0.0.1``."""
+    return issue(ca, tmp_path / "localhost", "localhost", HOST)
+
+
+@pytest_twisted.async_yield_fixture
+async def ports(loopback: Loopback) -> AsyncIterator[list[IListeningPort]]:
+    """Listeners this test opened itself; closed before ``loopback`` closes the rest."""
+    opened: list[IListeningPort] = []
+    yield opened
+    await DeferredList([maybeDeferred(p.stopListening) for p in opened]).addTimeout(
+        TIMEOUT, reactor
+    )
+
+
+def _escape(path: Path) -> str:
+    return str(path).replace("\\", "\\\\").replace(":", "\\:")
+
+
+async def listen(ports: list[IListeningPort], factory: Factory, pems: Pems | None) -> int:
+    """Listen on 127.0.0.1 with TLS (``ssl:``) when ``pems`` is given, else plain TCP."""
+    if pems is None:
+        description = f"tcp:0:interface={HOST}"
+    else:
+        description = (
+            f"ssl:0:interface={HOST}:privateKey={_escape(pems.key)}:certKey={_escape(pems.cert)}"
+        )
+    port = await serverFromString(reactor, description).listen(factory)
+    ports.append(port)
+    return int(port.getHost().port)
+
+
+def echo_app_noting_sni(conn: ScriptedBackend, data: bytes) -> None:
+    """:func:`echo_app`, noting in ``conn.state["sni"]`` the server name the client sent."""
+    assert conn.transport is not None
+    tls = conn.transport.getHandle()  # type: ignore[attr-defined]  # an OpenSSL connection
+    conn.state.setdefault("sni", tls.get_servername())
+    echo_app(conn, data)
+
+
+async def tls_backend(loopback: Loopback, ports: list[IListeningPort], pems: Pems) -> BackendServer:
+    """A scripted :func:`echo_app` backend that speaks TLS with ``pems``' certificate."""
+    server = BackendServer(echo_app_noting_sni)
+    await listen(ports, server, pems)
+    server.port = ports[-1]
+    loopback.backends.append(server)  # its connections are closed with the test's
+    return server
+
+
+async def proxy_to(
+    loopback: Loopback,
+    ports: list[IListeningPort],
+    backend: BackendAddress | IStreamClientEndpoint,
+    pems: Pems | None = None,
+) -> Proxy:
+    """A proxy to ``backend``, listening with TLS when ``pems`` is given."""
+    factory = ProxyFactory(backend, settings=ProxySettings(splice=True))
+    proxy = Proxy(factory, await listen(ports, factory, pems))
+    loopback.proxies.append(proxy)
+    return proxy
+
+
+def plain_backend(server: BackendServer) -> IStreamClientEndpoint:
+    return TCP4ClientEndpoint(reactor, HOST, server.port_number)
+
+
+def https(
+    port: int, host: str = "localhost", *, tls_ca: Path | None = None, tls_verify: bool = True
+) -> BackendAddress:
+    """The backend ``https://host:port/app``."""
+    return parse_backend(
+        reactor,
+        f"https://{host}:{port}/app",
+        tls_ca=None if tls_ca is None else str(tls_ca),
+        tls_verify=tls_verify,
+    )
+
+
+# -- the TLS client ------------------------------------------------------------------------
+
+
+class TlsClient(Client):
+    """:class:`loopback.Client` over TLS, trusting ``ca``. Create and use it in a thread."""
+
+    def __init__(self, port: int, ca: trustme.CA) -> None:
+        super().__init__(port)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+
+
+async def tls_client(loopback: Loopback, port: int, ca: trustme.CA) -> TlsClient:
+    client = await loopback.run(TlsClient, port, ca)
+    loopback.clients.append(client)
+    return client
+
+
+async def get(loopback: Loopback, client: Client) -> Response:
+    await loopback.run(client.sendall, GET)
+    return await loopback.run(client.read_response)
+
+
+async def check_tunnel(
+    loopback: Loopback, proxy: Proxy, client: Client, server: BackendServer
+) -> ScriptedBackend:
+    """Upgrade (with early bytes), then check bytes both ways and the Python relay.
+
+    ``server`` echoes; returns its connection, with the tunnel still open.
+    """
+    await loopback.run(client.sendall, upgrade_request() + PAYLOAD)
+    head = await loopback.run(client.recv_head)
+    assert head.status == 101, head.raw
+    assert await loopback.run(client.recv_exactly, len(PAYLOAD)) == PAYLOAD
+    tunnels = list(proxy.factory.tunnels)
+    assert len(tunnels) == 1
+    assert not tunnels[0].spliced, "a TLS tunnel must use the Python relay"
+    await loopback.run(client.sendall, b"second" + PAYLOAD)
+    assert await loopback.run(client.recv_exactly, len(PAYLOAD) + 6) == b"second" + PAYLOAD
+    conn = server.connections[-1]
+    assert conn.after_head == PAYLOAD + b"second" + PAYLOAD
+    return conn
+
+
+# -- the proxy listening with TLS ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_through_a_tls_listener(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca)
+
+    reply = await get(loopback, client)
+    assert (reply.status, reply.body) == (200, b"you asked for /hello")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_listener_forwards_x_forwarded_proto_https(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca)
+
+    assert (await get(loopback, client)).status == 200
+    conn = await backend.connection()
+    assert Head.parse(await wait(conn.head_received)).get(b"X-Forwarded-Proto") == b"https"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_through_a_tls_listener_relays_exact_bytes_in_python(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca)
+
+    await check_tunnel(loopback, proxy, client, backend)
+
+
+# -- https backends ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_backend_verified_with_its_ca_bundle(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, tmp_path: Path
+) -> None:
+    server = await tls_backend(loopback, ports, pems)
+    bundle = tmp_path / "bundle.pem"  # the right CA second: every certificate counts
+    bundle.write_bytes(trustme.CA().cert_pem.bytes() + pems.ca.read_bytes())
+    address = https(server.port_number, tls_ca=bundle)
+    assert address.tls and address.name == f"localhost:{server.port_number}"
+    proxy = await proxy_to(loopback, ports, address)
+
+    reply = await get(loopback, loopback.client(proxy.port))
+    assert (reply.status, reply.body) == (200, b"you asked for /app/hello")
+    assert server.connections[0].state["sni"] == b"localhost"
+
+    await check_tunnel(loopback, proxy, loopback.client(proxy.port), server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_backend_by_ip_address_is_verified_against_the_address(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems
+) -> None:
+    server = await tls_backend(loopback, ports, pems)
+    proxy = await proxy_to(loopback, ports, https(server.port_number, HOST, tls_ca=pems.ca))
+
+    reply = await get(loopback, loopback.client(proxy.port))
+    assert (reply.status, reply.body) == (200, b"you asked for /app/hello")
+    assert server.connections[0].state["sni"] is None  # no SNI for an address
+
+
+async def refused_backend(loopback: Loopback, proxy: Proxy, server: BackendServer) -> str:
+    """A GET that must end in 502 without the request reaching ``server``; the 502's body."""
+    client = loopback.client(proxy.port)
+    reply = await get(loopback, client)
+    assert reply.status == 502, reply.raw
+    assert await loopback.run(client.recv_to_eof) == b""
+    conn = await server.connection()
+    await wait(conn.closed)
+    assert conn.received == b"", "the request went to a backend that failed verification"
+    return reply.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_backend_signed_by_an_unknown_ca_gives_502(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems
+) -> None:
+    server = await tls_backend(loopback, ports, pems)
+    proxy = await proxy_to(loopback, ports, https(server.port_number))  # system trust only
+
+    text = await refused_backend(loopback, proxy, server)
+    assert f"the backend (localhost:{server.port_number}) could not be reached" in text, text
+    assert "its TLS certificate could not be verified" in text, text
+    assert "give that CA's certificate as the backend's CA bundle" in text, text
+
+
+@pytest.mark.parametrize(
+    ("names", "host"),
+    [
+        (("other.example",), "localhost"),
+        # A name that resolves to the address is not enough for an IP-literal URL.
+        (("localhost",), HOST),
+    ],
+    ids=["wrong-name", "name-for-an-address"],
+)
+@pytest_twisted.ensureDeferred
+async def test_https_backend_with_a_certificate_for_another_host_gives_502(
+    loopback: Loopback,
+    ports: list[IListeningPort],
+    ca: trustme.CA,
+    tmp_path: Path,
+    names: tuple[str, ...],
+    host: str,
+) -> None:
+    other = issue(ca, tmp_path / "other", *names)
+    server = await tls_backend(loopback, ports, other)
+    proxy = await proxy_to(loopback, ports, https(server.port_number, host, tls_ca=other.ca))
+
+    text = await refused_backend(loopback, proxy, server)
+    assert "its TLS certificate does not name the host in the backend URL" in text, text
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_backend_without_verification_works_and_warns(
+    loopback: Loopback, ports: list[IListeningPort], ca: trustme.CA, tmp_path: Path
+) -> None:
+    server = await tls_backend(loopback, ports, issue(ca, tmp_path / "other", "other.example"))
+    with capturedLogs() as events:
+        address = https(server.port_number, tls_verify=False)
+    warnings = [formatEvent(e) for e in events if e["log_level"] is LogLevel.warn]
+    assert warnings == [
+        f"certificate verification is OFF for backend https://localhost:{server.port_number}"
+        "/app: anyone on the path can read and change its traffic"
+    ]
+    proxy = await proxy_to(loopback, ports, address)
+
+    reply = await get(loopback, loopback.client(proxy.port))
+    assert (reply.status, reply.body) == (200, b"you asked for /app/hello")
+    assert server.connections[0].state["sni"] == b"localhost"
+
+
+# -- both sides ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_on_both_sides_upgrade_and_backend_eof_closes_the_client(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    server = await tls_backend(loopback, ports, pems)
+    proxy = await proxy_to(loopback, ports, https(server.port_number, tls_ca=pems.ca), pems)
+    client = await tls_client(loopback, proxy.port, ca)
+
+    conn = await check_tunnel(loopback, proxy, client, server)
+    assert conn.transport is not None
+    conn.transport.loseConnection()
+
+    # TLS has no half-close: the backend's EOF ends the whole tunnel.
+    assert await loopback.run(client.recv_to_eof) == b""
+    await eventually(
+        lambda: not proxy.factory.tunnels and not proxy.factory.connections,
+        what="the tunnel and the client connection to end",
+    )
+
+
+# -- what a TLS failure is called -----------------------------------------------------------------
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.lost: Deferred[list[Failure]] = Deferred()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost.callback([reason])  # (a bare Failure would fire the errback)
+
+
+class _AnswerInPlainHttp(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("unknown-ca", "could not be verified"),
+        ("wrong-name", "does not name the host"),
+        ("plain-http", "write its URL with http://"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_tls_failures_are_described_with_what_to_change(
+    loopback: Loopback,
+    ports: list[IListeningPort],
+    ca: trustme.CA,
+    tmp_path: Path,
+    case: str,
+    words: str,
+) -> None:
+    if case == "plain-http":
+        address = https(await listen(ports, Factory.forProtocol(_AnswerInPlainHttp), None))
+    else:
+        pems = issue(ca, tmp_path / case, "other.example" if case == "wrong-name" else "localhost")
+        server = await tls_backend(loopback, ports, pems)
+        # The unknown CA is the trustme one, left out: only the system's is trusted.
+        address = https(server.port_number, tls_ca=pems.ca if case == "wrong-name" else None)
+    protocol = await address.endpoint.connect(Factory.forProtocol(_Recorder))
+    protocol.transport.write(GET)
+    (reason,) = await wait(protocol.lost)
+    described = describe_tls_failure(reason)
+    assert described is not None and words in described, described
