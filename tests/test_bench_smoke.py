@@ -3,7 +3,10 @@
 It compiles the backend and the load generator (skipped without a C
 compiler), checks the backend's ``101`` against Python's own SHA-1 and
 base64, and runs the load generator against the backend directly for a very
-short round-trip run and handshake run. The proxy is not involved: this only
+short round-trip run and handshake run. It also checks the helpers the
+``http-workers`` scenario relies on: counting each process's connections,
+waiting until every process answers, metering CPU with nothing pinned, and
+starting upgradeproxy with ``--workers``. The proxy is not run: this only
 proves that ``python3 bench/run.py`` still has working tools.
 """
 
@@ -16,7 +19,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from benchkit import build, procs  # noqa: E402 (bench/ is not a package on the path)
+from benchkit import build, procs, scenarios, targets  # noqa: E402 (bench/ is not on the path)
 
 pytestmark = pytest.mark.loopback
 
@@ -123,3 +128,62 @@ def test_handshakes(programs: build.Programs, backend_port: int) -> None:
     assert result["failures"] == 0, result["first_error"]
     assert result["handshakes"] > 10
     assert result["per_s"] > 0
+
+
+def test_connections_per_process_counts_accepted_connections() -> None:
+    with socket.create_server((procs.HOST, 0)) as server:
+        port = server.getsockname()[1]
+        clients = [socket.create_connection((procs.HOST, port), timeout=5) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            # The clients' ends (remote port = port) and the listener are not counted.
+            assert procs.connections_per_process([os.getpid()], port) == {os.getpid(): 3}
+        finally:
+            for sock in clients + accepted:
+                sock.close()
+
+
+def test_wait_answering_returns_once_every_connection_is_answered(backend_port: int) -> None:
+    procs.wait_answering(backend_port, connections=4, timeout=5)
+
+
+def test_wait_answering_fails_when_nothing_answers() -> None:
+    with socket.create_server((procs.HOST, 0)) as silent:  # listens, never accepts
+        started = time.monotonic()
+        with pytest.raises(procs.StartError, match="did not answer connection 1 of 2"):
+            procs.wait_answering(silent.getsockname()[1], connections=2, timeout=0.3)
+        assert time.monotonic() - started < 5
+
+
+def test_cpu_meter_without_pinning_reads_the_whole_machine() -> None:
+    with procs.cpu_meter(None, None, None, None) as cpu:
+        time.sleep(0.2)
+    assert 0 <= cpu["all_cores_steal"] <= cpu["all_cores"] <= 1
+    assert "load_core" not in cpu and "proxy_core" not in cpu
+
+
+def test_http_workers_pins_nothing_and_passes_workers_to_upgradeproxy(
+    programs: build.Programs, tmp_path: Path
+) -> None:
+    ctx = targets.Context(
+        programs=programs,
+        workdir=tmp_path,
+        load_cpu=0,
+        proxy_cpu=1,
+        nofile=1024,
+        twistd="twistd",
+        upgradeproxy_args=["--workers", "3"],  # overridden: the scenario decides
+    )
+    chosen = {s.name: s for s in scenarios.all_scenarios(scenarios.Settings.quick(), 1024)}
+    workers = chosen["http-workers"]
+    assert workers.runs_on("upgradeproxy") and not workers.runs_on("nginx")
+    unpinned = workers.context(ctx)
+    assert (unpinned.load_cpu, unpinned.proxy_cpu, unpinned.workers) == (None, None, 1)
+    assert chosen["http"].context(ctx) == ctx
+
+    def argv(context: targets.Context) -> list[str]:
+        return targets.UpgradeProxy().prepare(context, 8080, 9000, tmp_path).argv
+
+    assert argv(unpinned)[-2:] == ["--workers", "1"]
+    assert argv(replace(unpinned, workers=scenarios.SCALED_WORKERS))[-2:] == ["--workers", "2"]
+    assert "--workers" not in argv(chosen["http"].context(replace(ctx, upgradeproxy_args=[])))

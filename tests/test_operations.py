@@ -103,9 +103,7 @@ class Cluster:
 
     def requests(self, backend: str) -> int:
         """Requests ``backend`` received, over all its connections."""
-        return sum(
-            c.received.count(b" HTTP/1.1\r\n") for c in self.endpoints[backend].connections
-        )
+        return sum(c.received.count(b" HTTP/1.1\r\n") for c in self.endpoints[backend].connections)
 
 
 def _tunnel(cluster: Cluster, backend: str = "a", port: int = 50000) -> Client:
@@ -403,9 +401,7 @@ def test_the_access_log_has_a_record_per_request_and_per_tunnel() -> None:
     c.last("a").transport.eof()
     assert [type(e["access"]) for e in events] == [RequestRecord, TunnelRecord]
     request, closed = (formatEvent(e) for e in events)
-    assert request == (
-        '192.0.2.7 "GET /page HTTP/1.1" 200 5 0.250s route=default backend=a'
-    )
+    assert request == ('192.0.2.7 "GET /page HTTP/1.1" 200 5 0.250s route=default backend=a')
     assert closed == (
         '192.0.2.7 "TUNNEL /chat websocket" 2.000s up=5 down=3 closed_by=client '
         'reason="EOF" route=default backend=a'

@@ -177,7 +177,7 @@ async def test_twistd_proxies_a_get_and_an_upgrade(
     client.close()
 
     await stop_cleanly(loopback, running)
-    assert "tunnel closed: proxmox-backup-protocol-v1 for 127.0.0.1" in running.log
+    assert '127.0.0.1 "TUNNEL /socket proxmox-backup-protocol-v1"' in running.log
     assert not (tmp_path / "twistd.pid").exists()
 
 

@@ -85,7 +85,7 @@ class _State(enum.Enum):
     CLOSED = enum.auto()
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
+@implementer(IHalfCloseableProtocol)
 class BackendConnection(Protocol):
     """One connection to the backend, used by one exchange at a time."""
 
@@ -106,26 +106,8 @@ class BackendConnection(Protocol):
         self._received = False
         # How much of the buffer was searched for a head end already.
         self._checked = 0
+        # Set while a TLS connection waits for its handshake (see TLSBackendConnection).
         self._handshake: Deferred[BackendConnection] | None = None
-        self._handshaken = False
-
-    def wait_for_handshake(self) -> Deferred[BackendConnection]:
-        """Fires with this connection once its TLS handshake is done, or with why it failed.
-
-        A TLS endpoint reports the connection as made before the handshake;
-        a failed handshake must count as a failed connection (no byte of a
-        request sent), so that it is retried elsewhere and named as such.
-        """
-        if self._handshaken:
-            return succeed(self)
-        self._handshake = Deferred()
-        return self._handshake
-
-    def handshakeCompleted(self) -> None:
-        self._handshaken = True
-        waiting, self._handshake = self._handshake, None
-        if waiting is not None:
-            waiting.callback(self)
 
     # -- used by the client side -------------------------------------------
 
@@ -322,14 +304,44 @@ class BackendConnection(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 
+@implementer(IHandshakeListener)
+class TLSBackendConnection(BackendConnection):
+    """A backend connection over TLS, ready for requests once its handshake is done.
+
+    A TLS endpoint reports the connection as made before the handshake; a
+    failed handshake must count as a failed connection (no byte of a request
+    sent), so that it is retried elsewhere and explained as such.
+
+    A separate class because Twisted's endpoint wrapper, for a protocol that
+    provides both ``IHalfCloseableProtocol`` and ``IHandshakeListener``, keeps
+    only the last: plain TCP connections would lose their half-close.
+    """
+
+    _handshaken = False
+
+    def wait_for_handshake(self) -> Deferred[BackendConnection]:
+        """Fires with this connection once its handshake is done, or with why it failed."""
+        if self._handshaken:
+            return succeed(self)
+        self._handshake = Deferred()
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        self._handshaken = True
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.callback(self)
+
+
 class _BackendConnectionFactory(Factory):
     noisy = False  # one log line per backend connection would drown the access log
 
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
+        self._protocol = TLSBackendConnection if pool.tls else BackendConnection
 
     def buildProtocol(self, addr: object) -> BackendConnection:
-        return BackendConnection(self.pool)
+        return self._protocol(self.pool)
 
 
 class BackendPool:
@@ -367,10 +379,10 @@ class BackendPool:
                 connection.reused = True
                 return succeed(connection)
         # The factory builds only BackendConnection protocols.
-        connecting: Deferred[BackendConnection] = self.endpoint.connect(self._factory)  # type: ignore[assignment]
+        connecting: Deferred[TLSBackendConnection] = self.endpoint.connect(self._factory)  # type: ignore[assignment]
         if self.tls:
-            connecting.addCallback(BackendConnection.wait_for_handshake)
-        return connecting
+            return connecting.addCallback(TLSBackendConnection.wait_for_handshake)
+        return connecting  # type: ignore[return-value]
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""

@@ -270,12 +270,11 @@ class Options(usage.Options):
             config = load_config(self["config"])
         except ConfigError as e:
             _exit_usage(f"{e}".replace("\n", "\nupgradeproxy: "))
-        overrides: dict[str, object] = {}
         if self["listen"]:
-            overrides["listen"] = tuple(self["listen"])
+            config = replace(config, listen=tuple(self["listen"]))
         if self["workers"] is not None:
-            overrides["workers"] = _worker_count(self["workers"])
-        return replace(config, **overrides) if overrides else config
+            config = replace(config, workers=_worker_count(self["workers"]))
+        return config
 
     def _from_flags(self) -> ProxyConfig:
         if self["demo"] and self["backend"]:

@@ -25,10 +25,10 @@ from types import FrameType
 from . import report
 from .build import DEFAULT_BUILD_DIR, BuildError, build
 from .procs import Process, StartError, raise_nofile
-from .scenarios import Outcome, Scenario, Settings, all_scenarios
+from .scenarios import Outcome, Scenario, Settings, all_scenarios, no_wrk
 from .targets import ALL, PROXIES, REPO, Backend, Context, Running, Target, first_line
 
-SCENARIO_NAMES = ("throughput", "rtt", "handshake", "idle", "http")
+SCENARIO_NAMES = ("throughput", "rtt", "handshake", "idle", "http", "http-workers")
 _RUN_NUMBERS = itertools.count(1)
 
 
@@ -130,6 +130,13 @@ def _choose_cpus(args: argparse.Namespace, notes: list[str]) -> tuple[int | None
     return args.load_cpu, args.proxy_cpu
 
 
+def _no_target(scenario: Scenario, targets: list[Target]) -> str | None:
+    if any(scenario.runs_on(target.name) for target in targets):
+        return None
+    names = ", ".join(scenario.targets or ())
+    return f"it measures only {names}, which is not among the targets here (see --proxies)"
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -156,8 +163,10 @@ def run_one(
     """One scenario against one target, with a fresh backend and proxy.
 
     Returns the outcome, the warnings/errors the proxy logged under load, and
-    those it logged at start-up.
+    those it logged at start-up. The scenario decides whether anything is
+    pinned, and upgradeproxy's ``--workers`` (see :meth:`Scenario.context`).
     """
+    ctx = scenario.context(ctx)
     log = ctx.workdir / f"backend-{scenario.name}-{target.name}-{next(_RUN_NUMBERS)}.log"
     backend = Process(
         "backend",
@@ -179,7 +188,8 @@ def run_one(
     backend_errors = backend.log_text().strip()
     if backend_errors:
         outcome.problems.append(f"the backend said: {backend_errors[:300]}")
-    return outcome, running.findings(), target.notable_lines(running.startup_log())
+    findings = [*running.findings(), *outcome.findings]
+    return outcome, findings, target.notable_lines(running.startup_log())
 
 
 def combine(outcomes: list[Outcome]) -> Outcome:
@@ -262,12 +272,19 @@ def _main(argv: list[str] | None) -> int:
     for scenario in all_scenarios(settings, nofile):
         if args.only and scenario.name not in args.only:
             continue
-        reason = scenario.unavailable()
+        reason = scenario.unavailable() or _no_target(scenario, targets)
         if reason:
             _say(f"bench: skipping scenario {scenario.name}: {reason}")
             notes.append(f"skipped scenario {scenario.name}: {reason}")
-        else:
-            scenarios.append(scenario)
+            continue
+        scenarios.append(scenario)
+        if not scenario.pinned:
+            notes.append(
+                f"{scenario.name}: nothing pinned; the load generator and the backend share "
+                f"the {len(os.sched_getaffinity(0))} CPUs with the proxy, whose CPU is summed "
+                "over all its processes (parent and workers), in % of one core"
+            )
+    targets = [t for t in targets if any(s.runs_on(t.name) for s in scenarios)]
     if nofile < 2 * settings.idle_tunnels + 256 and any(s.name == "idle" for s in scenarios):
         notes.append(f"open-file limit {nofile}: the idle scenario holds fewer tunnels")
     if ctx.upgradeproxy_args:
@@ -292,16 +309,17 @@ def _main(argv: list[str] | None) -> int:
         versions={t.name: t.version(ctx) for t in targets},
         notes=notes,
     )
-    if "http" in [s.name for s in scenarios]:
+    if any(s.unavailable is no_wrk for s in scenarios):
         results.versions["wrk"] = first_line(["wrk", "-v"]).split(" Copyright")[0]
 
     started = time.monotonic()
     try:
         for scenario in scenarios:
             _say(f"== {scenario.name}: {scenario.title}")
-            runs: dict[str, list[Outcome]] = {target.name: [] for target in targets}
+            chosen = [target for target in targets if scenario.runs_on(target.name)]
+            runs: dict[str, list[Outcome]] = {target.name: [] for target in chosen}
             for repeat in range(args.repeat):
-                for target in targets:  # target after target, so that a row is measured together
+                for target in chosen:  # target after target, so that a row is measured together
                     try:
                         outcome, findings, startup = run_one(ctx, settings, scenario, target)
                     except Exception as e:

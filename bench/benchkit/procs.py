@@ -32,6 +32,7 @@ from typing import IO, Any
 HOST = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
+_TCP_ESTABLISHED = "01"  # the "st" column of /proc/net/tcp
 #: Session ids of everything the benchmark started (each Process is a session leader).
 _OUR_SESSIONS: set[int] = {os.getsid(0)}
 
@@ -224,8 +225,16 @@ class Process:
         """Resident memory of the whole process group (master and workers), KiB."""
         return sum(rss_kib(pid) for pid in group_members(self.pid))
 
+    def members(self) -> list[int]:
+        """PIDs of its whole process group: itself and whatever it forked (workers)."""
+        return group_members(self.pid)
+
     def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(pid) for pid in group_members(self.pid))
+        return sum(self.cpu_seconds_each().values())
+
+    def cpu_seconds_each(self) -> dict[int, float]:
+        """CPU time so far of each process of its group, by PID."""
+        return {pid: cpu_seconds(pid) for pid in self.members()}
 
     def open_files(self) -> int:
         """Descriptors open in the whole process group."""
@@ -294,6 +303,62 @@ def wait_listening(process: Process, port: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+def wait_answering(port: int, connections: int = 16, timeout: float = 20.0) -> None:
+    """Return once ``connections`` fresh connections each got an HTTP response to ``GET /``.
+
+    A server whose processes share one address with ``SO_REUSEPORT`` accepts
+    connections into every process's backlog as soon as the first socket is
+    bound, before each process serves: the kernel spreads the connections
+    over the sockets, so when all of them are answered every process (of two:
+    with a probability of 1 - 2^-15 for 16 connections) serves.
+    """
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as stack:
+        socks = [
+            stack.enter_context(socket.create_connection((HOST, port), timeout=timeout))
+            for _ in range(connections)
+        ]
+        for sock in socks:
+            sock.sendall(request)
+        for n, sock in enumerate(socks, start=1):
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                answer = sock.recv(64)
+            except TimeoutError:
+                raise StartError(
+                    f"{HOST}:{port} did not answer connection {n} of {connections} "
+                    f"within {timeout:.0f} s"
+                ) from None
+            if not answer.startswith(b"HTTP/1."):
+                raise StartError(f"{HOST}:{port} answered GET / with {answer!r}")
+
+
+def connections_per_process(pids: Sequence[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local ``port`` each process holds (IPv4).
+
+    Read from ``/proc/net/tcp`` (the connections and their socket inodes) and
+    ``/proc/PID/fd`` (which process holds which inode).
+    """
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        next(f)  # the header
+        for line in f:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == _TCP_ESTABLISHED:
+                inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in pids:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        counts[pid] = held
+    return counts
+
+
 def run_json(argv: Sequence[str], *, cpu: int | None, timeout: float) -> dict[str, Any]:
     """Run a program that prints a JSON object as its last line; return that object."""
     try:
@@ -317,16 +382,17 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def core_times(cpu: int) -> tuple[int, int, int]:
-    """(busy, steal, total) clock ticks of one CPU so far, from /proc/stat.
+def core_times(cpu: int | None) -> tuple[int, int, int]:
+    """(busy, steal, total) clock ticks of one CPU (None: of all CPUs) so far, from /proc/stat.
 
     Busy counts user, nice, system, irq, softirq and steal time: on loopback
     much of the network work is softirq time that no process is charged for.
     Steal is time a hypervisor gave this virtual CPU's host CPU to someone else.
     """
+    prefix = "cpu " if cpu is None else f"cpu{cpu} "
     with open("/proc/stat") as f:
         for line in f:
-            if line.startswith(f"cpu{cpu} "):
+            if line.startswith(prefix):
                 user, nice, system, idle, iowait, irq, softirq, steal = map(int, line.split()[1:9])
                 busy = user + nice + system + irq + softirq + steal
                 return busy, steal, busy + idle + iowait
@@ -374,17 +440,23 @@ def cpu_meter(
     The dict it yields gets, when the block ends: ``proxy_cpu`` (the proxy's
     process group, if there is a proxy); ``load_cpu`` (the backend plus every
     child of the driver that finished inside the block: the load generator or
-    wrk); and, when pinned, ``load_core`` and ``proxy_core``: how busy each of
+    wrk); when pinned, ``load_core`` and ``proxy_core``: how busy each of
     the two CPUs was, whoever kept it busy, and ``load_core_steal`` and
-    ``proxy_core_steal``, the part of that a hypervisor took away; ``other_cpu``:
-    what processes the benchmark did not start used meanwhile.
+    ``proxy_core_steal``, the part of that a hypervisor took away -- when
+    nothing is pinned, ``all_cores`` and ``all_cores_steal``, the same for
+    the machine as a whole (averaged over its CPUs); ``other_cpu``: what
+    processes the benchmark did not start used meanwhile.
     """
     reading: dict[str, float] = {}
     start_wall = time.monotonic()
     start_proxy = proxy.cpu_seconds() if proxy is not None else 0.0
     start_load = (backend.cpu_seconds() if backend is not None else 0.0) + _children_cpu_seconds()
-    cores = {name: core for name, core in (("load_core", load_core), ("proxy_core", proxy_core))}
-    start_cores = {name: core_times(core) for name, core in cores.items() if core is not None}
+    cores: dict[str, int | None] = {
+        name: core
+        for name, core in (("load_core", load_core), ("proxy_core", proxy_core))
+        if core is not None
+    } or {"all_cores": None}
+    start_cores = {name: core_times(core) for name, core in cores.items()}
     start_other = _foreign_processes()
     try:
         yield reading
@@ -397,9 +469,26 @@ def cpu_meter(
             reading["load_cpu"] = (load - start_load) / wall
             reading["other_cpu"] = foreign_cpu_seconds(start_other) / wall
             for name, (busy0, steal0, total0) in start_cores.items():
-                core = cores[name]
-                assert core is not None
-                busy1, steal1, total1 = core_times(core)
+                busy1, steal1, total1 = core_times(cores[name])
                 if total1 > total0:
                     reading[name] = (busy1 - busy0) / (total1 - total0)
                     reading[f"{name}_steal"] = (steal1 - steal0) / (total1 - total0)
+
+
+@contextlib.contextmanager
+def cpu_each(process: Process | None) -> Iterator[dict[int, float]]:
+    """CPU use of each process of ``process``'s group over the ``with`` block, by PID.
+
+    In fractions of one core; a process that started inside the block (a
+    restarted worker) counts from its start. Empty without a process.
+    """
+    reading: dict[int, float] = {}
+    start_wall = time.monotonic()
+    start = process.cpu_seconds_each() if process is not None else {}
+    try:
+        yield reading
+    finally:
+        wall = time.monotonic() - start_wall
+        if process is not None and wall > 0:
+            for pid, seconds in process.cpu_seconds_each().items():
+                reading[pid] = (seconds - start.get(pid, 0.0)) / wall

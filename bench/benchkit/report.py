@@ -16,9 +16,8 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scenarios import Metric, Outcome, Scenario
+from .scenarios import TIMES, Metric, Outcome, Scenario
 
-TIMES = "\N{MULTIPLICATION SIGN}"
 LEGEND = (
     "up vs X: upgradeproxy's value divided by X's; for µs and KiB lower is better.",
     "proxy CPU: the share of one core that the proxy's processes used during that run.",
@@ -90,7 +89,7 @@ def format_value(metric: Metric, value: float | None) -> str:
         return "—"
     if metric.unit == "% core":
         return f"{value:.0f}"
-    if metric.unit == "fds":
+    if metric.unit in ("fds", TIMES):
         return f"{value:.2f}"
     if metric.unit == "KiB":
         return f"{value:.1f}"
@@ -203,6 +202,11 @@ def finding_lines(results: Results) -> list[str]:
     return lines
 
 
+def _unpinned(results: Results) -> str:
+    names = [scenario.name for scenario in results.scenarios if not scenario.pinned]
+    return f" (nothing pinned in {', '.join(names)}: see the notes)" if names else ""
+
+
 def text_report(results: Results) -> str:
     m = results.machine
     s = results.settings
@@ -210,7 +214,7 @@ def text_report(results: Results) -> str:
     out = [
         f"upgradeproxy benchmark, {m['date']}: {m['nproc']} CPUs ({m['cpu']}), "
         f"Linux {m['kernel']}, {m['os']}",
-        f"load on CPU {s['load_cpu']}, proxy on CPU {s['proxy_cpu']}; "
+        f"load on CPU {s['load_cpu']}, proxy on CPU {s['proxy_cpu']}{_unpinned(results)}; "
         f"{s['warmup']} s warm-up, {s['duration']} s measured{repeat}",
         "",
         text_table(results),
@@ -238,8 +242,8 @@ def markdown_report(results: Results) -> str:
     out = [
         f"Measured {m['date']} with `{results.command}`",
         f"on {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, {m['os']}.",
-        f"Load generator and backend on CPU {s['load_cpu']}, the proxy on CPU {s['proxy_cpu']};"
-        f" {s['warmup']} s warm-up, {s['duration']} s measured"
+        f"Load generator and backend on CPU {s['load_cpu']}, the proxy on CPU {s['proxy_cpu']}"
+        f"{_unpinned(results)}; {s['warmup']} s warm-up, {s['duration']} s measured"
         + (f"; median of {s['repeat']} runs." if s["repeat"] > 1 else "."),
         "",
         markdown_table(results),

@@ -1,10 +1,11 @@
-"""The five scenarios: what each one runs, and the metrics (table rows) it yields.
+"""The six scenarios: what each one runs, and the metrics (table rows) it yields.
 
 Each scenario gets a fresh backend and a freshly started target (see
 :func:`benchkit.cli.run_one`), runs the load generator pinned to the load
-CPU, and returns an :class:`Outcome`: the metric values, the raw numbers
-behind them (``details``, kept in the JSON, with the CPU use of every run),
-and ``problems`` -- failed handshakes, broken tunnels, wrong bytes -- which
+CPU (all but ``http-workers``, which pins nothing), and returns an
+:class:`Outcome`: the metric values, the raw numbers behind them
+(``details``, kept in the JSON, with the CPU use of every run), and
+``problems`` -- failed handshakes, broken tunnels, wrong bytes -- which
 mark the cells in the table.
 
 1. ``throughput``: 1 and 16 tunnels to the backend's ``/duplex``; the client
@@ -17,6 +18,10 @@ mark the cells in the table.
 4. ``idle``: growth of the proxy's RSS and open descriptors (all its
    processes) for N idle tunnels, per tunnel.
 5. ``http``: ``wrk -t1 -c50`` plain GETs with keep-alive, requests per second.
+6. ``http-workers``: the same through upgradeproxy with ``--workers 1`` and
+   then ``--workers 2``, nothing pinned, so that two workers can use both
+   CPUs (which wrk and the backend share with them); the ratio of the two
+   rates against the target of 1.7.
 """
 
 from __future__ import annotations
@@ -27,11 +32,21 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from .procs import HOST, Process, StartError, cpu_meter, pinned, run_json
+from .procs import (
+    HOST,
+    Process,
+    StartError,
+    connections_per_process,
+    cpu_each,
+    cpu_meter,
+    pinned,
+    run_json,
+    wait_answering,
+)
 from .targets import Backend, Context, Running
 
 THROUGHPUT_TUNNELS = (1, 16)
@@ -39,7 +54,10 @@ RTT_TUNNELS = (1, 100)
 HANDSHAKE_CONCURRENCY = 16
 WRITE_SIZE = 64 * 1024
 MESSAGE_SIZE = 64
-WRK_CONNECTIONS = 50
+TIMES = "\N{MULTIPLICATION SIGN}"
+#: The worker count ``http-workers`` compares with one process, and the ratio it should reach.
+SCALED_WORKERS = 2
+WORKERS_TARGET = 1.7
 #: Other processes using more than this share of a CPU during a measurement mark it "~".
 OTHER_CPU_LIMIT = 0.10
 #: So does a hypervisor stealing more than this share of either CPU.
@@ -73,8 +91,27 @@ class Metric:
     compare: bool = True
 
 
-def cpu_metric(key: str) -> Metric:
-    return Metric(key, "  proxy CPU", "% core", higher_is_better=False, compare=False)
+def cpu_metric(key: str, label: str = "  proxy CPU") -> Metric:
+    return Metric(key, label, "% core", higher_is_better=False, compare=False)
+
+
+@dataclass(frozen=True)
+class WrkLoad:
+    """How ``wrk`` loads a target: its threads and its keep-alive connections."""
+
+    threads: int
+    connections: int
+
+    def __str__(self) -> str:
+        return f"wrk -t{self.threads} -c{self.connections}"
+
+
+#: The ``http`` scenario's load: one wrk thread is far from its limit at these rates.
+HTTP_LOAD = WrkLoad(threads=1, connections=50)
+#: The ``http-workers`` load: more connections, so that SO_REUSEPORT's hashing
+#: of them gives both workers close to half; one thread leaves more CPU to the
+#: proxy than two.
+WORKERS_LOAD = WrkLoad(threads=1, connections=100)
 
 
 @dataclass
@@ -91,6 +128,9 @@ class Outcome:
     #: Metric keys measured while other processes on the machine, or the
     #: hypervisor, took a good share of a CPU: those values may be low ("~").
     disturbed: dict[str, str] = field(default_factory=dict)
+    #: Warnings and errors logged under load by proxies that the scenario
+    #: started itself (those of the target it was given are read by the driver).
+    findings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,6 +141,22 @@ class Scenario:
     run: Callable[[Context, Settings, Running, Backend], Outcome]
     #: None if it can run here, else why not.
     unavailable: Callable[[], str | None] = lambda: None
+    #: The targets it runs against, by name; None for all of them.
+    targets: tuple[str, ...] | None = None
+    #: False: nothing is pinned -- the proxy, the load generator and the
+    #: backend share every CPU.
+    pinned: bool = True
+    #: ``--workers`` for the upgradeproxy it is given; None leaves the default.
+    workers: int | None = None
+
+    def runs_on(self, target: str) -> bool:
+        return self.targets is None or target in self.targets
+
+    def context(self, ctx: Context) -> Context:
+        """``ctx`` as this scenario's runs see it: without CPUs if it pins nothing, its workers."""
+        if not self.pinned:
+            ctx = replace(ctx, load_cpu=None, proxy_cpu=None)
+        return replace(ctx, workers=self.workers)
 
 
 def _loadgen(
@@ -124,10 +180,17 @@ def _measured(
     backend: Backend,
     measure: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
-    """Run ``measure`` while metering CPU; keep its result in the details under ``name``."""
-    with cpu_meter(running.process, backend.process, ctx.load_cpu, ctx.proxy_cpu) as cpu:
+    """Run ``measure`` while metering CPU; keep its result in the details under ``name``.
+
+    The CPU readings join the result, with ``proxy_cpu_each``: each proxy
+    process's share of a core, by PID.
+    """
+    with (
+        cpu_meter(running.process, backend.process, ctx.load_cpu, ctx.proxy_cpu) as cpu,
+        cpu_each(running.process) as each,
+    ):
         result = measure()
-    result.update(cpu)
+    result.update(cpu, proxy_cpu_each=each)
     outcome.details[name] = result
     load = cpu.get("load_core", cpu.get("load_cpu", 0.0))
     proxy = cpu.get("proxy_core", cpu.get("proxy_cpu", 0.0))
@@ -135,7 +198,7 @@ def _measured(
         for key in keys:
             outcome.load_bound[key] = f"load CPU {load:.0%} busy, proxy CPU {proxy:.0%} busy"
     other = cpu.get("other_cpu", 0.0)
-    steal = max(cpu.get("load_core_steal", 0.0), cpu.get("proxy_core_steal", 0.0))
+    steal = max(value for key, value in [("", 0.0), *cpu.items()] if key.endswith("_steal"))
     reasons = []
     if other >= OTHER_CPU_LIMIT:
         reasons.append(f"other processes used {other:.0%} of a CPU")
@@ -356,44 +419,184 @@ def parse_wrk(output: str) -> dict[str, Any]:
     }
 
 
-def _wrk(ctx: Context, port: int, seconds: int) -> str:
+def _wrk(
+    ctx: Context,
+    port: int,
+    seconds: int,
+    load: WrkLoad,
+    while_running: Callable[[], None] | None = None,
+) -> str:
+    """wrk's output for ``seconds`` of ``load``; ``while_running`` is called halfway through."""
     wrk = shutil.which("wrk")
     assert wrk is not None
-    argv = [wrk, "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", "--latency"]
+    argv = [wrk, f"-t{load.threads}", f"-c{load.connections}", f"-d{seconds}s", "--latency"]
     argv.append(f"http://{HOST}:{port}/")
-    done = subprocess.run(
-        pinned(argv, ctx.load_cpu), capture_output=True, text=True, timeout=seconds + 60
-    )
-    if done.returncode != 0:
-        raise StartError(f"wrk failed: {done.stderr.strip()}")
-    return done.stdout
+    with subprocess.Popen(
+        pinned(argv, ctx.load_cpu), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            if while_running is not None:
+                time.sleep(seconds / 2)
+                while_running()
+            output, errors = process.communicate(timeout=seconds + 60)
+        except BaseException:
+            process.kill()
+            raise
+    if process.returncode != 0:
+        raise StartError(f"wrk failed: {errors.strip()}")
+    return output
 
 
-def run_http(ctx: Context, settings: Settings, running: Running, backend: Backend) -> Outcome:
-    outcome = Outcome()
+def _wrk_measured(
+    ctx: Context,
+    settings: Settings,
+    outcome: Outcome,
+    name: str,
+    keys: list[str],
+    running: Running,
+    backend: Backend,
+    load: WrkLoad,
+    while_running: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """A wrk warm-up, then a wrk run measured as ``name`` (see :func:`_measured`).
+
+    Responses other than 2xx/3xx, socket errors and output that cannot be
+    read become problems.
+    """
     if settings.wrk_warmup_seconds:
-        _wrk(ctx, running.port, settings.wrk_warmup_seconds)
+        _wrk(ctx, running.port, settings.wrk_warmup_seconds, load)
     output = ""
 
     def measure() -> dict[str, Any]:
         nonlocal output
-        output = _wrk(ctx, running.port, settings.wrk_seconds)
+        output = _wrk(ctx, running.port, settings.wrk_seconds, load, while_running)
         return parse_wrk(output)
 
-    result = _measured(ctx, outcome, "wrk", ["http_rps"], running, backend, measure)
+    result = _measured(ctx, outcome, name, keys, running, backend, measure)
+    if result["non_2xx"]:
+        outcome.problems.append(f"{name}: {result['non_2xx']} responses were not 2xx/3xx")
+    if any(result["socket_errors"].values()):
+        outcome.problems.append(f"{name}: socket errors {result['socket_errors']}")
+    if result["per_s"] is None:
+        outcome.problems.append(f"{name}: wrk output not understood: {output.strip()[:300]}")
+    return result
+
+
+def run_http(ctx: Context, settings: Settings, running: Running, backend: Backend) -> Outcome:
+    outcome = Outcome()
+    result = _wrk_measured(ctx, settings, outcome, "wrk", ["http_rps"], running, backend, HTTP_LOAD)
     outcome.values["http_rps"] = result["per_s"]
     outcome.values["http_cpu"] = _percent(result.get("proxy_cpu"))
-    if result["non_2xx"]:
-        outcome.problems.append(f"wrk: {result['non_2xx']} responses were not 2xx/3xx")
-    if any(result["socket_errors"].values()):
-        outcome.problems.append(f"wrk: socket errors {result['socket_errors']}")
-    if result["per_s"] is None:
-        outcome.problems.append(f"wrk output not understood: {output.strip()[:300]}")
     return outcome
 
 
-def _no_wrk() -> str | None:
+def no_wrk() -> str | None:
+    """None if wrk is installed, else why the HTTP scenarios cannot run."""
     return None if shutil.which("wrk") else "wrk is not installed (apt-get install wrk)"
+
+
+# -- 6. plain HTTP with worker processes -------------------------------------------
+
+
+def _share_metric(key: str, label: str) -> Metric:
+    return Metric(key, label, "%", higher_is_better=False, compare=False)
+
+
+def _workers_metrics() -> list[Metric]:
+    rows = []
+    for n in (1, SCALED_WORKERS):
+        label = f"HTTP GET keep-alive, --workers {n}, unpinned"
+        rows += [
+            Metric(f"hw{n}_rps", label, "req/s", compare=False),  # no other target runs it
+            cpu_metric(f"hw{n}_cpu", "  proxy CPU, all its processes"),
+        ]
+        if n > 1:
+            rows += [
+                cpu_metric(f"hw{n}_parent_cpu", "  of which the parent"),
+                _share_metric(f"hw{n}_busiest", "  busiest worker's share of connections"),
+            ]
+        rows.append(_share_metric(f"hw{n}_machine", "  all CPUs busy, whoever kept them busy"))
+    ratio = f"  --workers {SCALED_WORKERS} ÷ --workers 1 (target {WORKERS_TARGET}{TIMES})"
+    return [*rows, Metric("hw_ratio", ratio, TIMES, compare=False)]
+
+
+WORKERS_KEYS = [metric.key for metric in _workers_metrics()]
+
+
+def run_http_workers(
+    ctx: Context, settings: Settings, running: Running, backend: Backend
+) -> Outcome:
+    """Plain GETs through ``running`` (``--workers 1``), then through a fresh ``--workers 2``.
+
+    Both run in front of the same backend, one after the other, with nothing
+    pinned (see :meth:`Scenario.context`); the first stays up, idle, until the
+    driver stops it after this returns.
+    """
+    outcome = Outcome()
+    single = _http_through_workers(ctx, settings, running, backend, outcome, 1)
+    scaled_ctx = replace(ctx, workers=SCALED_WORKERS)
+    with running.target.run(scaled_ctx, backend.port) as scaled:
+        several = _http_through_workers(ctx, settings, scaled, backend, outcome, SCALED_WORKERS)
+    outcome.findings += scaled.findings()
+    outcome.values["hw_ratio"] = several / single if several and single else None
+    for flags in (outcome.load_bound, outcome.disturbed):
+        reasons = [
+            f"--workers {n}: {flags[key]}"
+            for n in (1, SCALED_WORKERS)
+            if (key := f"hw{n}_rps") in flags
+        ]
+        if reasons:
+            flags["hw_ratio"] = "; ".join(reasons)
+    return outcome
+
+
+def _http_through_workers(
+    ctx: Context,
+    settings: Settings,
+    running: Running,
+    backend: Backend,
+    outcome: Outcome,
+    workers: int,
+) -> float | None:
+    """Measure plain GETs through upgradeproxy started with ``--workers``; return its req/s.
+
+    Before the load, every worker must answer and the process group must hold
+    them all (the parent and its workers, or the one process), so that their
+    CPU is counted. Halfway through, it counts each serving process's
+    connections: SO_REUSEPORT hashes each new connection to one worker.
+    """
+    process = running.process
+    assert process is not None
+    name = f"workers_{workers}"
+    wait_answering(running.port)
+    pids = process.members()
+    expected = 1 + workers if workers > 1 else 1
+    if len(pids) != expected:
+        outcome.problems.append(f"{name}: {len(pids)} proxy processes, expected {expected}")
+    serving = [pid for pid in pids if pid != process.pid] or [process.pid]
+    connections: dict[int, int] = {}
+
+    def count_connections() -> None:
+        connections.update(connections_per_process(serving, running.port))
+
+    keys = [key for key in WORKERS_KEYS if key.startswith(f"hw{workers}_")]
+    result = _wrk_measured(
+        ctx, settings, outcome, name, keys, running, backend, WORKERS_LOAD, count_connections
+    )
+    result["connections_each"] = connections
+    outcome.values[f"hw{workers}_rps"] = result["per_s"]
+    outcome.values[f"hw{workers}_cpu"] = _percent(result.get("proxy_cpu"))
+    # Near 100 % the machine, not the proxy, set the limit; a single process
+    # that already keeps it X % busy leaves room for at most 1/X times its rate.
+    outcome.values[f"hw{workers}_machine"] = _percent(result.get("all_cores"))
+    if workers > 1:
+        parent: float | None = result["proxy_cpu_each"].get(process.pid)
+        outcome.values[f"hw{workers}_parent_cpu"] = _percent(parent)
+        total = sum(connections.values())
+        busiest = 100 * max(connections.values()) / total if total else None
+        outcome.values[f"hw{workers}_busiest"] = busiest
+    per_s: float | None = result["per_s"]
+    return per_s
 
 
 # -- the list --------------------------------------------------------------------
@@ -445,12 +648,24 @@ def all_scenarios(settings: Settings, nofile: int) -> list[Scenario]:
         ),
         Scenario(
             "http",
-            f"plain GET with keep-alive, wrk -t1 -c{WRK_CONNECTIONS}",
+            f"plain GET with keep-alive, {HTTP_LOAD}",
             [
-                Metric("http_rps", f"HTTP GET keep-alive, wrk -c{WRK_CONNECTIONS}", "req/s"),
+                Metric("http_rps", f"HTTP GET keep-alive, wrk -c{HTTP_LOAD.connections}", "req/s"),
                 cpu_metric("http_cpu"),
             ],
             run_http,
-            _no_wrk,
+            no_wrk,
+        ),
+        Scenario(
+            "http-workers",
+            f"plain GET with keep-alive, {WORKERS_LOAD}, through upgradeproxy --workers 1, "
+            f"then --workers {SCALED_WORKERS}; nothing pinned: wrk and the backend share "
+            "the CPUs with the proxy",
+            _workers_metrics(),
+            run_http_workers,
+            no_wrk,
+            targets=("upgradeproxy",),
+            pinned=False,
+            workers=1,
         ),
     ]

@@ -9,10 +9,10 @@ A target is where the load generator connects:
   WebSocket-capable reverse proxy in front of the same backend.
 
 Every proxy listens on a free port on 127.0.0.1, runs pinned to the proxy
-CPU, keeps its configuration and logs in its own directory under the run's
-temporary directory, and logs what it logs by default. This module also
-reads those logs back: warnings and errors that appeared while the load ran
-become *findings* in the report.
+CPU (unless the scenario pins nothing), keeps its configuration and logs in
+its own directory under the run's temporary directory, and logs what it
+logs by default. This module also reads those logs back: warnings and
+errors that appeared while the load ran become *findings* in the report.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Context:
     nofile: int
     twistd: str | None
     upgradeproxy_args: list[str] = field(default_factory=list)
+    #: ``--workers`` for upgradeproxy, after the extra arguments; None leaves its default.
+    workers: int | None = None
 
 
 @dataclass
@@ -259,6 +261,8 @@ class UpgradeProxy(Target):
             f"http://{HOST}:{backend_port}",
             *ctx.upgradeproxy_args,
         ]
+        if ctx.workers is not None:
+            argv += ["--workers", str(ctx.workers)]
         return Launch(argv)
 
 
