@@ -4,13 +4,22 @@ graceful shutdown, the access log and the state behind the metrics."""
 from __future__ import annotations
 
 import json
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from upgradeproxy import BackendSettings, ProxySettings
-from upgradeproxy.accesslog import NAMESPACE, AccessLog, RequestRecord, TunnelRecord
+from upgradeproxy.accesslog import (
+    NAMESPACE,
+    AccessLog,
+    RequestRecord,
+    TunnelRecord,
+    access_log_to,
+)
 from upgradeproxy.address import BackendAddress
 from upgradeproxy.balancer import BackendGroup, Policy
 from upgradeproxy.proxy import ProxyFactory
@@ -416,6 +425,7 @@ def test_the_access_log_in_json_lines() -> None:
     client.send(b"GET /q?a=%C3%A9 HTTP/1.1\r\nHost: h\r\n\r\n")
     c.last("a").send(OK)
     line = json.loads(formatEvent(events[0]))
+    assert abs(line.pop("time") - time.time()) < 60
     assert line == {
         "type": "request",
         "client": "192.0.2.7",
@@ -483,3 +493,17 @@ def test_a_single_backend_factory_keeps_its_simple_interface() -> None:
     assert h.factory.pool.idle_count == 1
     assert h.factory.backend_name == "scripted backend"
     assert isinstance(h.client_transport, MemoryTransport)
+
+
+def test_an_access_log_file_has_timestamped_text_lines(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log, stream = access_log_to(str(path), "text")
+    c = Cluster(access_log=log)
+    client = c.client()
+    client.send(GET)
+    c.last("a").send(OK)
+    stream.close()
+    (line,) = path.read_text().splitlines()
+    stamp, _, rest = line.partition(" ")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+    assert rest.startswith('192.0.2.7 "GET /page HTTP/1.1" 200 5 ')

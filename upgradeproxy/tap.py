@@ -6,8 +6,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address
@@ -46,6 +47,8 @@ from .workers import (
     open_sockets,
 )
 
+T = TypeVar("T")
+
 
 def _exit_usage(message: str) -> None:
     """Leave with one line that says what to change, and exit status 2.
@@ -64,27 +67,25 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _optional_seconds(text: str) -> float | None:
-    """Seconds, or 0 / "off" for none."""
-    if text.lower() in ("0", "off", "none"):
-        return None
-    return _seconds(text)
-
-
-def _optional_count(text: str) -> int | None:
-    """A count above 0, or 0 / "off" for no limit."""
-    if text.lower() in ("0", "off", "none"):
-        return None
+def _count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be a whole number above 0, or 0 for no limit")
     return value
 
 
-def _optional_size(text: str) -> int | None:
-    if text.lower() in ("0", "off", "none"):
-        return None
-    return parse_size(text)
+def _or_off(convert: Callable[[str], T]) -> Callable[[str], T | None]:
+    """``convert``, except that 0 or "off" means none (no timeout, no limit)."""
+
+    def coerce(text: str) -> T | None:
+        return None if text.lower() in ("0", "off", "none") else convert(text)
+
+    return coerce
+
+
+_optional_seconds = _or_off(_seconds)
+_optional_count = _or_off(_count)
+_optional_size = _or_off(parse_size)
 
 
 #: The flags that a configuration file replaces; giving both is a mistake.

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +27,15 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from .accesslog import NAMESPACE
+
 log = Logger()
+
+#: Starts a line a worker sends its parent that holds a formatted access record.
+ACCESS_MARK = b"\x1daccess "
 
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
@@ -98,6 +104,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.slot = slot
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = b""
+        #: How the worker's lines are tagged in the log, once it is known.
+        self.system = f"worker slot {slot}"
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -106,6 +114,20 @@ class _WorkerProcess(protocol.ProcessProtocol):
             self._publish(line)
 
     def _publish(self, line: bytes) -> None:
+        if line.startswith(ACCESS_MARK):
+            # An access record, already formatted by the worker: the cheap path.
+            globalLogPublisher(
+                {
+                    "log_namespace": NAMESPACE,
+                    "log_level": LogLevel.info,
+                    "log_format": "{access}",
+                    "access": line[len(ACCESS_MARK) :].decode("utf-8", "replace"),
+                    "log_time": time.time(),
+                    "log_source": None,
+                    "log_system": self.system,
+                }
+            )
+            return
         try:
             # jsonFileLogObserver starts each record with an RS character.
             event = eventFromJSON(line.decode("utf-8").lstrip("\x1e"))
@@ -160,6 +182,7 @@ class WorkerPool(Service):
             worker, sys.executable, argv, env=os.environ.copy(), childFDs=child_fds
         )
         self._workers[slot] = worker
+        worker.system = f"worker {process.pid}"
         log.info("started worker {slot} (pid {pid})", slot=slot, pid=process.pid)
 
     def worker_ended(self, worker: _WorkerProcess, reason: Failure) -> None:
@@ -257,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     @provider(ILogObserver)
     def tagged(event: dict[str, object]) -> None:
+        if event.get("log_namespace") == NAMESPACE:
+            # Access records are most of the log: sent as the line they
+            # print as, which costs a fraction of a JSON event both here and
+            # in the parent.
+            sys.stdout.buffer.write(ACCESS_MARK + formatEvent(event).encode("utf-8") + b"\n")
+            sys.stdout.flush()
+            return
         event.setdefault("log_system", system)
         to_parent(event)
 

@@ -259,6 +259,9 @@ class UpgradeProxy(Target):
             f"tcp:{port}:interface={HOST}",
             "--backend",
             f"http://{HOST}:{backend_port}",
+            # Like nginx's access_log: one line per request into a file.
+            "--access-log",
+            str(rundir / "access.log"),
             *ctx.upgradeproxy_args,
         ]
         if ctx.workers is not None:
