@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import error
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from upgradeproxy import BackendSettings, ProxySettings
 from upgradeproxy.accesslog import (
@@ -21,7 +25,8 @@ from upgradeproxy.accesslog import (
     access_log_to,
 )
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.balancer import BackendGroup, Policy
+from upgradeproxy.backend import BackendConnection, BackendPool
+from upgradeproxy.balancer import BackendGroup, Policy, describe_connect_failure
 from upgradeproxy.proxy import ProxyFactory
 from upgradeproxy.routing import Route, Router, host_name
 from upgradeproxy.testing import MemoryTransport, ProxyHarness, ScriptedBackendEndpoint
@@ -507,3 +512,32 @@ def test_an_access_log_file_has_timestamped_text_lines(tmp_path: Path) -> None:
     stamp, _, rest = line.partition(" ")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
     assert rest.startswith('192.0.2.7 "GET /page HTTP/1.1" 200 5 ')
+
+
+# -- connecting to backends ----------------------------------------------------------
+
+
+def test_plain_tcp_backends_are_connected_without_the_endpoint_wrapper() -> None:
+    reactor = MemoryReactorClock()
+    endpoint = TCP4ClientEndpoint(reactor, "192.0.2.1", 9000, timeout=3)
+    pool = BackendPool(endpoint, reactor, BackendSettings())
+    ready = pool.connect()
+    ((host, port, factory, timeout, _),) = reactor.tcpClients
+    assert (host, port, timeout) == ("192.0.2.1", 9000, 3)
+    protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, BackendConnection), "our protocol is the transport's own"
+    assert not ready.called
+    protocol.makeConnection(StringTransport())
+    assert ready.result is protocol
+
+
+def test_a_plain_tcp_connection_that_fails_fails_the_attempt() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(TCP4ClientEndpoint(reactor, "192.0.2.1", 9000), reactor, BackendSettings())
+    failures: list[Failure] = []
+    pool.connect().addErrback(failures.append)
+    ((_, _, factory, _, _),) = reactor.tcpClients
+    factory.clientConnectionFailed(None, Failure(error.TimeoutError()))
+    (failure,) = failures
+    assert failure.check(error.TimeoutError)
+    assert describe_connect_failure(failure) == "no connection within the connect timeout"

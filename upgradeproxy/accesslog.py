@@ -24,7 +24,6 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogPublisher,
-    formatEvent,
     globalLogPublisher,
 )
 
@@ -149,9 +148,10 @@ def _formatter(format: str) -> Callable[[dict[str, Any]], str | None]:
     def line(event: dict[str, Any]) -> str | None:
         if event.get("log_namespace") != NAMESPACE:
             return None
+        record = event["access"]
         if format == "json":
-            return formatEvent(event) + "\n"
-        return f"{stamp(event['log_time'])} {formatEvent(event)}\n"
+            return record.json + "\n"
+        return f"{stamp(event['log_time'])} {record.text}\n"
 
     return line
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -65,6 +66,9 @@ class HealthCheck:
 def describe_connect_failure(reason: Failure) -> str:
     """Why a connection attempt failed, in a few words ("Connection refused")."""
     value = reason.value
+    if isinstance(value, ConnectTimeout):
+        # Twisted's own words are "User timeout caused connection failure".
+        return "no connection within the connect timeout"
     # Twisted puts the system's own words (strerror) in the first argument.
     if isinstance(value, ConnectError) and value.args and value.args[0]:
         return str(value.args[0])

@@ -202,7 +202,7 @@ class ClientConnection(Protocol):
         """Move the bytes in the buffer to whoever owns them now."""
         exchange = self._exchange
         if exchange is None:
-            if self._closing:
+            if self._closing or not self._buf:
                 return
             self._drop_empty_lines()
             limit = self._settings.max_request_head
@@ -366,7 +366,11 @@ class ClientConnection(Protocol):
         exchange.attempts += 1
         upstream = exchange.upstream
         assert upstream is not None
-        d = upstream.pool.acquire()
+        pooled = upstream.pool.take_idle()
+        if pooled is not None:
+            self._backend_ready(pooled, exchange)
+            return
+        d = upstream.pool.connect()
         d.addCallbacks(
             self._backend_ready,
             self._backend_unreachable,

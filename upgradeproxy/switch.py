@@ -69,7 +69,7 @@ def complete_switch(
     assert response is not None and backend.transport is not None
     client.write(switch_for_client(response).serialize())
     protocol = b", ".join(attempt.selected).decode("latin-1")
-    method, target = _describe(attempt)
+    target = attempt.request.target.decode("latin-1")
     clock = proxy.clock
     stats = TunnelStats(
         protocol, attempt.client, clock.seconds(), target, route.name, upstream.name
@@ -91,14 +91,5 @@ def complete_switch(
     backend.enter_tunnel(tunnel)
     attach(tunnel)
     proxy.tunnel_started(tunnel, upstream)
-    # Debug only: the line at the tunnel's end says all of it, and a line
-    # per handshake is a real share of a handshake's cost.
-    log.debug(
-        "{client} {method} {target} switched to {protocol}",
-        client=attempt.client,
-        method=method,
-        target=target,
-        protocol=protocol,
-    )
     tunnel.start()
     return tunnel

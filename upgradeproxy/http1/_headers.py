@@ -73,12 +73,14 @@ class Headers:
 
         Empty elements (``a, , b``) are skipped, as RFC 9110 §5.6.1 asks.
         """
+        if name not in self._values():
+            return []
         return [t.lower() for t in self.elements(name)]
 
     def elements(self, name: bytes) -> list[bytes]:
         """Like :meth:`tokens`, keeping the case of each element."""
-        out = []
-        for value in self.get_all(name):
+        out: list[bytes] = []
+        for value in self._values().get(name, ()):
             for element in value.split(b","):
                 element = element.strip(b" \t")
                 if element:
@@ -102,7 +104,7 @@ class Headers:
         that ``Connection`` names.
         """
         listed = self.tokens(b"connection")
-        return self.without(HOP_BY_HOP.union(listed))
+        return self.without(HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP)
 
     def serialize_into(self, out: list[bytes]) -> None:
         for name, value in self.fields:
