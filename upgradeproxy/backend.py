@@ -455,10 +455,12 @@ class _DirectTCP:
 
     def connect(self, pool: BackendPool) -> Deferred[BackendConnection]:
         factory = _DirectConnection(pool)
+        ready = factory.ready
+        assert ready is not None
         self._reactor.connectTCP(
             self._host, self._port, factory, timeout=self._timeout, bindAddress=self._bind
         )
-        return factory.ready
+        return ready
 
 
 class _DirectConnection(ClientFactory):
@@ -467,16 +469,25 @@ class _DirectConnection(ClientFactory):
     noisy = False
 
     def __init__(self, pool: BackendPool) -> None:
-        self.ready: Deferred[BackendConnection] = Deferred()
+        self.ready: Deferred[BackendConnection] | None = Deferred()
         self._pool = pool
 
     def buildProtocol(self, addr: object) -> BackendConnection:
         connection = BackendConnection(self._pool)
-        connection.on_connected = self.ready.callback
+        connection.on_connected = self._connected
         return connection
 
+    def _connected(self, connection: BackendConnection) -> None:
+        # The connector keeps this factory for the connection's life: keep
+        # nothing more in it than needed.
+        ready, self.ready = self.ready, None
+        assert ready is not None
+        ready.callback(connection)
+
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        self.ready.errback(reason)
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            ready.errback(reason)
 
 
 @dataclass(frozen=True, slots=True)

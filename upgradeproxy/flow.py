@@ -37,22 +37,25 @@ class ReadGate:
 
     def __init__(self, transport: ITransport) -> None:
         self._transport = transport
-        self._reasons: set[str] = set()
+        # A tuple, not a set: most connections never pause, and the empty
+        # tuple costs nothing, where an empty set costs every connection 216 bytes.
+        self._reasons: tuple[str, ...] = ()
 
     def pause(self, reason: str) -> None:
         if not self._reasons:
             self._transport.pauseProducing()  # type: ignore[attr-defined]
-        self._reasons.add(reason)
+        if reason not in self._reasons:
+            self._reasons += (reason,)
 
     def resume(self, reason: str) -> None:
         if reason in self._reasons:
-            self._reasons.discard(reason)
+            self._reasons = tuple(r for r in self._reasons if r != reason)
             if not self._reasons:
                 self._transport.resumeProducing()  # type: ignore[attr-defined]
 
     def resume_all(self) -> None:
         if self._reasons:
-            self._reasons.clear()
+            self._reasons = ()
             self._transport.resumeProducing()  # type: ignore[attr-defined]
 
     def producer(self, reason: str) -> IPushProducer:

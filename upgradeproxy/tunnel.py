@@ -111,8 +111,9 @@ class Tunnel:
     ) -> None:
         self._transports = {Side.CLIENT: client, Side.BACKEND: backend}
         self._clock = clock
-        self._eof: set[Side] = set()
-        self._lost: set[Side] = set()
+        # Tuples of at most two sides: an idle tunnel holds nothing for them.
+        self._eof: tuple[Side, ...] = ()
+        self._lost: tuple[Side, ...] = ()
         self._on_end = on_end
         self._splice = splice
         self._pump: SplicePump | None = None
@@ -178,7 +179,7 @@ class Tunnel:
             return  # the pump reads the EOF from the socket itself
         if side in self._eof or side in self._lost:
             return
-        self._eof.add(side)
+        self._eof += (side,)
         self._note_first(side, "EOF")
         peer = side.peer
         if peer in self._lost:
@@ -196,7 +197,7 @@ class Tunnel:
         """``side``'s connection is gone: close the other one, keeping what it was sent."""
         if side in self._lost:
             return
-        self._lost.add(side)
+        self._lost += (side,)
         self._note_first(side, describe_close(reason))
         peer = side.peer
         if peer not in self._lost:
