@@ -120,7 +120,9 @@ def _describe(e: OSError) -> str:
 class _Direction:
     """Bytes flowing from one socket to the other."""
 
-    __slots__ = ("blocked", "done", "dst", "eof", "in_pipe", "pending", "pipe", "source", "src")
+    __slots__ = (
+        "blocked", "done", "drained", "dst", "eof", "in_pipe", "pending", "pipe", "source", "src",
+    )  # fmt: skip
 
     def __init__(self, source: Side, src: _Socket, dst: _Socket, pending: bytes) -> None:
         self.source = source
@@ -132,6 +134,8 @@ class _Direction:
         self.eof = False
         self.done = False
         self.blocked = False  # waiting for dst to become writable
+        # The last read was short: src had no more at that moment.
+        self.drained = False
 
     def leftover(self) -> bytes:
         """Everything not yet delivered to dst; the pipe goes back to the pool."""
@@ -216,7 +220,9 @@ class SplicePump:
     # -- reactor events ---------------------------------------------------------------
 
     def readable(self, side: Side) -> None:
-        self._move(self._to[side.peer])
+        direction = self._to[side.peer]
+        direction.drained = False
+        self._move(direction)
 
     def writable(self, side: Side) -> None:
         direction = self._to[side]
@@ -260,6 +266,12 @@ class SplicePump:
             if d.eof:
                 self._direction_done(d)
                 return
+            if d.drained:
+                # Another read now would most likely fail with EAGAIN (a
+                # system call and an exception for nothing): wait for the
+                # reactor to say src is readable; it is level-triggered.
+                self._reactor.addReader(d.src)
+                return
             try:
                 moved = self._read(d, flags)
             except BlockingIOError:
@@ -274,6 +286,7 @@ class SplicePump:
                 self._tunnel.note_end(d.source, "EOF")
             else:
                 self._tunnel.stats.sent[d.source] += moved
+                d.drained = moved < PIPE_SIZE
         # Out of rounds: come back for what is still to do. Bytes already
         # read must not wait for src to have more (it may have no more), so
         # they wait for dst instead, which is usually writable at once.
