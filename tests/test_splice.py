@@ -131,11 +131,11 @@ def test_bytes_read_in_the_last_round_are_not_left_waiting_for_more_input(
     try:
         pump.start()
         client_app.sendall(b"the only message")
-        pump.readable(Side.CLIENT)
         to_backend = pump._to[Side.BACKEND]
+        to_backend.src.doRead()  # what the reactor calls: the client's socket is readable
         assert to_backend.in_pipe == len(b"the only message")
         assert to_backend.dst in reactor.writers, "bytes stranded until more input"
-        pump.writable(Side.BACKEND)
+        to_backend.dst.doWrite()
         backend_app.settimeout(5)
         assert backend_app.recv(100) == b"the only message"
     finally:

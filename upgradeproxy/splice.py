@@ -161,25 +161,35 @@ class _Direction:
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Socket:
-    """One socket of the tunnel, as the reactor sees it while splicing."""
+    """One socket of the tunnel, as the reactor sees it while splicing.
+
+    The reactor calls ``logPrefix`` and ``doRead`` for every message a tunnel
+    carries: they do nothing but what they must.
+    """
+
+    __slots__ = ("fd", "prefix", "pump", "reads_into", "side", "sock", "writes_for")
 
     def __init__(self, pump: SplicePump, side: Side, sock: socket.socket) -> None:
         self.pump = pump
         self.side = side
         self.sock = sock
         self.fd = sock.fileno()
+        self.prefix = f"splice-{side.value}"
+        #: The direction this socket's bytes go, and the one that writes to it.
+        self.reads_into: _Direction
+        self.writes_for: _Direction
 
     def fileno(self) -> int:
         return self.fd
 
     def logPrefix(self) -> str:
-        return f"splice-{self.side.value}"
+        return self.prefix
 
     def doRead(self) -> None:
-        self.pump.readable(self.side)
+        self.pump.readable(self.reads_into)
 
     def doWrite(self) -> None:
-        self.pump.writable(self.side)
+        self.pump.writable(self.writes_for)
 
     def connectionLost(self, reason: Failure) -> None:
         # Only reached if the reactor itself drops the descriptor.
@@ -211,6 +221,9 @@ class SplicePump:
                 side.peer, self._sockets[side.peer], self._sockets[side],
                 _take_pending_output(transport),
             )  # fmt: skip
+        for side, sock in self._sockets.items():
+            sock.reads_into = self._to[side.peer]
+            sock.writes_for = self._to[side]
         self._finished = False
 
     def start(self) -> None:
@@ -219,13 +232,13 @@ class SplicePump:
 
     # -- reactor events ---------------------------------------------------------------
 
-    def readable(self, side: Side) -> None:
-        direction = self._to[side.peer]
+    def readable(self, direction: _Direction) -> None:
+        """``direction``'s source socket is readable."""
         direction.drained = False
         self._move(direction)
 
-    def writable(self, side: Side) -> None:
-        direction = self._to[side]
+    def writable(self, direction: _Direction) -> None:
+        """``direction``'s destination socket is writable."""
         direction.blocked = False
         self._reactor.removeWriter(direction.dst)
         self._move(direction)
