@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .flow import no_delay
+from .flow import no_delay, send_now
 from .http1 import (
     BodyDecoder,
     BodyKind,
@@ -59,6 +59,12 @@ class BackendFailure:
 
 class ResponseSink(TypingProtocol):
     """What a backend connection reports to, for the exchange in progress."""
+
+    def cork(self) -> None:
+        """Hold what the next calls write to the client, until :meth:`uncork`."""
+
+    def uncork(self) -> None:
+        """Write what was held."""
 
     def interim_response(self, head: ResponseHead) -> None: ...
 
@@ -126,7 +132,7 @@ class BackendConnection(Protocol):
         self._state = _State.HEAD
         self._received = False
         self._start_timer()
-        self.transport.write(head)  # type: ignore[union-attr]
+        send_now(self.transport, head)  # type: ignore[arg-type]
 
     def send_body(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
@@ -165,7 +171,17 @@ class BackendConnection(Protocol):
             return
         self._received = True
         self._buf += data
-        self._advance()
+        # Whatever this read makes the client side write (a head and a body,
+        # say) goes out as one write.
+        sink = self._sink
+        if sink is None:
+            self._advance()
+            return
+        sink.cork()
+        try:
+            self._advance()
+        finally:
+            sink.uncork()
 
     def readConnectionLost(self) -> None:
         if self._tunnel is not None:

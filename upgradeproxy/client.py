@@ -29,7 +29,7 @@ from .accesslog import RequestRecord
 from .address import describe_tls_failure
 from .backend import BackendConnection, BackendFailure
 from .balancer import describe_connect_failure
-from .flow import ReadGate, no_delay, unregister_producer
+from .flow import ReadGate, no_delay, send_now, unregister_producer
 from .http1 import (
     LAST_CHUNK,
     BodyDecoder,
@@ -114,6 +114,9 @@ class ClientConnection(Protocol):
         self._gate: ReadGate
         self._hop: ClientHop
         self._head_timer: IDelayedCall | None = None
+        # What the backend's answer wrote to the client in one read, sent as
+        # one write when that read is done (see cork).
+        self._out: list[bytes] | None = None
         # True while the head timer measures an idle keep-alive connection.
         self._idle = False
         self._linger: IDelayedCall | None = None
@@ -476,11 +479,28 @@ class ClientConnection(Protocol):
 
     # -- the backend's answer (ResponseSink) -------------------------------------
 
+    def cork(self) -> None:
+        """Hold what is written to the client until :meth:`uncork`."""
+        if self._out is None:
+            self._out = []
+
+    def uncork(self) -> None:
+        """Send what was held, at once (see :func:`~upgradeproxy.flow.send_now`)."""
+        out, self._out = self._out, None
+        if out:
+            send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]
+
+    def _send(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            send_now(self.transport, data)  # type: ignore[arg-type]
+
     def interim_response(self, head: ResponseHead) -> None:
         exchange = self._exchange
         # A 1xx must not be sent to an HTTP/1.0 client (RFC 9110 §15.2).
         if exchange is not None and exchange.request.version >= (1, 1):
-            self.transport.write(interim_for_client(head).serialize())  # type: ignore[union-attr]
+            self._send(interim_for_client(head).serialize())
 
     def response_head(self, head: ResponseHead, framing: Framing) -> None:
         exchange = self._exchange
@@ -503,7 +523,7 @@ class ClientConnection(Protocol):
         )
         transport = self.transport
         assert transport is not None
-        transport.write(out.serialize())
+        self._send(out.serialize())
         if kind is not BodyKind.NONE:
             transport.registerProducer(exchange.backend.transport, True)  # type: ignore[attr-defined]
 
@@ -513,7 +533,7 @@ class ClientConnection(Protocol):
         exchange.response_bytes += len(data)
         if exchange.response_kind is BodyKind.CHUNKED:
             data = encode_chunk(data)
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._send(data)
 
     def response_end(self) -> None:
         exchange = self._exchange
@@ -521,7 +541,7 @@ class ClientConnection(Protocol):
         transport = self.transport
         assert transport is not None
         if exchange.response_kind is BodyKind.CHUNKED:
-            transport.write(LAST_CHUNK)
+            self._send(LAST_CHUNK)
         unregister_producer(transport)
         if exchange.backend is not None and exchange.backend.transport is not None:
             exchange.backend.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -599,6 +619,7 @@ class ClientConnection(Protocol):
         # The backend stays busy for as long as the tunnel lives.
         exchange.upstream = None
         assert self.transport is not None
+        self.uncork()  # a 1xx relayed before the switch goes first
         tunnel = complete_switch(
             self._proxy,
             attempt,
@@ -692,10 +713,12 @@ class ClientConnection(Protocol):
         )
         if request is not None:
             self._log_request(request, route, status, len(response), exchange)
+        self.uncork()
         transport.write(response)
         self._close_after_error()
 
     def _close(self) -> None:
+        self.uncork()
         self._closing = True
         self._stop_linger()
         self._gate.resume_all()
@@ -714,6 +737,7 @@ class ClientConnection(Protocol):
         if not ITCPTransport.providedBy(transport) or ISSLTransport.providedBy(transport):
             self._close()
             return
+        self.uncork()
         self._closing = True
         self._gate.resume_all()
         transport.loseWriteConnection()

@@ -223,6 +223,12 @@ class _ResourceExchange:
 
     # -- ResponseSink ---------------------------------------------------------------
 
+    def cork(self) -> None:
+        pass  # twisted.web's Request buffers for itself
+
+    def uncork(self) -> None:
+        pass
+
     def interim_response(self, head: ResponseHead) -> None:
         pass  # twisted.web has no way to send a 1xx
 
