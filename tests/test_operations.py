@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from test_proxy_memory import GET, OK, SWITCH, UPGRADE
 from twisted.internet import error
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
@@ -32,18 +33,6 @@ from upgradeproxy.routing import Route, Router, host_name
 from upgradeproxy.testing import MemoryTransport, ProxyHarness, ScriptedBackendEndpoint
 from upgradeproxy.testing import connect_client as _connect_client
 from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
-
-UPGRADE = (
-    b"GET /chat HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\n"
-    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-)
-SWITCH = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
-)
-GET = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
 def status_of(data: bytes) -> int:
