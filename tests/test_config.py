@@ -11,6 +11,7 @@ import pytest
 import trustme
 from twisted.internet import reactor
 
+from upgradeproxy._tomllines import KeyLines
 from upgradeproxy.address import BadBackend, parse_backend
 from upgradeproxy.balancer import HealthCheck, Policy
 from upgradeproxy.config import (
@@ -18,7 +19,6 @@ from upgradeproxy.config import (
     ConfigError,
     ProxyConfig,
     RouteConfig,
-    _Locator,
     describe_config,
     load_config,
     parse_config,
@@ -924,4 +924,4 @@ w = 2
     ],
 )
 def test_the_locator_finds_the_line_of_each_key(path: tuple[str | int, ...], line: int) -> None:
-    assert _Locator(LOCATOR_TEXT).line(path) == line
+    assert KeyLines(LOCATOR_TEXT).line(path) == line

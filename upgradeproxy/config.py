@@ -68,7 +68,6 @@ backend).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import difflib
 import ipaddress
@@ -83,6 +82,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from ._tomllines import BARE_KEY, KeyLines, Path
 from .address import BadBackend, parse_backend
 from .balancer import HealthCheck, Policy
 from .interfaces import IValidatorPlugin
@@ -216,7 +216,7 @@ def parse_config(text: str, source: str) -> ProxyConfig:
     try:
         config = _proxy_config(document, context)
     except _Bad as bad:
-        locator = _Locator(text)
+        locator = KeyLines(text)
         located = sorted((locator.line(path), _key_name(path), why) for path, why in bad.problems)
         raise ConfigError(
             [f"{source}:{line}: {key}: {why}" for line, key, why in located]
@@ -282,7 +282,7 @@ _SYNTAX_HINTS = {"invalid value": '; if it is text, put it in quotes, as in poli
 # -- Checking and converting values -------------------------------------------------------
 
 #: Where a value is in the document: table keys and 0-based array indexes.
-_Path = tuple[str | int, ...]
+_Path = Path
 #: A mistake: where, and what is wrong and what to write instead.
 _Problem = tuple[_Path, str]
 
@@ -873,9 +873,6 @@ def _clashes(routes: list[dict[str, Any]], unsure: set[_Path]) -> list[_Problem]
     return problems
 
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
 def _key_name(path: _Path) -> str:
     """A path as messages show it, such as ``route[2].backends[0]``.
 
@@ -887,139 +884,6 @@ def _key_name(path: _Path) -> str:
         if isinstance(part, int):
             name += f"[{part + 1 if path[:position] == ('route',) else part}]"
         else:
-            key = part if _BARE_KEY.fullmatch(part) else f'"{part}"'
+            key = part if BARE_KEY.fullmatch(part) else f'"{part}"'
             name += f".{key}" if name else key
     return name
-
-
-# -- Where keys are written ---------------------------------------------------------------
-
-_BLANK = re.compile(r"(?:[ \t\r\n]|#[^\n]*)*")
-_SPACE = re.compile(r"[ \t]*")
-_STRING = re.compile(
-    r'"""(?:[^"\\]|\\.|"{1,2}(?!"))*"{3,5}'
-    r"|'''(?:[^']|'{1,2}(?!'))*'{3,5}"
-    r'|"(?:[^"\\\n]|\\.)*"'
-    r"|'[^'\n]*'",
-    re.DOTALL,
-)
-#: Numbers, booleans and dates: up to the next separator.
-_SCALAR = re.compile(r"[^,\]}#\n]*")
-
-
-class _Locator:
-    """The line on which each table, key and array item of a TOML document is written.
-
-    tomllib reports no positions, so this reads the text again. It only reads
-    documents that tomllib accepted, so it follows TOML's structure (headers,
-    dotted and quoted keys, strings, arrays, inline tables) and never checks it.
-    """
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._at = 0
-        self._line_starts = [0, *(match.end() for match in re.finditer("\n", text))]
-        self._lines: dict[_Path, int] = {}
-        #: The index of the last table of each array of tables, such as ("route",).
-        self._table_arrays: dict[_Path, int] = {}
-        self._document()
-
-    def line(self, path: _Path) -> int:
-        """Where ``path`` is written; for a key not written there, where its table is."""
-        while path and path not in self._lines:
-            path = path[:-1]
-        return self._lines.get(path, 1)
-
-    def _line(self) -> int:
-        return bisect.bisect_right(self._line_starts, self._at)
-
-    def _consume(self, pattern: re.Pattern[str]) -> str:
-        """Move past what ``pattern`` matches here, and return it."""
-        match = pattern.match(self._text, self._at)
-        assert match is not None, "tomllib accepted the text, so the pattern matches"
-        self._at = match.end()
-        return match.group()
-
-    def _skip(self, pattern: re.Pattern[str]) -> str:
-        """Move past blanks that ``pattern`` matches; return the next character ("" at the end)."""
-        self._consume(pattern)
-        return self._text[self._at : self._at + 1]
-
-    def _document(self) -> None:
-        table: _Path = ()
-        while next_char := self._skip(_BLANK):
-            if next_char == "[":
-                table = self._header()
-            else:
-                self._key_value(table)
-
-    def _header(self) -> _Path:
-        line = self._line()
-        array = self._text.startswith("[[", self._at)
-        self._at += 2 if array else 1
-        names = self._key()
-        self._at += 2 if array else 1
-        if not array:
-            table = self._table(names, line)
-        else:
-            tables = (*self._table(names[:-1], line), names[-1])
-            self._lines.setdefault(tables, line)
-            self._table_arrays[tables] = self._table_arrays.get(tables, -1) + 1
-            table = (*tables, self._table_arrays[tables])
-        self._lines[table] = line
-        return table
-
-    def _table(self, names: list[str], line: int) -> _Path:
-        """The path of a header's keys, each array of tables standing for its last table."""
-        path: _Path = ()
-        for name in names:
-            path += (name,)
-            self._lines.setdefault(path, line)
-            if path in self._table_arrays:
-                path += (self._table_arrays[path],)
-        return path
-
-    def _key(self) -> list[str]:
-        """A dotted key's names, quoted ones decoded; stops before the "=" or "]"."""
-        names = []
-        while True:
-            if self._skip(_SPACE) in "\"'":
-                names.append(tomllib.loads(f"k = {self._consume(_STRING)}")["k"])
-            else:
-                names.append(self._consume(_BARE_KEY))
-            if self._skip(_SPACE) != ".":
-                return names
-            self._at += 1
-
-    def _key_value(self, table: _Path) -> None:
-        line = self._line()
-        path = table
-        for name in self._key():
-            path += (name,)
-            self._lines.setdefault(path, line)
-        self._at += 1  # the "="
-        self._value(path)
-
-    def _value(self, path: _Path) -> None:
-        first = self._skip(_SPACE)
-        if first == "[":
-            self._items(path, "]")
-        elif first == "{":
-            self._items(path, "}")
-        else:
-            self._consume(_STRING if first in "\"'" else _SCALAR)
-
-    def _items(self, path: _Path, end: str) -> None:
-        """An array's items (numbered from 0) or an inline table's keys."""
-        self._at += 1
-        index = 0
-        while (next_char := self._skip(_BLANK)) != end:
-            if next_char == ",":
-                self._at += 1
-            elif end == "}":
-                self._key_value(path)
-            else:
-                self._lines.setdefault((*path, index), self._line())
-                self._value((*path, index))
-                index += 1
-        self._at += 1
