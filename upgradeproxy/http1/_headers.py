@@ -36,6 +36,11 @@ class Headers:
     _index: dict[bytes, list[bytes]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # List elements by (lowercase name, lowercased?), split on first use: the
+    # same fields (Connection, Upgrade) are split again and again otherwise.
+    _lists: dict[tuple[bytes, bool], tuple[bytes, ...]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def _values(self) -> dict[bytes, list[bytes]]:
         index = self._index
@@ -73,19 +78,27 @@ class Headers:
 
         Empty elements (``a, , b``) are skipped, as RFC 9110 §5.6.1 asks.
         """
-        if name not in self._values():
-            return []
-        return [t.lower() for t in self.elements(name)]
+        return list(self._split(name, True))
 
     def elements(self, name: bytes) -> list[bytes]:
         """Like :meth:`tokens`, keeping the case of each element."""
-        out: list[bytes] = []
-        for value in self._values().get(name, ()):
-            for element in value.split(b","):
-                element = element.strip(b" \t")
-                if element:
-                    out.append(element)
-        return out
+        return list(self._split(name, False))
+
+    def _split(self, name: bytes, lower: bool) -> tuple[bytes, ...]:
+        lists = self._lists
+        if lists is None:
+            lists = {}
+            object.__setattr__(self, "_lists", lists)
+        found = lists.get((name, lower))
+        if found is None:
+            found = tuple(
+                element.lower() if lower else element
+                for value in self._values().get(name, ())
+                for element in (e.strip(b" \t") for e in value.split(b","))
+                if element
+            )
+            lists[name, lower] = found
+        return found
 
     def without(self, names: Iterable[bytes]) -> Headers:
         """These headers less every field whose lowercase name is in ``names``."""
