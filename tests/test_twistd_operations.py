@@ -139,9 +139,10 @@ def slow_then_echo(conn: ScriptedBackend, data: bytes) -> None:
     echo_app(conn, data)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest_twisted.ensureDeferred
-async def test_sigterm_lets_a_request_finish_and_closes_a_tunnel_after_the_grace(
-    loopback: Loopback, processes: list[Running], tmp_path: Path
+async def test_a_stop_signal_lets_a_request_finish_and_closes_a_tunnel_after_the_grace(
+    loopback: Loopback, processes: list[Running], tmp_path: Path, stop: signal.Signals
 ) -> None:
     backend = loopback.backend(slow_then_echo)
     port = free_port()
@@ -161,7 +162,7 @@ async def test_sigterm_lets_a_request_finish_and_closes_a_tunnel_after_the_grace
     await eventually(lambda: len(backend.connections) == 2, what="the slow request to arrive")
 
     started = reactor.seconds()
-    running.process.send_signal(signal.SIGTERM)
+    running.process.send_signal(stop)
     reply = await loopback.run(slow.read_response, timeout=10)
     assert (reply.status, reply.body) == (200, b"finished"), running.log
     tunnel.send_once(b"still open")
@@ -169,7 +170,7 @@ async def test_sigterm_lets_a_request_finish_and_closes_a_tunnel_after_the_grace
     assert await loopback.run(tunnel.recv_to_eof, timeout=10) == b""
     code = await loopback.run(running.process.wait, 15, timeout=20)
     elapsed = reactor.seconds() - started
-    assert code in (0, -signal.SIGTERM), running.log
+    assert code in (0, -stop), running.log
     assert 2.5 < elapsed < 3 + 2 + 2, f"exited after {elapsed:.1f}s:\n{running.log}"
     log = running.log
     assert "shutting down: 1 requests in flight, 1 tunnels open" in log
