@@ -42,6 +42,8 @@ from twisted.python.failure import Failure
 
 from upgradeproxy import BackendAddress, ProxyFactory, ProxySettings, parse_backend
 from upgradeproxy.address import describe_tls_failure
+from upgradeproxy.service import build_factory
+from upgradeproxy.tap import Options
 
 pytestmark = [
     pytest.mark.loopback,
@@ -417,3 +419,12 @@ async def test_tls_failures_are_described_with_what_to_change(
     (reason,) = await wait(protocol.lost)
     described = describe_tls_failure(reason)
     assert described is not None and words in described, described
+
+
+def test_an_insecure_backend_given_on_the_command_line_is_warned_about_once() -> None:
+    with capturedLogs() as logs:
+        options = Options()
+        options.parseOptions(["--backend", "https://localhost:8443", "--backend-insecure"])
+        build_factory(options["proxy_config"], reactor)
+    warnings = [e for e in logs if "certificate verification is OFF" in formatEvent(e)]
+    assert len(warnings) == 1

@@ -182,10 +182,10 @@ async def test_a_stop_signal_lets_a_request_finish_and_closes_a_tunnel_after_the
 # -- metrics, the status page, the access log -------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_metrics_and_status_page_after_known_traffic(
-    loopback: Loopback, processes: list[Running], tmp_path: Path
-) -> None:
+async def start_with_metrics(
+    loopback: Loopback, processes: list[Running], tmp_path: Path, *extra: str
+) -> tuple[Running, int, int]:
+    """A proxy to an echo backend with --metrics; it, its port and the metrics port."""
     backend = loopback.backend(echo_app)
     port, metrics = free_port(), free_port()
     running = await start(
@@ -194,11 +194,21 @@ async def test_metrics_and_status_page_after_known_traffic(
             port,
             "--backend", f"http://{HOST}:{backend.port_number}",
             "--metrics", f"tcp:{metrics}:interface={HOST}",
-            "--access-log", str(tmp_path / "access.jsonl"),
-            "--access-log-format", "json",
+            *extra,
         ),
         tmp_path,
         port,
+    )  # fmt: skip
+    return running, port, metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_and_status_page_after_known_traffic(
+    loopback: Loopback, processes: list[Running], tmp_path: Path
+) -> None:
+    running, port, metrics = await start_with_metrics(
+        loopback, processes, tmp_path,
+        "--access-log", str(tmp_path / "access.jsonl"), "--access-log-format", "json",
     )  # fmt: skip
     for _ in range(3):
         await check_get(loopback, port, running)
@@ -228,19 +238,9 @@ async def test_metrics_and_status_page_after_known_traffic(
 async def test_metrics_cover_every_worker(
     loopback: Loopback, processes: list[Running], tmp_path: Path
 ) -> None:
-    backend = loopback.backend(echo_app)
-    port, metrics = free_port(), free_port()
-    running = await start(
-        processes,
-        proxy_args(
-            port,
-            "--backend", f"http://{HOST}:{backend.port_number}",
-            "--metrics", f"tcp:{metrics}:interface={HOST}",
-            "--workers", "2",
-        ),
-        tmp_path,
-        port,
-    )  # fmt: skip
+    running, port, metrics = await start_with_metrics(
+        loopback, processes, tmp_path, "--workers", "2"
+    )
     for _ in range(30):
         await check_get(loopback, port, running)
 

@@ -34,7 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .address import BackendAddress
+from .address import BackendAddress, describe_tls_failure
 from .backend import BackendPool, BackendSettings
 from .http1 import ProtocolError, parse_response_head
 from .tunnel import describe_close
@@ -64,7 +64,13 @@ class HealthCheck:
 
 
 def describe_connect_failure(reason: Failure) -> str:
-    """Why a connection attempt failed, in a few words ("Connection refused")."""
+    """Why a connection attempt failed, in a few words ("Connection refused").
+
+    A TLS failure says what to change (see :func:`~upgradeproxy.address.describe_tls_failure`).
+    """
+    tls = describe_tls_failure(reason)
+    if tls is not None:
+        return tls
     value = reason.value
     if isinstance(value, ConnectTimeout):
         # Twisted's own words are "User timeout caused connection failure".

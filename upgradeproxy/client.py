@@ -26,7 +26,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accesslog import RequestRecord
-from .address import describe_tls_failure
 from .backend import BackendConnection, BackendFailure
 from .balancer import describe_connect_failure
 from .flow import ReadGate, no_delay, send_now, unregister_producer
@@ -404,7 +403,7 @@ class ClientConnection(Protocol):
 
         So the request may go to another backend of the route, if one is left.
         """
-        why = describe_tls_failure(reason) or describe_connect_failure(reason)
+        why = describe_connect_failure(reason)
         group = exchange.route.group
         group.connect_failed(upstream, why)
         if exchange is not self._exchange:

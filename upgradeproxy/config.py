@@ -281,10 +281,8 @@ _SYNTAX_HINTS = {"invalid value": '; if it is text, put it in quotes, as in poli
 
 # -- Checking and converting values -------------------------------------------------------
 
-#: Where a value is in the document: table keys and 0-based array indexes.
-_Path = Path
 #: A mistake: where, and what is wrong and what to write instead.
-_Problem = tuple[_Path, str]
+_Problem = tuple[Path, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,7 +838,7 @@ def _backend_problems(backends: Any, settings: dict[str, Any], context: _Context
     return problems
 
 
-def _clashes(routes: list[dict[str, Any]], unsure: set[_Path]) -> list[_Problem]:
+def _clashes(routes: list[dict[str, Any]], unsure: set[Path]) -> list[_Problem]:
     """Routes that share a name, or serve the same hosts and path.
 
     ``unsure`` holds the ``(index, key)`` of values already reported as wrong,
@@ -873,7 +871,7 @@ def _clashes(routes: list[dict[str, Any]], unsure: set[_Path]) -> list[_Problem]
     return problems
 
 
-def _key_name(path: _Path) -> str:
+def _key_name(path: Path) -> str:
     """A path as messages show it, such as ``route[2].backends[0]``.
 
     Routes are numbered from 1, as their default names are ("route 1"); the

@@ -21,7 +21,6 @@ from .balancer import Backend, BackendGroup, Policy
 from .client import ClientConnection
 from .http1 import RequestHead
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
-from .rewrite import split_target
 from .routing import Route, Router
 from .tunnel import Side, Tunnel
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
@@ -216,19 +215,14 @@ class ProxyFactory(ServerFactory):
 
     def route_for(self, head: RequestHead) -> Route | None:
         """The route that serves ``head``, or None when no route does."""
-        router = self.router
-        if router._catch_all is not None:
-            return router._catch_all
-        path, authority = split_target(head.target)
-        return router.match(authority or head.headers.get(b"host"), path)
+        return self.router.route_for(head)
 
-    def check_request(self, attempt: UpgradeAttempt, route: Route | None = None) -> Refusal | None:
-        """The first refusal of the chain for an upgrade request, or ``None``."""
-        return self._ask("check_request", attempt, route or self.router.routes[0])
+    def check_request(self, attempt: UpgradeAttempt, route: Route) -> Refusal | None:
+        """The first refusal of ``route``'s chain for an upgrade request, or ``None``."""
+        return self._ask("check_request", attempt, route)
 
-    def check_response(self, attempt: UpgradeAttempt, route: Route | None = None) -> Refusal | None:
-        """The first refusal of the chain for a backend's ``101``, or ``None``."""
-        route = route or self.router.routes[0]
+    def check_response(self, attempt: UpgradeAttempt, route: Route) -> Refusal | None:
+        """The first refusal of ``route``'s chain for a backend's ``101``, or ``None``."""
         refusal = self._ask("check_response", attempt, route)
         if refusal is None:
             refusal = unsolicited_switch(attempt)

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .balancer import BackendGroup
+from .http1 import RequestHead
 from .interfaces import IUpgradeValidator
+from .rewrite import split_target
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +84,17 @@ class Router:
         only = self.routes[0]
         catch_all = len(self.routes) == 1 and not only.hosts and not only._prefix
         self._catch_all = only if catch_all else None
+
+    def route_for(self, head: RequestHead) -> Route | None:
+        """The route for a request head: by its target's authority or ``Host``, and its path.
+
+        Raises :class:`~upgradeproxy.http1.ProtocolError` for a target that is
+        neither a path nor an absolute URL.
+        """
+        if self._catch_all is not None:
+            return self._catch_all  # no need to look at the target
+        path, authority = split_target(head.target)
+        return self.match(authority or head.headers.get(b"host"), path)
 
     def match(self, host: bytes | None, path: bytes) -> Route | None:
         """The route for a request to ``host`` (its ``Host`` value) and ``path``, or None."""

@@ -309,6 +309,7 @@ class Options(usage.Options):
                     self["backend"],
                     tls_ca=route.tls_ca,
                     tls_verify=route.tls_verify,
+                    warn=False,  # the factory's build warns, once
                 )
             except BadBackend as e:
                 _exit_usage(str(e))

@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import _twistedweb
-from .address import BackendAddress, describe_tls_failure
+from .address import BackendAddress
 from .backend import BackendConnection, BackendFailure
 from .balancer import Backend, describe_connect_failure
 from .http1 import (
@@ -192,7 +192,7 @@ class _ResourceExchange:
     def _unreachable(self, reason: Failure) -> None:
         upstream = self._upstream
         assert upstream is not None and self._route is not None
-        why = describe_tls_failure(reason) or describe_connect_failure(reason)
+        why = describe_connect_failure(reason)
         self._route.group.connect_failed(upstream, why)
         self._error(502, f"the backend ({upstream.name}) could not be reached: {why}")
 
