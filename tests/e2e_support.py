@@ -69,7 +69,7 @@ async def demo_behind_proxy(loopback: Loopback, **proxy_kwargs: Any) -> AsyncIte
         yield loopback.proxy(port.getHost().port, **proxy_kwargs)
     finally:
         for proxy in loopback.proxies:
-            proxy.factory.pool.close_idle()
+            proxy.factory.proxy.pool.close_idle()
         try:
             await eventually(lambda: not demo.open, what="the demo backend's connections to close")
         finally:

@@ -572,12 +572,12 @@ class Loopback:
         for client in self.clients:
             client.close()
         for proxy in self.proxies:
-            for tunnel in list(proxy.factory.tunnels):
+            for tunnel in list(proxy.factory.proxy.tunnels):
                 tunnel.close()
-            for connection in list(proxy.factory.connections):
+            for connection in list(proxy.factory.proxy.connections):
                 if connection.transport is not None:
                     connection.transport.abortConnection()  # type: ignore[attr-defined]
-            proxy.factory.pool.close_idle()
+            proxy.factory.proxy.pool.close_idle()
         pending = []
         for server in self.backends:
             for conn in server.connections:
@@ -591,6 +591,9 @@ class Loopback:
         # wait for that here, while the reactor runs, so that no backend
         # outside this harness is left waiting for a FIN.
         await eventually(
-            lambda: all(not p.factory.connections and not p.factory.tunnels for p in self.proxies),
+            lambda: all(
+                not p.factory.proxy.connections and not p.factory.proxy.tunnels
+                for p in self.proxies
+            ),
             what="the proxies' connections and tunnels to close",
         )

@@ -182,17 +182,17 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
     def stats() -> dict[str, Any]:
         return {
             **measure(),
-            "connections": len(factory.connections),
-            "tunnels": len(factory.tunnels),
-            "spliced": sum(1 for t in factory.tunnels if getattr(t, "spliced", False)),
-            "idle": factory.pool.idle_count,
+            "connections": len(factory.proxy.connections),
+            "tunnels": len(factory.proxy.tunnels),
+            "spliced": sum(1 for t in factory.proxy.tunnels if getattr(t, "spliced", False)),
+            "idle": factory.proxy.pool.idle_count,
             "delayed": len(reactor.getDelayedCalls()),
             "pooled_pipes": pooled_pipes(),
             **watch.report(),
         }
 
     def close_idle() -> None:
-        factory.pool.close_idle()
+        factory.proxy.pool.close_idle()
 
     def describe(transport: Any) -> dict[str, Any]:
         readers, writers = set(reactor.getReaders()), set(reactor.getWriters())
@@ -227,7 +227,7 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
     def leftovers() -> list[dict[str, Any]]:
         """What each remaining tunnel looks like (for diagnosing a leak)."""
         out = []
-        for tunnel in list(factory.tunnels)[:10]:
+        for tunnel in list(factory.proxy.tunnels)[:10]:
             out.append(
                 {
                     "eof": sorted(s.value for s in getattr(tunnel, "_eof", ())),

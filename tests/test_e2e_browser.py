@@ -189,4 +189,4 @@ async def test_chromium_runs_the_demo_pages_websocket_self_test_through_the_prox
     assert log[0] == f"connected ws://127.0.0.1:{demo_proxy.port}/ws"
     assert [line.split(" ")[0] for line in log[1:]] == ["sent"] * 3 + ["echo"] * 3
     # Chromium is gone, and with it the WebSocket.
-    await eventually(lambda: not demo_proxy.factory.tunnels, what="the tunnel to end")
+    await eventually(lambda: not demo_proxy.factory.proxy.tunnels, what="the tunnel to end")

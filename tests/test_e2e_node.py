@@ -126,7 +126,7 @@ async def test_node_ws_client_through_the_proxy_to_the_demo_websocket_echo(
     assert report["close"] == {"code": 1000, "reason": ""}
     # ws offers permessage-deflate; the demo declines by not answering it.
     assert report["extensions"] == ""
-    await eventually(lambda: not demo_proxy.factory.tunnels, what="the tunnel to end")
+    await eventually(lambda: not demo_proxy.factory.proxy.tunnels, what="the tunnel to end")
 
 
 # -- ws as the backend ---------------------------------------------------------------
@@ -216,4 +216,4 @@ async def test_python_websockets_client_through_the_proxy_to_a_node_ws_server(
     assert {"event": "pong", "data": NODE_PING} in events
     assert {"event": "ping", "data": "ping from python"} in events
     assert events[-1] == {"event": "close", "code": 1000, "reason": "python is done"}
-    await eventually(lambda: not proxy.factory.tunnels, what="the tunnel to end")
+    await eventually(lambda: not proxy.factory.proxy.tunnels, what="the tunnel to end")

@@ -262,5 +262,7 @@ async def test_websockets_client_and_server_exchange_1000_messages_through_the_p
             assert outcome.response_extensions is not None
             assert outcome.response_extensions.startswith("permessage-deflate")
 
-        await eventually(lambda: not proxy.factory.tunnels, what="the tunnel to end")
-        await eventually(lambda: not proxy.factory.connections, what="the client connection to end")
+        await eventually(lambda: not proxy.factory.proxy.tunnels, what="the tunnel to end")
+        await eventually(
+            lambda: not proxy.factory.proxy.connections, what="the client connection to end"
+        )

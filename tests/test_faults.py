@@ -85,13 +85,13 @@ def assert_nothing_left(h: ProxyHarness) -> None:
     reference to it, nor to its buffers. (The calling test must hold no
     reference of its own either: it deletes its locals first.)
     """
-    assert h.factory.connections == set()
-    assert not h.factory.tunnels
-    idle = h.factory.pool.idle_count
+    assert h.factory.proxy.connections == set()
+    assert not h.factory.proxy.tunnels
+    idle = h.factory.proxy.pool.idle_count
     open_backends = sum(not b.closed for b in h.endpoint.connections)
     assert open_backends == idle, "a backend connection outside the pool is still open"
     assert len(h.clock.getDelayedCalls()) == idle, h.clock.getDelayedCalls()
-    h.clock.advance(h.factory.pool.settings.idle_timeout)
+    h.clock.advance(h.factory.proxy.pool.settings.idle_timeout)
     assert all(b.closed for b in h.endpoint.connections)
     assert h.clock.getDelayedCalls() == []
 
@@ -126,7 +126,7 @@ def test_a_client_gone_while_the_backend_connects_leaves_only_an_idle_connection
     h.client_transport.loseConnection()
     h.endpoint.complete_connection()
     assert h.backend.received == b"", "no request for a client that is gone"
-    assert h.factory.pool.idle_count == 1
+    assert h.factory.proxy.pool.idle_count == 1
     assert_nothing_left(h)
 
 
@@ -214,9 +214,9 @@ def test_a_backend_closing_an_idle_pooled_connection_leaves_no_timer() -> None:
     h.client_sends(GET)
     first = h.backend
     first.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    assert h.factory.pool.idle_count == 1
+    assert h.factory.proxy.pool.idle_count == 1
     first.transport.loseConnection()
-    assert h.factory.pool.idle_count == 0
+    assert h.factory.proxy.pool.idle_count == 0
     h.client_sends(GET)
     assert len(h.endpoint.connections) == 2
     h.backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -255,7 +255,7 @@ def test_a_client_that_disappears_mid_exchange_drops_the_backend_connection(
     else:
         h.client_transport.reset()
     assert backend.closed, "a half-done exchange cannot go back to the pool"
-    assert h.factory.pool.idle_count == 0
+    assert h.factory.proxy.pool.idle_count == 0
     del backend
     assert_nothing_left(h)
 
@@ -277,7 +277,7 @@ def tunnel() -> ProxyHarness:
     h = ProxyHarness()
     h.client_sends(UPGRADE + b"early")
     h.backend.send(SWITCH + b"hello")
-    assert len(h.factory.tunnels) == 1
+    assert len(h.factory.proxy.tunnels) == 1
     return h
 
 
@@ -360,11 +360,11 @@ def relay(request: pytest.FixtureRequest, loopback: Loopback) -> str:
 async def proxy_is_empty(factory: ProxyFactory, clock: TrackingClock) -> None:
     """The proxy's own counts return to zero, and it has no timer left but idle ones."""
     await eventually(
-        lambda: not factory.connections and not factory.tunnels,
+        lambda: not factory.proxy.connections and not factory.proxy.tunnels,
         timeout=3,
         what="the proxy's connections and tunnels to close",
     )
-    assert len(clock.pending()) == factory.pool.idle_count
+    assert len(clock.pending()) == factory.proxy.pool.idle_count
 
 
 async def switched(loopback: Loopback) -> tuple[Client, ScriptedBackend, ProxyFactory, Any]:
@@ -377,7 +377,7 @@ async def switched(loopback: Loopback) -> tuple[Client, ScriptedBackend, ProxyFa
     head = await wait(conn.head_received)
     conn.transport.write(switching_response(head))
     assert (await loopback.run(client.recv_head)).status == 101
-    await eventually(lambda: len(proxy.factory.tunnels) == 1, what="the tunnel")
+    await eventually(lambda: len(proxy.factory.proxy.tunnels) == 1, what="the tunnel")
     return client, conn, proxy.factory, clock
 
 
@@ -476,7 +476,7 @@ async def test_loopback_client_reset_mid_response_closes_the_backend_connection(
     await loopback.run(client.recv_exactly, 1000)
     client.reset()
     await wait(conn.closed)
-    assert proxy.factory.pool.idle_count == 0
+    assert proxy.factory.proxy.pool.idle_count == 0
     await proxy_is_empty(proxy.factory, clock)
 
 
@@ -570,7 +570,7 @@ async def test_loopback_a_client_reset_just_before_a_spliced_switch_ends_the_tun
     try:
         await proxy_is_empty(proxy.factory, clock)
     finally:
-        proxy.factory.tunnels.clear()  # a leaked tunnel would also fail the fixture's clean-up
+        proxy.factory.proxy.tunnels.clear()  # a leaked tunnel would also fail the fixture's clean-up
 
 
 @pytest.mark.loopback

@@ -307,11 +307,11 @@ def test_the_same_bytes_arrive_whatever_the_packet_boundaries(
 
     h = run(t, schedule)
     assert outcome(t, h) == reference
-    assert not h.client_closed and len(h.factory.tunnels) == 1
+    assert not h.client_closed and len(h.factory.proxy.tunnels) == 1
 
     h.client_transport.loseConnection()
     assert h.backend.closed
-    assert h.factory.connections == set() and not h.factory.tunnels
+    assert h.factory.proxy.connections == set() and not h.factory.proxy.tunnels
     assert h.clock.getDelayedCalls() == []
 
 
@@ -470,7 +470,7 @@ def _hostile_exchange(
             act(h, behaviour, junk, answered)
 
         received = h.client_received
-        tunnel = len(h.factory.tunnels) == 1
+        tunnel = len(h.factory.proxy.tunnels) == 1
         answered_with_head = re.match(rb"HTTP/1\.1 [1-5]\d\d ", received) is not None
         assert h.client_closed or tunnel or answered_with_head, (
             f"neither closed nor answered: sent {data!r}, got {received!r}"
@@ -487,11 +487,11 @@ def _hostile_exchange(
         # The client goes away: nothing may be left behind.
         if ending != "stay" or not h.client_closed:
             h.client_transport.loseConnection()
-        assert h.factory.connections == set()
-        assert not h.factory.tunnels
+        assert h.factory.proxy.connections == set()
+        assert not h.factory.proxy.tunnels
         open_backends = [b for b in h.endpoint.connections if not b.closed]
-        assert len(open_backends) == h.factory.pool.idle_count, "only pooled ones stay open"
-        assert len(h.clock.getDelayedCalls()) == h.factory.pool.idle_count, (
+        assert len(open_backends) == h.factory.proxy.pool.idle_count, "only pooled ones stay open"
+        assert len(h.clock.getDelayedCalls()) == h.factory.proxy.pool.idle_count, (
             h.clock.getDelayedCalls()
         )
         h.clock.advance(30)

@@ -68,7 +68,7 @@ async def test_keep_alive_two_requests_on_one_connection(loopback: Loopback) -> 
         b"/one",
         b"/two",
     ]
-    await eventually(lambda: proxy.factory.pool.idle_count == 1, what="the connection pooled")
+    await eventually(lambda: proxy.factory.proxy.pool.idle_count == 1, what="the connection pooled")
 
 
 @pytest_twisted.ensureDeferred
@@ -247,7 +247,7 @@ async def test_backend_that_never_answers_gives_504(loopback: Loopback) -> None:
     assert "0.5 seconds" in reply.text
     # The proxy gives up on the backend connection too.
     await wait(conn.closed)
-    await eventually(lambda: proxy.factory.pool.idle_count == 0, what="no pooled connection")
+    await eventually(lambda: proxy.factory.proxy.pool.idle_count == 0, what="no pooled connection")
 
 
 @pytest_twisted.ensureDeferred
@@ -317,7 +317,7 @@ async def test_refused_101_does_not_leak_the_backend_connection(loopback: Loopba
     # The backend connection that answered wrongly is closed, not pooled.
     await wait(refused.eof)
     await wait(refused.closed)
-    assert proxy.factory.pool.idle_count == 0
+    assert proxy.factory.proxy.pool.idle_count == 0
 
     second = loopback.client(proxy.port)
     second.send_once(get(b"/after"))

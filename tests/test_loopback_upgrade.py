@@ -180,8 +180,10 @@ async def refused_switch(
     assert await loopback.run(client.recv_to_eof) == b""
     await wait(conn.closed)
     assert conn.after_head == b"", "the client's bytes reached a refused backend"
-    await eventually(lambda: not proxy.factory.connections, what="the client connection to close")
-    assert proxy.factory.pool.idle_count == 0
+    await eventually(
+        lambda: not proxy.factory.proxy.connections, what="the client connection to close"
+    )
+    assert proxy.factory.proxy.pool.idle_count == 0
     return reply.text, conn
 
 
@@ -251,7 +253,7 @@ async def test_backend_reset_in_the_tunnel_ends_the_client_connection_without_ht
     after = await loopback.run(client.recv_to_eof)
     assert b"HTTP/1.1 5" not in after
     assert after == b""
-    await eventually(lambda: not proxy.factory.tunnels, what="the tunnel to end")
+    await eventually(lambda: not proxy.factory.proxy.tunnels, what="the tunnel to end")
 
 
 @pytest_twisted.ensureDeferred
@@ -388,7 +390,7 @@ async def test_32_mib_each_way_at_once_arrive_intact(loopback: Loopback, relay: 
     await eventually(lambda: count[0] >= BULK, timeout=30, what="32 MiB at the backend")
     assert count[0] == BULK
     assert received.digest() == hashlib.sha256(to_backend).digest()
-    [tunnel] = proxy.factory.tunnels
+    [tunnel] = proxy.factory.proxy.tunnels
     assert tunnel.spliced == (relay == "splice")
 
 
@@ -451,8 +453,10 @@ async def test_websockets_library_as_client_and_backend(
 
     assert await loopback.run(talk, timeout=30) == 1000
     await eventually(lambda: server_close_codes == [1000], what="the server to see a clean close")
-    await eventually(lambda: not proxy.factory.tunnels, what="the tunnel to end")
-    await eventually(lambda: not proxy.factory.connections, what="the client connection to close")
+    await eventually(lambda: not proxy.factory.proxy.tunnels, what="the tunnel to end")
+    await eventually(
+        lambda: not proxy.factory.proxy.connections, what="the client connection to close"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -480,4 +484,4 @@ async def test_websocket_frame_in_the_same_send_as_the_handshake(
     client.send_once(close)
     assert (await loopback.run(client.recv_to_eof)).startswith(b"\x88\x02\x03\xe8")
     client.close()
-    await eventually(lambda: not proxy.factory.tunnels, what="the tunnel to end")
+    await eventually(lambda: not proxy.factory.proxy.tunnels, what="the tunnel to end")

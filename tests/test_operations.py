@@ -28,7 +28,7 @@ from upgradeproxy.accesslog import (
 from upgradeproxy.address import BackendAddress
 from upgradeproxy.backend import BackendConnection, BackendPool
 from upgradeproxy.balancer import BackendGroup, Policy, describe_connect_failure
-from upgradeproxy.proxy import ProxyFactory
+from upgradeproxy import ProxyFactory
 from upgradeproxy.routing import Route, Router, host_name
 from upgradeproxy.testing import MemoryTransport, ProxyHarness, ScriptedBackendEndpoint
 from upgradeproxy.testing import connect_client as _connect_client
@@ -138,7 +138,7 @@ def _router_cluster() -> Cluster:
 
 
 def _route_of(cluster: Cluster, host: bytes, target: bytes) -> str | None:
-    router: Router = cluster.factory.router
+    router: Router = cluster.factory.proxy.router
     route = router.match(host, target)
     return route.name if route else None
 
@@ -194,7 +194,7 @@ def test_a_refused_connection_is_retried_on_another_backend_and_the_dead_one_ski
     assert c.requests("b") == 4 and c.endpoints["a"].attempts == 1
     c.endpoints["a"].refuse = False
     c.clock.advance(10.1)
-    assert c.factory.router.routes[0].group.backends[0].healthy
+    assert c.factory.proxy.router.routes[0].group.backends[0].healthy
     for _ in range(2):
         client.send(GET)
         connection = c.last("a") if c.count("a") else c.last("b")
@@ -215,7 +215,7 @@ def test_when_every_backend_is_down_the_client_gets_503_with_the_reasons() -> No
     assert status_of(client.received) == 503
     assert "no healthy backend for route r" in body
     assert "scripted refusal" in body
-    assert c.factory.stats.limit_rejections["no_healthy_backend"] == 1
+    assert c.factory.proxy.stats.limit_rejections["no_healthy_backend"] == 1
 
 
 def test_least_conn_steers_new_tunnels_away_from_the_busy_backend() -> None:
@@ -231,7 +231,7 @@ def test_least_conn_steers_new_tunnels_away_from_the_busy_backend() -> None:
         client.send(GET)
         c.last(idle).send(OK)
     assert c.requests(busy) == 1 and c.requests(idle) == 3
-    backends = {b.name: b for b in c.factory.router.routes[0].group.backends}
+    backends = {b.name: b for b in c.factory.proxy.router.routes[0].group.backends}
     assert backends[busy].active == 1 and backends[idle].active == 0
     first.transport.reset()
     assert backends[busy].active == 0, "the tunnel's end frees its backend"
@@ -257,7 +257,7 @@ def test_connections_beyond_the_limit_get_503_and_existing_ones_are_unharmed() -
     first.send(GET)
     c.last("a").send(OK)
     assert first.received.endswith(b"hello") and not second.closed
-    assert c.factory.stats.limit_rejections["max_connections"] == 1
+    assert c.factory.proxy.stats.limit_rejections["max_connections"] == 1
 
 
 def test_upgrades_beyond_the_tunnel_limit_get_503_and_plain_requests_still_pass() -> None:
@@ -352,7 +352,7 @@ def test_a_graceful_shutdown_lets_a_request_finish_and_closes_a_tunnel_after_the
     busy.send(GET)
     idle = c.client(port=3)
     with capturedLogs() as logs:
-        drained = c.factory.drain(30)
+        drained = c.factory.proxy.drain(30)
         assert idle.closed, "an idle connection closes at once"
         assert not busy.closed and not tunnel.closed
         c.last("a").send(OK)
@@ -372,14 +372,14 @@ def test_a_graceful_shutdown_lets_a_request_finish_and_closes_a_tunnel_after_the
 
 def test_a_shutdown_with_nothing_open_is_immediate() -> None:
     c = Cluster()
-    assert c.factory.drain(30).called
+    assert c.factory.proxy.drain(30).called
 
 
 def test_a_request_still_running_at_the_end_of_the_grace_is_cut() -> None:
     c = Cluster()
     busy = c.client()
     busy.send(GET)
-    drained = c.factory.drain(5)
+    drained = c.factory.proxy.drain(5)
     c.clock.advance(5.1)
     assert busy.closed
     c.clock.advance(2.1)
@@ -458,7 +458,7 @@ def test_the_snapshot_counts_known_traffic() -> None:
     refused = c.client(port=3)
     refused.send(UPGRADE)
     c.last("a").send(SWITCH.replace(b"Connection: Upgrade\r\n", b""))
-    snapshot = c.factory.snapshot()
+    snapshot = c.factory.proxy.snapshot()
     json.dumps(snapshot)  # plain data only
     assert sorted((r["route"], r["status"], r["count"]) for r in snapshot["requests"]) == [
         ("default", 200, 3),
@@ -484,8 +484,8 @@ def test_a_single_backend_factory_keeps_its_simple_interface() -> None:
     h = ProxyHarness()
     h.client_sends(GET)
     h.backend.send(OK)
-    assert h.factory.pool.idle_count == 1
-    assert h.factory.backend_name == "scripted backend"
+    assert h.factory.proxy.pool.idle_count == 1
+    assert h.factory.proxy.backend_name == "scripted backend"
     assert isinstance(h.client_transport, MemoryTransport)
 
 

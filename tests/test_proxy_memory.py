@@ -301,8 +301,8 @@ def test_a_reset_on_one_side_closes_the_other_quietly_and_logs_the_tunnel() -> N
     assert "up=3 down=5" in text
     assert 'closed_by=backend reason="connection lost (reset)"' in text
     assert all(e["log_level"].name == "info" for e in logs)
-    assert not h.factory.tunnels
-    assert h.factory.connections == set()
+    assert not h.factory.proxy.tunnels
+    assert h.factory.proxy.connections == set()
 
 
 def test_a_backend_closing_inside_a_tunnel_writes_no_http_to_the_client() -> None:
@@ -618,7 +618,7 @@ def test_a_backend_connection_paused_by_a_slow_client_reads_again_once_pooled() 
     h.client_transport.producer.pauseProducing()  # the client's send buffer is full
     backend.send(b"67890")
     assert backend.transport.producerState == "producing"
-    assert h.factory.pool.idle_count == 1
+    assert h.factory.proxy.pool.idle_count == 1
 
 
 def test_an_error_answer_to_head_has_no_body() -> None:
@@ -652,4 +652,4 @@ def test_an_eof_inside_a_body_waiting_for_its_backend_still_ends_the_exchange() 
     h.endpoint.complete_connection()
     assert h.client_closed
     assert h.backend.closed
-    assert h.factory.connections == set()
+    assert h.factory.proxy.connections == set()

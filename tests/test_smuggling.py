@@ -415,7 +415,7 @@ def test_a_hostile_head_is_refused_before_any_backend_is_contacted(
     h.client_sends(request_bytes)
     assert_refused(h, status, words)
     assert h.endpoint.connections == [], "the backend must never be contacted"
-    assert h.factory.connections == set()
+    assert h.factory.proxy.connections == set()
     assert h.clock.getDelayedCalls() == []
 
 
@@ -500,7 +500,7 @@ def test_a_malformed_chunked_body_gets_400_and_the_backend_never_gets_a_complete
     # The head went out before the body was read; the body never did.
     assert h.backend.received == CHUNKED_POST_FORWARDED
     assert h.backend.closed
-    assert h.factory.connections == set()
+    assert h.factory.proxy.connections == set()
     assert h.clock.getDelayedCalls() == []
 
 
@@ -889,7 +889,7 @@ def test_bytes_after_a_complete_response_keep_the_backend_connection_out_of_the_
     first = h.backend
     first.send(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nspoof!")
     assert first.closed, "a backend that says more than asked may not be reused"
-    assert h.factory.pool.idle_count == 0
+    assert h.factory.proxy.pool.idle_count == 0
     status, _, body, rest = split_response(h.client_received)
     assert (status, body, rest) == (200, b"ok", b"")
     h.client_sends(GET_PAGE)
@@ -903,10 +903,10 @@ def test_bytes_on_an_idle_pooled_connection_close_it() -> None:
     h.client_sends(GET_PAGE)
     first = h.backend
     first.send(OK)
-    assert h.factory.pool.idle_count == 1
+    assert h.factory.proxy.pool.idle_count == 1
     first.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nspoof!")
     assert first.closed
-    assert h.factory.pool.idle_count == 0
+    assert h.factory.proxy.pool.idle_count == 0
     assert h.clock.getDelayedCalls() != [] and len(h.clock.getDelayedCalls()) == 1  # head timer
     h.client_sends(GET_PAGE)
     assert len(h.endpoint.connections) == 2
@@ -949,7 +949,7 @@ def test_a_malformed_response_gets_502_and_the_backend_connection_is_dropped(
     h.backend.send(response)
     assert_refused(h, 502, words)
     assert h.backend.closed
-    assert h.factory.pool.idle_count == 0
+    assert h.factory.proxy.pool.idle_count == 0
     assert h.clock.getDelayedCalls() == []
 
 

@@ -32,7 +32,7 @@ async def test_a_burst_larger_than_many_pipes_arrives_whole_with_nothing_behind_
     head = await wait(conn.head_received)
     conn.transport.write(switching_response(head))
     await loopback.run(client.recv_head)
-    (tunnel,) = proxy.factory.tunnels
+    (tunnel,) = proxy.factory.proxy.tunnels
     assert tunnel.spliced
 
     burst = os.urandom(24 * splice.PIPE_SIZE + 1234)
@@ -59,7 +59,7 @@ async def test_idle_tunnels_hold_no_pipes(loopback: Loopback) -> None:
         head = await wait(conn.head_received)
         conn.transport.write(switching_response(head))
         await loopback.run(client.recv_head)
-    assert len(proxy.factory.tunnels) == 20
+    assert len(proxy.factory.proxy.tunnels) == 20
     # Each tunnel: a client socket (the test's and the proxy's end), a backend
     # socket (both ends, both in this process); no pipes beyond the shared few.
     opened = len(os.listdir("/proc/self/fd")) - before

@@ -197,7 +197,7 @@ async def check_tunnel(
     head = await loopback.run(client.recv_head)
     assert head.status == 101, head.raw
     assert await loopback.run(client.recv_exactly, len(PAYLOAD)) == PAYLOAD
-    tunnels = list(proxy.factory.tunnels)
+    tunnels = list(proxy.factory.proxy.tunnels)
     assert len(tunnels) == 1
     assert not tunnels[0].spliced, "a TLS tunnel must use the Python relay"
     await loopback.run(client.sendall, b"second" + PAYLOAD)
@@ -367,7 +367,7 @@ async def test_tls_on_both_sides_upgrade_and_backend_eof_closes_the_client(
     # TLS has no half-close: the backend's EOF ends the whole tunnel.
     assert await loopback.run(client.recv_to_eof) == b""
     await eventually(
-        lambda: not proxy.factory.tunnels and not proxy.factory.connections,
+        lambda: not proxy.factory.proxy.tunnels and not proxy.factory.proxy.connections,
         what="the tunnel and the client connection to end",
     )
 

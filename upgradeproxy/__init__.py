@@ -6,7 +6,8 @@ The names most applications need are re-exported here.
 from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
 from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
-from .proxy import ProxyFactory, ProxySettings
+from .factory import ProxyFactory
+from .proxy import Proxy, ProxySettings
 from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BackendSettings",
     "BadBackend",
     "IUpgradeValidator",
+    "Proxy",
     "ProxyFactory",
     "ProxySettings",
     "RFC9110Validator",

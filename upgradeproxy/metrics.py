@@ -1,7 +1,7 @@
 """Prometheus metrics, a status page and their endpoint, all built from snapshots.
 
 A *snapshot* is a plain, JSON-serialisable dict describing one proxy process
-(``ProxyFactory.snapshot()``). This module only reads snapshots, so one process
+(``Proxy.snapshot()``). This module only reads snapshots, so one process
 and ``--workers N`` are served the same way: a worker writes its snapshot to a
 file every second (:class:`SnapshotWriter`), and the parent reads the files of
 the workers still alive (:func:`read_snapshots`). It never touches the proxy's
@@ -76,7 +76,7 @@ from .status import render_status
 
 log = Logger()
 
-#: One process's state, as ``ProxyFactory.snapshot()`` returns it.
+#: One process's state, as ``Proxy.snapshot()`` returns it.
 Snapshot = Mapping[str, Any]
 #: Returns the snapshots to report, each with its worker's name (``None`` for a lone process).
 SnapshotSource = Callable[[], Sequence[tuple[str | None, Snapshot]]]

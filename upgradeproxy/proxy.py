@@ -1,28 +1,38 @@
-"""The public factory: what an application listens with to run the proxy."""
+"""The proxy itself, apart from any front door: :class:`Proxy`.
+
+It owns the routes, the validator chains, admission and limits, the
+registries of client connections and tunnels, the moment of a switch
+(:meth:`Proxy.start_tunnel`), graceful shutdown and the snapshot that
+metrics and the status page read. It never reads or writes a client
+connection: the front doors (:mod:`upgradeproxy.client`,
+:mod:`upgradeproxy.web`) do, each through an
+:class:`~upgradeproxy.exchange.Exchange` per request.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .accesslog import AccessLog, RequestRecord, TunnelRecord
 from .address import BackendAddress, describe_endpoint
-from .backend import BackendPool, BackendSettings
+from .backend import BackendConnection, BackendPool, BackendSettings
 from .balancer import Backend, BackendGroup, Policy
-from .client import ClientConnection
+from .handover import Handover
 from .http1 import RequestHead
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
+from .rewrite import switch_for_client
 from .routing import Route, Router
-from .tunnel import Side, Tunnel
+from .tunnel import Side, Tunnel, TunnelStats
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 
 #: Refusals kept for the status page.
@@ -49,6 +59,9 @@ class ProxySettings:
     max_connections: int | None = None
     #: Tunnels open at once; beyond, new upgrade requests get 503.
     max_tunnels: int | None = None
+    #: Seconds a refused client may go on sending before the proxy closes
+    #: anyway (so that a reset cannot destroy the error response); 0 closes at once.
+    error_linger: float = 2.0
     #: Forward ``Upgrade: h2c`` offers to the backend (off: see ``rewrite.without_h2c``).
     forward_h2c: bool = False
     #: Move tunnel bytes with splice(2) where both sides are plain sockets (Linux).
@@ -84,29 +97,37 @@ class ProxyStats:
     )
 
 
-class ProxyFactory(ServerFactory):
-    """A reverse proxy, as a Twisted server factory.
+class FrontConnection(TypingProtocol):
+    """A client connection as the proxy tracks it, whatever door it came through."""
 
-    With one backend, listen with it on any server endpoint::
+    @property
+    def busy(self) -> bool:
+        """True while a request is in flight on it."""
 
-        from twisted.internet import endpoints, reactor
-        from upgradeproxy import ProxyFactory
+    def drain(self) -> None:
+        """The proxy is shutting down: close when idle, or after the response in flight."""
 
-        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", 9000)
-        factory = ProxyFactory(backend)
-        endpoints.serverFromString(reactor, "tcp:8080").listen(factory)
+    def abort(self) -> None:
+        """Close at once, whatever is in flight."""
 
-    ``validators`` is the chain of :class:`~upgradeproxy.interfaces.IUpgradeValidator`
-    providers asked about every upgrade; the default is strict RFC 9110 plus
-    the RFC 6455 handshake rules for WebSocket.
 
-    For several backends, by host and path, give ``routes`` (a list of
-    :class:`~upgradeproxy.routing.Route`) instead of ``backend`` and
-    ``validators``; each route carries its own validators.
+class Proxy:
+    """The proxy itself: its routes, validators, limits, connections and tunnels.
+
+    Every front door drives its requests through one :class:`Proxy`: the
+    listening :class:`~upgradeproxy.ProxyFactory` and the twisted.web
+    :class:`~upgradeproxy.web.ProxyResource` each hold one. It decides who
+    is admitted, asks the validators, starts tunnels and keeps count; it
+    never reads or writes a connection itself.
+
+    With one backend, give ``backend`` (and optionally ``validators``, the
+    chain of :class:`~upgradeproxy.interfaces.IUpgradeValidator` providers
+    asked about every upgrade; the default is strict RFC 9110 plus the
+    RFC 6455 handshake rules). For several backends by host and path, give
+    ``routes`` instead; each route carries its own validators.
     """
 
     log = Logger()
-    noisy = False  # startFactory logs a line that says more
 
     def __init__(
         self,
@@ -140,10 +161,11 @@ class ProxyFactory(ServerFactory):
                 if not IUpgradeValidator.providedBy(validator):
                     raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
         self.router = Router(routes)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[FrontConnection] = set()
         self.tunnels: dict[Tunnel, Backend] = {}
         self.stats = ProxyStats()
         self.draining = False
+        self.running = False
         self._drained: Deferred[None] | None = None
 
     def _only_route(
@@ -188,9 +210,13 @@ class ProxyFactory(ServerFactory):
         """The validators of the first route (the only one, with one backend)."""
         return self.router.routes[0].validators
 
-    # -- factory events ---------------------------------------------------------------
+    # -- start and stop ---------------------------------------------------------------
 
-    def startFactory(self) -> None:
+    def start(self) -> None:
+        """Say what is proxied where, and start the backends' health checks."""
+        if self.running:
+            return
+        self.running = True
         for route in self.router.routes:
             names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
             backends = ", ".join(b.name for b in route.group.backends)
@@ -203,13 +229,14 @@ class ProxyFactory(ServerFactory):
             )
             route.group.start()
 
-    def stopFactory(self) -> None:
+    def stop(self) -> None:
+        """Stop the health checks and close idle backend connections."""
+        if not self.running:
+            return
+        self.running = False
         for route in self.router.routes:
             route.group.stop()
             route.group.close_idle()
-
-    def buildProtocol(self, addr: object) -> ClientConnection:
-        return ClientConnection(self)
 
     # -- routing and validators -------------------------------------------------------
 
@@ -264,33 +291,90 @@ class ProxyFactory(ServerFactory):
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def connection_opened(self, connection: ClientConnection) -> None:
+    def connection_opened(self, connection: FrontConnection) -> str | None:
+        """Count ``connection`` in; return why it must be refused (503), or ``None``."""
         self.connections.add(connection)
         self.stats.connections_total += 1
+        if self.draining:
+            return "the proxy is shutting down"
+        limit = self.settings.max_connections
+        if limit is not None and len(self.connections) > limit:
+            self.stats.limit_rejections["max_connections"] += 1
+            return f"the proxy is serving its limit of {limit} connections; try again later"
+        return None
 
-    def connection_closed(self, connection: ClientConnection) -> None:
+    def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
         self._check_drained()
 
-    @property
-    def over_connection_limit(self) -> bool:
-        limit = self.settings.max_connections
-        return limit is not None and len(self.connections) > limit
-
-    @property
-    def at_tunnel_limit(self) -> bool:
+    def tunnel_refusal(self) -> str | None:
+        """Why a new upgrade must be refused now (503), or ``None``."""
         limit = self.settings.max_tunnels
-        return limit is not None and len(self.tunnels) >= limit
+        if limit is not None and len(self.tunnels) >= limit:
+            self.stats.limit_rejections["max_tunnels"] += 1
+            return f"the proxy has its limit of {limit} tunnels open; try again later"
+        return None
 
     def request_done(self, route: Route | None, record: RequestRecord) -> None:
         """A request was answered: count it and log it."""
         self.stats.requests[route.name if route else "-", record.status] += 1
         self.access_log.emit(record)
 
-    def tunnel_started(self, tunnel: Tunnel, backend: Backend) -> None:
-        """``tunnel`` took over a connection to ``backend`` (which stays busy while it lives)."""
-        self.tunnels[tunnel] = backend
-        self.stats.tunnels_total[tunnel.stats.protocol] += 1
+    def start_tunnel(
+        self,
+        attempt: UpgradeAttempt,
+        *,
+        route: Route,
+        upstream: Backend,
+        backend: BackendConnection,
+        early_data: bytes,
+        client: Handover,
+        attach: Callable[[Tunnel], None],
+    ) -> Tunnel:
+        """Switch an accepted upgrade to raw pass-through; return the running tunnel.
+
+        In one reactor turn, so that no byte can slip in between: write the
+        ``101`` to the client, then ``early_data`` (what the backend sent
+        right behind its ``101`` head), then replay the client's held bytes
+        (``client.held``, which nobody parsed) into the backend, then hand
+        both connections to a :class:`~upgradeproxy.tunnel.Tunnel`.
+        ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
+        client connection's events to the tunnel; it is called before the
+        tunnel starts, because starting may already end it (a client that
+        reset while its bytes were held).
+        """
+        response = attempt.response
+        assert response is not None and backend.transport is not None
+        transport = client.transport
+        transport.write(switch_for_client(response).serialize())
+        protocol = b", ".join(attempt.selected).decode("latin-1")
+        target = attempt.request.target.decode("latin-1")
+        clock = self.clock
+        stats = TunnelStats(
+            protocol, attempt.client, clock.seconds(), target, route.name, upstream.name
+        )
+        tunnel = Tunnel(
+            transport,
+            backend.transport,
+            stats=stats,
+            clock=clock,
+            on_end=self.tunnel_ended,
+            splice=self.settings.splice,
+            idle_timeout=route.tunnel_idle_timeout,
+            lifetime=route.tunnel_lifetime,
+        )
+        if early_data:
+            tunnel.data(Side.BACKEND, early_data)
+        if client.held:
+            tunnel.data(Side.CLIENT, client.held)
+        backend.enter_tunnel(tunnel)
+        attach(tunnel)
+        self.tunnels[tunnel] = upstream
+        self.stats.tunnels_total[protocol] += 1
+        tunnel.start()
+        if client.read_closed:
+            tunnel.read_closed(Side.CLIENT)
+        return tunnel
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         backend = self.tunnels.pop(tunnel, None)

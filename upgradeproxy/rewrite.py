@@ -165,13 +165,18 @@ def switch_for_client(head: ResponseHead) -> ResponseHead:
     return ResponseHead(101, head.reason or b"Switching Protocols", (1, 1), kept.plus(added))
 
 
+def error_body(reason: str) -> bytes:
+    """The body of the proxy's own error response: the reason, as a line of text."""
+    return reason.encode("utf-8") + b"\n"
+
+
 def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
     """A complete response that tells the client, in plain words, what went wrong.
 
     The connection is always closed after it. ``head_only`` (for a ``HEAD``
     request) leaves the body out but keeps its ``Content-Length``.
     """
-    body = reason.encode("utf-8") + b"\n"
+    body = error_body(reason)
     phrase = HTTPStatus(status).phrase.encode("ascii")
     headers = Headers(
         (

@@ -22,7 +22,8 @@ from .address import BackendAddress, parse_backend
 from .backend import BackendSettings
 from .balancer import BackendGroup
 from .config import ProxyConfig, RouteConfig
-from .proxy import ProxyFactory, ProxySettings
+from .factory import ProxyFactory
+from .proxy import ProxySettings
 from .registry import build_chain
 from .routing import Route
 
@@ -111,7 +112,7 @@ class ProxyService(MultiService):
     """Listens with a proxy factory and shuts it down gracefully.
 
     Stopping (SIGTERM or SIGINT under twistd) closes the listeners first,
-    then waits for :meth:`~upgradeproxy.proxy.ProxyFactory.drain`, so the
+    then waits for :meth:`~upgradeproxy.proxy.Proxy.drain`, so the
     process exits within the grace period plus a short margin.
     """
 
@@ -139,7 +140,7 @@ class ProxyService(MultiService):
 
     async def _stop(self) -> None:
         await super().stopService()
-        await self.factory.drain(self.grace)
+        await self.factory.proxy.drain(self.grace)
         if self._on_stopped is not None:
             self._on_stopped()
 
@@ -155,4 +156,4 @@ def metrics_service(
 
 def local_snapshots(factory: ProxyFactory) -> Callable[[], list[tuple[str | None, dict[str, Any]]]]:
     """The snapshot source of a single process."""
-    return lambda: [(None, factory.snapshot())]
+    return lambda: [(None, factory.proxy.snapshot())]

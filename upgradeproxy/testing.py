@@ -32,7 +32,8 @@ from zope.interface import implementer
 
 from .address import BackendAddress
 from .interfaces import IUpgradeValidator
-from .proxy import ProxyFactory, ProxySettings
+from .factory import ProxyFactory
+from .proxy import ProxySettings
 
 
 class MemoryTransport(StringTransportWithDisconnection):

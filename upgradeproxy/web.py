@@ -18,75 +18,88 @@ before the resource sees it (so bodies are not streamed to the backend),
 it merges repeated request header fields, and it cannot send ``1xx``
 interim responses (they are dropped). For a proxy without those limits,
 listen with :class:`~upgradeproxy.ProxyFactory` instead.
+
+Everything else is the listening proxy's: the resource drives each request
+through the same :class:`~upgradeproxy.exchange.Exchange` (routes, limits,
+validators, retries, access records), and its :class:`~upgradeproxy.proxy.Proxy`
+runs its health checks from the moment the resource is made until the
+reactor stops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import _twistedweb
+from .accesslog import AccessLog
 from .address import BackendAddress
-from .backend import BackendConnection, BackendFailure
-from .balancer import Backend, describe_connect_failure
-from .http1 import (
-    BodyKind,
-    Framing,
-    Headers,
-    ProtocolError,
-    RequestHead,
-    ResponseHead,
-    is_upgrade_request,
-)
-from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
-from .proxy import ProxyFactory, ProxySettings
-from .rewrite import VIA, ClientHop, request_for_backend, without_h2c
+from .backend import BackendConnection
+from .exchange import Exchange
+from .handover import Handover
+from .http1 import BodyKind, Framing, Headers, RequestHead, ResponseHead
+from .interfaces import IUpgradeValidator
+from .proxy import Proxy, ProxySettings
+from .rewrite import VIA, ClientHop, error_body
 from .routing import Route
-from .switch import complete_switch, log_refused_switch
 from .tunnel import Side, Tunnel
 
-log = Logger()
+#: Request fields that twisted.web consumed: it has decoded the body already.
+_FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
 
 
 class ProxyResource(Resource):
-    """A twisted.web resource that proxies everything under it to one backend."""
+    """A twisted.web resource that proxies everything under it.
+
+    The arguments are those of :class:`~upgradeproxy.proxy.Proxy` (one
+    ``backend`` with its ``validators``, or ``routes``); give ``proxy``
+    instead to share one with a listening factory.
+    """
 
     isLeaf = True
 
     def __init__(
         self,
-        backend: IStreamClientEndpoint | BackendAddress,
+        backend: IStreamClientEndpoint | BackendAddress | None = None,
         validators: Iterable[IUpgradeValidator] | None = None,
         *,
+        routes: Sequence[Route] | None = None,
         clock: IReactorTime | None = None,
         settings: ProxySettings | None = None,
+        access_log: AccessLog | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         super().__init__()
-        #: The proxy logic, pool and bookkeeping this resource shares with a
-        #: listening :class:`ProxyFactory`.
-        self.proxy = ProxyFactory(backend, validators, clock=clock, settings=settings)
+        if proxy is None:
+            proxy = Proxy(
+                backend, validators, routes=routes, clock=clock, settings=settings,
+                access_log=access_log,
+            )  # fmt: skip
+        elif backend is not None or routes is not None:
+            raise TypeError("give either a proxy, or what to build one with")
+        #: The proxy this resource's requests go through.
+        self.proxy = proxy
+        proxy.start()
+        if IReactorCore.providedBy(proxy.clock):
+            proxy.clock.addSystemEventTrigger("before", "shutdown", proxy.stop)
 
     def render(self, request: Request) -> int:
         # The backend's fields only: no twisted.web default type or banner.
         request.defaultContentType = None
         request.responseHeaders.removeHeader(b"server")
-        _ResourceExchange(self.proxy, request).start()
+        _WebClientSide(request).begin(self.proxy)
         return NOT_DONE_YET
 
 
-class _TunnelClientSide:
+class _TunnelEvents:
     """Receives the client connection's events once twisted.web has let go of it."""
 
     def __init__(self) -> None:
         self.tunnel: Tunnel | None = None
-
-    def attach(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
 
     def dataReceived(self, data: bytes) -> None:
         assert self.tunnel is not None
@@ -97,8 +110,8 @@ class _TunnelClientSide:
             self.tunnel.lost(Side.CLIENT, reason)
 
 
-def _request_head(request: Request) -> RequestHead:
-    """The request as the proxy sees it, with the mount path removed from its target."""
+def _request_head(request: Request) -> tuple[RequestHead, bytes]:
+    """The request as the proxy sees it, with the mount path removed, and its body."""
     path = b"/" + b"/".join(request.postpath or [])
     _, question, query = request.uri.partition(b"?")
     target = path + question + query
@@ -107,121 +120,50 @@ def _request_head(request: Request) -> RequestHead:
         (name, value)
         for name, values in request.requestHeaders.getAllRawHeaders()
         for value in values
-        if name.lower() != b"content-length"
+        if name.lower() not in _FRAMING_FIELDS
     ]
-    return RequestHead(request.method, target, version, Headers(tuple(fields)))
+    body = b""
+    content = request.content
+    if content is not None:
+        content.seek(0)
+        body = content.read()
+    if body:
+        fields.append((b"Content-Length", b"%d" % len(body)))
+    return RequestHead(request.method, target, version, Headers(tuple(fields))), body
 
 
-class _ResourceExchange:
-    """One request through a :class:`ProxyResource`: a ResponseSink over twisted.web."""
+class _WebClientSide:
+    """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
 
-    def __init__(self, proxy: ProxyFactory, request: Request) -> None:
-        self._proxy = proxy
+    def __init__(self, request: Request) -> None:
         self._request = request
-        self._head = _request_head(request)
-        self._backend: BackendConnection | None = None
-        self._route: Route | None = None
-        self._upstream: Backend | None = None
-        self._responded = False
-        self._done = False
         address = request.getClientAddress()
-        self._client = str(getattr(address, "host", address))
+        self.address = str(getattr(address, "host", address))
+        self.hop = ClientHop(self.address, "https" if request.isSecure() else "http")
+        self._body = b""
+        self._finished = False
+        self._exchange: Exchange | None = None
+        self._events = _TunnelEvents()
 
-    def start(self) -> None:
-        head = self._head
-        if not self._proxy.settings.forward_h2c:
-            head = self._head = without_h2c(head)
-        upgrade = is_upgrade_request(head)
-        try:
-            route = self._route = self._proxy.route_for(head)
-        except ProtocolError as e:
-            self._error(e.status, e.reason)
+    def begin(self, proxy: Proxy) -> None:
+        head, self._body = _request_head(self._request)
+        exchange = Exchange.start(proxy, self, head)
+        if exchange is None:
             return
-        if route is None:
-            self._error(404, "no route serves this request")
-            return
-        upstream = route.group.choose(self._client)
-        if upstream is None:
-            self._error(503, f"no healthy backend for route {route.name}")
-            return
-        if upgrade:
-            attempt = UpgradeAttempt(
-                head, backend=upstream.name, client=self._client, route=route.name
-            )
-            refusal = self._proxy.check_request(attempt, route)
-            if refusal is not None:
-                self._error(refusal.status, refusal.reason)
-                return
-        content = self._request.content
-        body = b""
-        if content is not None:
-            content.seek(0)
-            body = content.read()
-        if body:
-            head = RequestHead(
-                head.method,
-                head.target,
-                head.version,
-                head.headers.plus([(b"Content-Length", b"%d" % len(body))]),
-            )
-        scheme = "https" if self._request.isSecure() else "http"
-        forwarded = request_for_backend(
-            head,
-            ClientHop(self._client, scheme),
-            upgrade=upgrade,
-            framing=BodyKind.LENGTH if body else BodyKind.NONE,
-            prefix=upstream.address.prefix,
-        )
+        self._exchange = exchange
         self._request.notifyFinish().addErrback(self._client_gone)
-        upstream.active += 1
-        self._upstream = upstream
-        d = upstream.pool.acquire()
-        d.addCallbacks(
-            self._send,
-            self._unreachable,
-            callbackArgs=(forwarded.serialize() + body,),
-        )
-
-    def _send(self, backend: BackendConnection, data: bytes) -> None:
-        if self._done:
-            backend.pool.release(backend)
-            return
-        self._backend = backend
-        backend.send_request(data, self._head.method, self)
-
-    def _unreachable(self, reason: Failure) -> None:
-        upstream = self._upstream
-        assert upstream is not None and self._route is not None
-        why = describe_connect_failure(reason)
-        self._route.group.connect_failed(upstream, why)
-        self._error(502, f"the backend ({upstream.name}) could not be reached: {why}")
-
-    def _release_upstream(self) -> None:
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.active -= 1
+        exchange.connect()
 
     def _client_gone(self, reason: Failure) -> None:
-        self._done = True
-        self._release_upstream()
-        if self._backend is not None:
-            self._backend.abandon()
+        self._finished = True
+        if self._exchange is not None:
+            self._exchange.client_gone()
 
-    def _error(self, status: int, reason: str) -> None:
-        log.info(
-            "{status} to {client}: {reason}", status=status, client=self._client, reason=reason
-        )
-        self._release_upstream()
-        if self._done:
-            return
-        self._done = True
-        request = self._request
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.write(reason.encode("utf-8") + b"\n")
-        request.finish()
+    # -- ClientSide ------------------------------------------------------------------
 
-    # -- ResponseSink ---------------------------------------------------------------
+    def body_wanted(self, exchange: Exchange, backend: BackendConnection) -> None:
+        if exchange.body_data((self._body,)):
+            exchange.body_end()
 
     def cork(self) -> None:
         pass  # twisted.web's Request buffers for itself
@@ -229,11 +171,10 @@ class _ResourceExchange:
     def uncork(self) -> None:
         pass
 
-    def interim_response(self, head: ResponseHead) -> None:
+    def send_interim(self, head: ResponseHead) -> None:
         pass  # twisted.web has no way to send a 1xx
 
-    def response_head(self, head: ResponseHead, framing: Framing) -> None:
-        self._responded = True
+    def send_head(self, exchange: Exchange, head: ResponseHead, framing: Framing) -> None:
         request = self._request
         request.setResponseCode(head.status, head.reason)
         headers = request.responseHeaders
@@ -242,57 +183,54 @@ class _ResourceExchange:
         for name, value in head.headers.end_to_end().without((b"via",)):
             headers.addRawHeader(name, value)
         headers.setRawHeaders(b"via", [b", ".join([*head.headers.get_all(b"via"), VIA])])
-        if framing.kind is not BodyKind.NONE and self._backend is not None:
-            request.registerProducer(self._backend.transport, True)
+        backend = exchange.backend
+        if framing.kind is not BodyKind.NONE and backend is not None:
+            request.registerProducer(backend.transport, True)
 
-    def response_body(self, data: bytes) -> None:
+    def send_body(self, data: bytes) -> None:
         self._request.write(data)
 
-    def response_end(self) -> None:
-        self._done = True
-        self._release_upstream()
+    def send_end(self, exchange: Exchange) -> None:
         request = self._request
         if request.producer is not None:
             request.unregisterProducer()
-            if self._backend is not None and self._backend.transport is not None:
-                self._backend.transport.resumeProducing()  # type: ignore[attr-defined]
-        request.finish()
+            backend = exchange.backend
+            if backend is not None and backend.transport is not None:
+                backend.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._finish()
 
-    def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
-        backend, route, upstream = self._backend, self._route, self._upstream
-        assert backend is not None and route is not None and upstream is not None
-        attempt = UpgradeAttempt(self._head, head, True, upstream.name, self._client, route.name)
-        refusal: Refusal | None = self._proxy.check_response(attempt, route)
-        if refusal is not None:
-            log_refused_switch(attempt, refusal, self._client)
-            backend.abandon()
-            self._error(502, refusal.reason)
-            return
-        self._done = True
-        self._upstream = None  # busy until the tunnel ends
-        client_side = _TunnelClientSide()
-        detached = _twistedweb.detach(self._request, client_side)
-        complete_switch(
-            self._proxy,
-            attempt,
-            route=route,
-            upstream=upstream,
-            client=detached.transport,
-            backend=backend,
-            early_data=early_data,
-            held=detached.held,
-            attach=client_side.attach,
-        )
+    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+        if self._finished:
+            return 0
+        request = self._request
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        body = error_body(reason)
+        if request.method != b"HEAD":
+            request.write(body)
+        self._finish()
+        return 0 if request.method == b"HEAD" else len(body)
 
-    def backend_failed(self, failure: BackendFailure) -> None:
-        if not self._responded:
-            self._error(failure.status, failure.reason)
-            return
-        log.warn(
-            "response to {client} cut short: {reason}", client=self._client, reason=failure.reason
-        )
-        self._done = True
-        self._release_upstream()
+    def cut_short(self) -> None:
+        self._finished = True
         transport = self._request.channel.transport
         if transport is not None:
             transport.loseConnection()
+
+    def hand_over(self) -> Handover:
+        self._finished = True
+        detached = _twistedweb.detach(self._request, self._events)
+        return Handover(detached.transport, detached.held)
+
+    def attach(self, tunnel: Tunnel) -> None:
+        self._events.tunnel = tunnel
+
+    def abort(self) -> None:
+        transport = self._request.channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._request.finish()

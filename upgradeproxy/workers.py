@@ -305,14 +305,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.close(fd)
     writer = None
     if args.snapshots is not None:
-        writer = SnapshotWriter(factory.snapshot, args.snapshots, args.slot, reactor)
+        writer = SnapshotWriter(factory.proxy.snapshot, args.snapshots, args.slot, reactor)
         writer.start()
 
     async def shut_down() -> None:
         """SIGTERM: stop accepting, then finish gracefully within the grace period."""
         for port in ports:
             await port.stopListening()
-        await factory.drain(config.shutdown_grace)
+        await factory.proxy.drain(config.shutdown_grace)
         factory.doStop()
         if writer is not None:
             writer.stop()

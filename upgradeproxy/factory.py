@@ -1,0 +1,67 @@
+"""The listening door: a Twisted server factory around a :class:`~upgradeproxy.proxy.Proxy`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import ServerFactory
+
+from .accesslog import AccessLog
+from .address import BackendAddress
+from .client import ClientConnection
+from .interfaces import IUpgradeValidator
+from .proxy import Proxy, ProxySettings
+from .routing import Route
+
+
+class ProxyFactory(ServerFactory):
+    """A reverse proxy, as a Twisted server factory.
+
+    With one backend, listen with it on any server endpoint::
+
+        from twisted.internet import endpoints, reactor
+        from upgradeproxy import ProxyFactory
+
+        backend = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", 9000)
+        factory = ProxyFactory(backend)
+        endpoints.serverFromString(reactor, "tcp:8080").listen(factory)
+
+    The arguments are those of :class:`~upgradeproxy.proxy.Proxy`, which the
+    factory builds and keeps as :attr:`proxy` (give ``proxy`` instead to
+    listen with one you built). The proxy starts with the factory (its
+    health checks run) and stops with it.
+    """
+
+    noisy = False  # startFactory logs a line that says more
+
+    def __init__(
+        self,
+        backend: IStreamClientEndpoint | BackendAddress | None = None,
+        validators: Iterable[IUpgradeValidator] | None = None,
+        *,
+        routes: Sequence[Route] | None = None,
+        clock: IReactorTime | None = None,
+        settings: ProxySettings | None = None,
+        scheme: str = "http",
+        access_log: AccessLog | None = None,
+        proxy: Proxy | None = None,
+    ) -> None:
+        if proxy is None:
+            proxy = Proxy(
+                backend, validators, routes=routes, clock=clock, settings=settings,
+                scheme=scheme, access_log=access_log,
+            )  # fmt: skip
+        elif backend is not None or routes is not None:
+            raise TypeError("give either a proxy, or what to build one with")
+        #: The proxy this factory's connections go through.
+        self.proxy = proxy
+
+    def startFactory(self) -> None:
+        self.proxy.start()
+
+    def stopFactory(self) -> None:
+        self.proxy.stop()
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        return ClientConnection(self.proxy)
