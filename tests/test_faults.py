@@ -570,7 +570,8 @@ async def test_loopback_a_client_reset_just_before_a_spliced_switch_ends_the_tun
     try:
         await proxy_is_empty(proxy.factory, clock)
     finally:
-        proxy.factory.proxy.tunnels.clear()  # a leaked tunnel would also fail the fixture's clean-up
+        # A leaked tunnel would also fail the fixture's clean-up.
+        proxy.factory.proxy.tunnels.clear()
 
 
 @pytest.mark.loopback

@@ -6,19 +6,10 @@ import pytest
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy import BackendSettings, ProxySettings, Refusal
+from support import GET, OK, SWITCH, UPGRADE
+
 from upgradeproxy.testing import ProxyHarness
 
-UPGRADE = (
-    b"GET /chat HTTP/1.1\r\nHost: app.example\r\nConnection: keep-alive, Upgrade\r\n"
-    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-)
-SWITCH = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
-)
-GET = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
 def after_head(data: bytes) -> bytes:
@@ -653,3 +644,21 @@ def test_an_eof_inside_a_body_waiting_for_its_backend_still_ends_the_exchange() 
     assert h.client_closed
     assert h.backend.closed
     assert h.factory.proxy.connections == set()
+
+
+# -- after an error response -------------------------------------------------------------
+
+
+def test_the_access_record_of_an_error_response_counts_its_body_bytes() -> None:
+    from upgradeproxy.accesslog import AccessLog
+
+    events: list[dict[str, object]] = []
+    h = ProxyHarness()
+    h.factory.proxy.access_log = AccessLog("text", events.append)
+    h.client_sends(UPGRADE)
+    h.backend.send(SWITCH.replace(b"Connection: Upgrade\r\n", b""))
+    received = h.client_received
+    body = received.partition(b"\r\n\r\n")[2]
+    assert received.startswith(b"HTTP/1.1 502 ")
+    (record,) = (e["access"] for e in events)
+    assert record.status == 502 and record.bytes == len(body) > 0  # type: ignore[attr-defined]

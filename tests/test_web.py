@@ -18,7 +18,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from upgradeproxy import BackendAddress, Refusal, _twistedweb, rfc6455
+from upgradeproxy import BackendAddress, BackendSettings, Refusal, _twistedweb, rfc6455
 from upgradeproxy.demo import ECHO_PROTOCOL, DemoBackendFactory
 from upgradeproxy.testing import ScriptedBackendEndpoint
 from upgradeproxy.web import ProxyResource
@@ -214,3 +214,36 @@ async def test_over_loopback_a_frame_sent_with_the_handshake_is_echoed() -> None
     finally:
         await site_port.stopListening()
         await backend_port.stopListening()
+
+
+# -- the resource runs its proxy as the listening door does ------------------------------
+
+
+def test_the_resource_starts_its_proxy_so_health_checks_run_and_stops_it_at_shutdown() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from upgradeproxy.balancer import BackendGroup, HealthCheck, Policy
+    from upgradeproxy.routing import Route
+
+    clock = MemoryReactorClock()
+    endpoint = ScriptedBackendEndpoint()
+    group = BackendGroup(
+        [BackendAddress(endpoint, b"", "checked")],
+        policy=Policy.LEAST_CONN,
+        clock=clock,
+        health=HealthCheck(path="/healthz", interval=5.0),
+        settings=BackendSettings(),
+        route="app",
+    )
+    resource = ProxyResource(routes=[Route("app", group, ())], clock=clock)
+    assert resource.proxy.running
+    assert endpoint.attempts == 1, "the first health check runs at once"
+    endpoint.connections[-1].send(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    clock.advance(5.0)
+    assert endpoint.attempts == 2
+    ((stop, args, kwargs),) = clock.triggers["before"]["shutdown"]
+    stop(*args, **kwargs)  # what the reactor does when it stops
+    assert not resource.proxy.running
+    clock.advance(50.0)
+    assert endpoint.attempts == 2, "no health check after the reactor stopped"
+

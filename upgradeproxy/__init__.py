@@ -5,8 +5,8 @@ The names most applications need are re-exported here.
 
 from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
-from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
 from .factory import ProxyFactory
+from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
 from .proxy import Proxy, ProxySettings
 from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
 

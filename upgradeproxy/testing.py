@@ -24,15 +24,20 @@ from dataclasses import dataclass
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .address import BackendAddress
-from .interfaces import IUpgradeValidator
 from .factory import ProxyFactory
+from .interfaces import IUpgradeValidator
 from .proxy import ProxySettings
 
 
@@ -53,8 +58,16 @@ class MemoryTransport(StringTransportWithDisconnection):
             self.protocol.connectionLost(Failure(error.ConnectionLost("reset by peer")))
 
     def eof(self) -> None:
-        """The peer shut down its write side."""
-        self.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        """The peer shut down its write side.
+
+        As with TCP, a protocol that cannot be half-closed is told the
+        connection is gone.
+        """
+        if IHalfCloseableProtocol.providedBy(self.protocol):
+            self.protocol.readConnectionLost()
+        elif self.connected:
+            self.connected = False
+            self.protocol.connectionLost(Failure(error.ConnectionDone()))
 
 
 def _connect(protocol: IProtocol, host: str, port: int) -> MemoryTransport:

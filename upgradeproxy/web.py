@@ -113,8 +113,11 @@ class _TunnelEvents:
 def _request_head(request: Request) -> tuple[RequestHead, bytes]:
     """The request as the proxy sees it, with the mount path removed, and its body."""
     path = b"/" + b"/".join(request.postpath or [])
-    _, question, query = request.uri.partition(b"?")
-    target = path + question + query
+    uri, question, query = request.uri.partition(b"?")
+    scheme, absolute, rest = uri.partition(b"://")
+    # An absolute-form target keeps its authority: it names the host to route by.
+    authority = scheme + absolute + rest.partition(b"/")[0] if absolute else b""
+    target = authority + path + question + query
     version = (1, 1) if request.clientproto == b"HTTP/1.1" else (1, 0)
     fields = [
         (name, value)
