@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
@@ -125,5 +124,3 @@ class Cluster:
     def requests(self, backend: str) -> int:
         """Requests ``backend`` received, over all its connections."""
         return sum(c.received.count(b" HTTP/1.1\r\n") for c in self.endpoints[backend].connections)
-
-

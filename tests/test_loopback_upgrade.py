@@ -177,6 +177,8 @@ async def refused_switch(
     assert reply.get(b"content-type").startswith(b"text/plain")
     # No trace of the switch, and the connection ends after the 502.
     assert reply.interim == [] and reply.raw.startswith(b"HTTP/1.1 502 "), reply.raw
+    # Ending our side lets the proxy close at once instead of lingering.
+    client.shutdown_write()
     assert await loopback.run(client.recv_to_eof) == b""
     await wait(conn.closed)
     assert conn.after_head == b"", "the client's bytes reached a refused backend"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+from support import DOORS, GET, OK, SWITCH, UPGRADE, Client, Cluster, messages, status_of
 from twisted.internet import error
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
@@ -16,9 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings
-import pytest
-from support import DOORS, GET, OK, SWITCH, UPGRADE, Client, Cluster, messages, status_of
+from upgradeproxy import BackendSettings, ProxySettings
 from upgradeproxy.accesslog import (
     NAMESPACE,
     AccessLog,
@@ -26,13 +26,10 @@ from upgradeproxy.accesslog import (
     TunnelRecord,
     access_log_to,
 )
-from upgradeproxy.address import BackendAddress
 from upgradeproxy.backend import BackendConnection, BackendPool
-from upgradeproxy.balancer import BackendGroup, Policy, describe_connect_failure
-from upgradeproxy.routing import Route, Router, host_name
-from upgradeproxy.testing import MemoryTransport, ProxyHarness, ScriptedBackendEndpoint
-from upgradeproxy.testing import connect_client as _connect_client
-from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
+from upgradeproxy.balancer import Policy, describe_connect_failure
+from upgradeproxy.routing import Router, host_name
+from upgradeproxy.testing import MemoryTransport, ProxyHarness
 
 
 def _tunnel(cluster: Cluster, backend: str = "a", port: int = 50000) -> Client:
@@ -104,7 +101,9 @@ def test_requests_go_to_their_routes_backend_and_no_route_answers_404(door: str)
 
 
 @pytest.mark.parametrize("door", DOORS)
-def test_a_refused_connection_is_retried_on_another_backend_and_the_dead_one_skipped(door: str) -> None:
+def test_a_refused_connection_is_retried_on_another_backend_and_the_dead_one_skipped(
+    door: str,
+) -> None:
     c = Cluster({"r": {"backends": ["a", "b"], "policy": Policy.ROUND_ROBIN}}, door=door)
     c.endpoints["a"].refuse = True
     with capturedLogs() as logs:
@@ -209,7 +208,9 @@ def test_upgrades_beyond_the_tunnel_limit_get_503_and_plain_requests_still_pass(
 
 
 @pytest.mark.parametrize("door", DOORS)
-def test_a_declared_body_above_the_limit_gets_413_before_any_backend_is_contacted(door: str) -> None:
+def test_a_declared_body_above_the_limit_gets_413_before_any_backend_is_contacted(
+    door: str,
+) -> None:
     c = Cluster({"r": {"backends": ["a"], "max_request_body": 10}}, door=door)
     client = c.client()
     # twisted.web reads a body whole before the resource sees the request.

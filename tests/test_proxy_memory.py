@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from support import GET, OK, SWITCH, UPGRADE
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy import BackendSettings, ProxySettings, Refusal
-from support import GET, OK, SWITCH, UPGRADE
-
 from upgradeproxy.testing import ProxyHarness
-
 
 
 def after_head(data: bytes) -> bytes:
@@ -662,3 +660,30 @@ def test_the_access_record_of_an_error_response_counts_its_body_bytes() -> None:
     assert received.startswith(b"HTTP/1.1 502 ")
     (record,) = (e["access"] for e in events)
     assert record.status == 502 and record.bytes == len(body) > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("linger", "open_at"), [(2.0, 1.9), (0.5, 0.4)])
+def test_after_an_error_the_proxy_reads_on_for_error_linger_seconds_then_closes(
+    linger: float, open_at: float
+) -> None:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.interfaces import ITCPTransport
+    from zope.interface import alsoProvides
+
+    from upgradeproxy.testing import MemoryTransport
+
+    h = ProxyHarness(settings=None if linger == 2.0 else ProxySettings(error_linger=linger))
+    client = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 1))
+    transport = MemoryTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
+    transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+    alsoProvides(transport, ITCPTransport)  # so the proxy lingers as on TCP
+    transport.protocol = client
+    client.makeConnection(transport)
+    client.dataReceived(b"GET / HTTP/1.1\r\n\r\n")  # no Host: 400
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert transport.write_closed and transport.connected, "our side ended; still reading"
+    client.dataReceived(b"the rest of what the client was sending")
+    h.clock.advance(open_at)
+    assert transport.connected
+    h.clock.advance(0.2)
+    assert not transport.connected

@@ -246,4 +246,3 @@ def test_the_resource_starts_its_proxy_so_health_checks_run_and_stops_it_at_shut
     assert not resource.proxy.running
     clock.advance(50.0)
     assert endpoint.attempts == 2, "no health check after the reactor stopped"
-
