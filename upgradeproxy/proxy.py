@@ -11,9 +11,7 @@ connection: the front doors (:mod:`upgradeproxy.client`,
 
 from __future__ import annotations
 
-import os
 import time
-from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +30,10 @@ from .http1 import RequestHead
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from .rewrite import switch_for_client
 from .routing import Route, Router
+from .snapshot import ProxyStats, take_snapshot
 from .tunnel import Side, Tunnel, TunnelStats
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 
-#: Refusals kept for the status page.
-RECENT_REFUSALS = 100
 #: Seconds given to connections still closing after the shutdown grace period.
 CLOSE_MARGIN = 2.0
 
@@ -73,28 +70,6 @@ class ProxySettings:
     #: For a factory built with one backend: tunnel idle timeout and lifetime.
     tunnel_idle_timeout: float | None = None
     tunnel_lifetime: float | None = None
-
-
-@dataclass(slots=True)
-class ProxyStats:
-    """Counters since the start, for metrics and the status page."""
-
-    started: float = field(default_factory=time.time)
-    connections_total: int = 0
-    #: (route, status) -> requests answered.
-    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
-    #: (route, validator, stage) -> upgrades refused.
-    refusals: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    recent_refusals: deque[dict[str, Any]] = field(
-        default_factory=lambda: deque(maxlen=RECENT_REFUSALS)
-    )
-    #: limit name -> requests or connections turned away by it.
-    limit_rejections: Counter[str] = field(default_factory=Counter)
-    tunnels_total: Counter[str] = field(default_factory=Counter)
-    #: Bytes of tunnels that ended, per direction.
-    ended_tunnel_bytes: dict[Side, int] = field(
-        default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0}
-    )
 
 
 class FrontConnection(TypingProtocol):
@@ -481,67 +456,8 @@ class Proxy:
     # -- observation ----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The proxy's state as plain data, for metrics and the status page."""
-        now = time.time()
-        clock_now = self.clock.seconds()
-        stats = self.stats
-        live_up = live_down = 0
-        tunnels = []
-        for tunnel in self.tunnels:
-            t = tunnel.stats
-            up, down = t.sent[Side.CLIENT], t.sent[Side.BACKEND]
-            live_up += up
-            live_down += down
-            tunnels.append(
-                {
-                    "protocol": t.protocol,
-                    "client": t.client,
-                    "backend": t.backend,
-                    "route": t.route,
-                    "age": clock_now - t.started,
-                    "client_to_backend": up,
-                    "backend_to_client": down,
-                    "spliced": tunnel.spliced,
-                }
-            )
-        ended = stats.ended_tunnel_bytes
-        return {
-            "pid": os.getpid(),
-            "time": now,
-            "started": stats.started,
-            "connections": len(self.connections),
-            "connections_total": stats.connections_total,
-            "requests": [
-                {"route": r, "status": s, "count": n} for (r, s), n in stats.requests.items()
-            ],
-            "refusals": [
-                {"route": r, "validator": v, "stage": s, "count": n}
-                for (r, v, s), n in stats.refusals.items()
-            ],
-            "recent_refusals": list(stats.recent_refusals),
-            "limit_rejections": [
-                {"limit": name, "count": n} for name, n in stats.limit_rejections.items()
-            ],
-            "tunnels": tunnels,
-            "tunnels_total": [{"protocol": p, "count": n} for p, n in stats.tunnels_total.items()],
-            "tunnel_bytes": {
-                "client_to_backend": ended[Side.CLIENT] + live_up,
-                "backend_to_client": ended[Side.BACKEND] + live_down,
-            },
-            "backends": [
-                {
-                    "route": route.name,
-                    "backend": backend.name,
-                    "healthy": backend.healthy,
-                    "active": backend.active,
-                    "failures": backend.failures,
-                    "last_error": backend.last_error,
-                }
-                for route in self.router.routes
-                for backend in route.group.backends
-            ],
-            "limits": {
-                "max_connections": self.settings.max_connections,
-                "max_tunnels": self.settings.max_tunnels,
-            },
-        }
+        """The proxy's state as plain data (JSON-ready), for metrics and the status page."""
+        return take_snapshot(
+            self.stats, len(self.connections), self.tunnels, self.router.routes,
+            self.settings.max_connections, self.settings.max_tunnels, self.clock.seconds(),
+        )  # fmt: skip

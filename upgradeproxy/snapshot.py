@@ -1,0 +1,127 @@
+"""What the proxy counts, and its state as plain data for metrics and the status page.
+
+:class:`ProxyStats` holds the counters since the start; :func:`take_snapshot`
+turns them and the live tunnels and backends into the JSON-ready dictionary
+that :mod:`upgradeproxy.metrics` and :mod:`upgradeproxy.status` read (with
+``--workers``, each worker's snapshot crosses a pipe as JSON).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .balancer import Backend
+from .routing import Route
+from .tunnel import Side, Tunnel
+
+#: Refusals kept for the status page.
+RECENT_REFUSALS = 100
+
+
+@dataclass(slots=True)
+class ProxyStats:
+    """Counters since the start, for metrics and the status page."""
+
+    started: float = field(default_factory=time.time)
+    connections_total: int = 0
+    #: (route, status) -> requests answered.
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)
+    #: (route, validator, stage) -> upgrades refused.
+    refusals: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    recent_refusals: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_REFUSALS)
+    )
+    #: limit name -> requests or connections turned away by it.
+    limit_rejections: Counter[str] = field(default_factory=Counter)
+    tunnels_total: Counter[str] = field(default_factory=Counter)
+    #: Bytes of tunnels that ended, per direction.
+    ended_tunnel_bytes: dict[Side, int] = field(
+        default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelState:
+    """One open tunnel."""
+
+    protocol: str
+    client: str
+    backend: str
+    route: str
+    #: Seconds since it opened.
+    age: float
+    client_to_backend: int
+    backend_to_client: int
+    spliced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """One backend of one route."""
+
+    route: str
+    backend: str
+    healthy: bool
+    #: Requests in flight plus tunnels open.
+    active: int
+    failures: int
+    last_error: str
+
+
+def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
+    t = tunnel.stats
+    return TunnelState(
+        t.protocol, t.client, t.backend, t.route, now - t.started,
+        t.sent[Side.CLIENT], t.sent[Side.BACKEND], tunnel.spliced,
+    )  # fmt: skip
+
+
+def backend_states(routes: Iterable[Route]) -> list[BackendState]:
+    return [
+        BackendState(route.name, b.name, b.healthy, b.active, b.failures, b.last_error)
+        for route in routes
+        for b in route.group.backends
+    ]
+
+
+def take_snapshot(
+    stats: ProxyStats,
+    connections: int,
+    tunnels: Mapping[Tunnel, Backend],
+    routes: Iterable[Route],
+    max_connections: int | None,
+    max_tunnels: int | None,
+    now: float,
+) -> dict[str, Any]:
+    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock)."""
+    live = [tunnel_state(tunnel, now) for tunnel in tunnels]
+    ended = stats.ended_tunnel_bytes
+    return {
+        "pid": os.getpid(),
+        "time": time.time(),
+        "started": stats.started,
+        "connections": connections,
+        "connections_total": stats.connections_total,
+        "requests": [{"route": r, "status": s, "count": n} for (r, s), n in stats.requests.items()],
+        "refusals": [
+            {"route": r, "validator": v, "stage": s, "count": n}
+            for (r, v, s), n in stats.refusals.items()
+        ],
+        "recent_refusals": list(stats.recent_refusals),
+        "limit_rejections": [
+            {"limit": name, "count": n} for name, n in stats.limit_rejections.items()
+        ],
+        "tunnels": [asdict(t) for t in live],
+        "tunnels_total": [{"protocol": p, "count": n} for p, n in stats.tunnels_total.items()],
+        "tunnel_bytes": {
+            "client_to_backend": ended[Side.CLIENT] + sum(t.client_to_backend for t in live),
+            "backend_to_client": ended[Side.BACKEND] + sum(t.backend_to_client for t in live),
+        },
+        "backends": [asdict(b) for b in backend_states(routes)],
+        "limits": {"max_connections": max_connections, "max_tunnels": max_tunnels},
+    }
