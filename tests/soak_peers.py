@@ -166,7 +166,7 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
 
     from upgradeproxy import ProxyFactory, ProxySettings
     from upgradeproxy import splice as splice_module
-    from upgradeproxy.tunnel import Side
+    from upgradeproxy.side import Side
 
     factory = ProxyFactory(
         TCP4ClientEndpoint(reactor, HOST, params["backend_port"]),

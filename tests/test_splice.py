@@ -10,7 +10,7 @@ import pytest_twisted
 from loopback import Loopback, switching_response, upgrade_request, wait
 
 from upgradeproxy import ProxySettings, splice
-from upgradeproxy.tunnel import Side, TunnelStats
+from upgradeproxy.side import Side
 
 pytestmark = [
     pytest.mark.loopback,
@@ -104,18 +104,6 @@ class _Transport:
         pass
 
 
-class _Tunnel:
-    def __init__(self, transports: dict[Side, _Transport]) -> None:
-        self._transports = transports
-        self.stats = TunnelStats("test", "client", 0.0)
-
-    def transport(self, side: Side) -> _Transport:
-        return self._transports[side]
-
-    def note_end(self, side: Side, why: str) -> None:
-        pass
-
-
 def test_bytes_read_in_the_last_round_are_not_left_waiting_for_more_input(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -127,7 +115,9 @@ def test_bytes_read_in_the_last_round_are_not_left_waiting_for_more_input(
         sock.setblocking(False)
     reactor = _RecordingReactor()
     transports = {Side.CLIENT: _Transport(client_proxy), Side.BACKEND: _Transport(backend_proxy)}
-    pump = splice.SplicePump(_Tunnel(transports), reactor)  # type: ignore[arg-type]
+    pump = splice.SplicePump(
+        transports, {Side.CLIENT: 0, Side.BACKEND: 0}, lambda side, why: None, reactor
+    )  # type: ignore[arg-type]
     try:
         pump.start()
         client_app.sendall(b"the only message")

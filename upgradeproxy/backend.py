@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .failures import describe_close
 from .flow import no_delay, send_now
 from .http1 import (
     BodyDecoder,
@@ -40,7 +41,8 @@ from .http1 import (
     response_framing,
     response_keeps_alive,
 )
-from .tunnel import Side, Tunnel, describe_close
+from .side import Side
+from .tunnel import Tunnel
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 
 from .address import BackendAddress, describe_tls_failure
 from .backend import BackendPool, BackendSettings
+from .failures import describe_close
 from .http1 import ProtocolError, parse_response_head
-from .tunnel import describe_close
 
 
 class Policy(enum.Enum):

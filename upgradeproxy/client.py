@@ -52,7 +52,8 @@ from .rewrite import (
     interim_for_client,
     response_for_client,
 )
-from .tunnel import Side, Tunnel
+from .side import Side
+from .tunnel import Tunnel
 
 # Reasons for which the client's reads are paused.
 _BACKEND_FULL = "backend send buffer full"

@@ -30,8 +30,9 @@ from .http1 import RequestHead
 from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from .rewrite import switch_for_client
 from .routing import Route, Router
+from .side import Side
 from .snapshot import ProxyStats, take_snapshot
-from .tunnel import Side, Tunnel, TunnelStats
+from .tunnel import Tunnel, TunnelStats
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 
 #: Seconds given to connections still closing after the shutdown grace period.

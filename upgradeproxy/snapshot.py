@@ -17,7 +17,8 @@ from typing import Any
 
 from .balancer import Backend
 from .routing import Route
-from .tunnel import Side, Tunnel
+from .side import Side
+from .tunnel import Tunnel
 
 #: Refusals kept for the status page.
 RECENT_REFUSALS = 100

@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet import error, tcp
@@ -35,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from .tunnel import Side, Tunnel
+    from .side import Side
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
@@ -199,15 +200,22 @@ class _Socket:
 class SplicePump:
     """Moves a tunnel's bytes with ``splice(2)`` until both directions end."""
 
-    def __init__(self, tunnel: Tunnel, reactor: IReactorFDSet) -> None:
-        from .tunnel import Side
+    def __init__(
+        self,
+        transports: Mapping[Side, tcp.Connection],
+        sent: dict[Side, int],
+        note_end: Callable[[Side, str], None],
+        reactor: IReactorFDSet,
+    ) -> None:
+        """Take both ``transports``' sockets over from the reactor.
 
-        self._tunnel = tunnel
+        ``sent`` counts the bytes moved from each side; ``note_end`` is told
+        when a side stops sending (EOF) or fails.
+        """
+        self._sent = sent
+        self._note_end = note_end
         self._reactor = reactor
-        self._transports: dict[Side, tcp.Connection] = {
-            side: tunnel.transport(side)  # type: ignore[misc]
-            for side in (Side.CLIENT, Side.BACKEND)
-        }
+        self._transports = dict(transports)
         self._sockets = {
             side: _Socket(self, side, transport.socket)
             for side, transport in self._transports.items()
@@ -296,9 +304,9 @@ class SplicePump:
             if moved == 0:
                 d.eof = True
                 self._reactor.removeReader(d.src)
-                self._tunnel.note_end(d.source, "EOF")
+                self._note_end(d.source, "EOF")
             else:
-                self._tunnel.stats.sent[d.source] += moved
+                self._sent[d.source] += moved
                 d.drained = moved < PIPE_SIZE
         # Out of rounds: come back for what is still to do. Bytes already
         # read must not wait for src to have more (it may have no more), so
@@ -348,7 +356,7 @@ class SplicePump:
 
     def fail(self, side: Side, why: str) -> None:
         """``side`` failed: close it, and close the other after flushing what it is owed."""
-        self._tunnel.note_end(side, why)
+        self._note_end(side, why)
         self._finish(side, why)
 
     def close(self) -> None:

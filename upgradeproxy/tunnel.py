@@ -11,11 +11,9 @@ closes both, after what was already written has been flushed.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorFDSet,
@@ -25,40 +23,17 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
+from .failures import describe_close
 from .flow import unregister_producer
+from .side import Side
 from .splice import SplicePump, can_splice
 
 #: The idle check runs this often, as a share of the idle timeout.
 _IDLE_CHECK = 0.25
 
 
-class Side(enum.Enum):
-    """One of the two connections of a tunnel."""
-
-    CLIENT = "client"
-    BACKEND = "backend"
-
-    # Members are singletons, so identity hashing is right, and it is done in
-    # C: Enum's own __hash__ is Python code, run for every chunk a tunnel
-    # moves (the per-side dicts of byte counts and transports).
-    __hash__ = object.__hash__
-
-    @property
-    def peer(self) -> Side:
-        return Side.BACKEND if self is Side.CLIENT else Side.CLIENT
-
-
 def _can_half_close(transport: ITransport) -> bool:
     return hasattr(transport, "loseWriteConnection") and not ISSLTransport.providedBy(transport)
-
-
-def describe_close(reason: Failure) -> str:
-    """A few words saying how a connection ended, for the log."""
-    if reason.check(error.ConnectionDone):
-        return "closed"
-    if reason.check(error.ConnectionLost):
-        return "connection lost (reset)"
-    return reason.getErrorMessage()
 
 
 @dataclass(slots=True)
@@ -157,15 +132,16 @@ class Tunnel:
             and can_splice(client)
             and can_splice(backend)
         ):
-            self._pump = SplicePump(self, self._clock)
+            self._pump = SplicePump(
+                self._transports,  # type: ignore[arg-type]
+                self.stats.sent,
+                self._note_first,
+                self._clock,
+            )
             self._pump.start()
             return
         client.registerProducer(backend, True)  # type: ignore[attr-defined]
         backend.registerProducer(client, True)  # type: ignore[attr-defined]
-
-    def note_end(self, side: Side, why: str) -> None:
-        """``side`` stopped sending (EOF) or failed; the first such event is logged."""
-        self._note_first(side, why)
 
     def data(self, side: Side, data: bytes) -> None:
         """Bytes arrived from ``side``: pass them on unchanged."""

@@ -46,7 +46,8 @@ from .interfaces import IUpgradeValidator
 from .proxy import Proxy, ProxySettings
 from .rewrite import VIA, ClientHop, error_body
 from .routing import Route
-from .tunnel import Side, Tunnel
+from .side import Side
+from .tunnel import Tunnel
 
 #: Request fields that twisted.web consumed: it has decoded the body already.
 _FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
