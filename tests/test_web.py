@@ -14,11 +14,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 
-from upgradeproxy import BackendAddress, BackendSettings, Refusal, _twistedweb, rfc6455
+from upgradeproxy import BackendAddress, BackendSettings, Refusal, rfc6455
 from upgradeproxy.demo import ECHO_PROTOCOL, DemoBackendFactory
 from upgradeproxy.testing import ScriptedBackendEndpoint
 from upgradeproxy.web import ProxyResource
@@ -59,35 +58,6 @@ class MountedProxy:
     @property
     def backend(self):  # type: ignore[no-untyped-def]
         return self.endpoint.connections[-1]
-
-
-# -- what the takeover relies on in Twisted: fail loudly when it changes ----------------
-
-
-class _Pending(Resource):
-    isLeaf = True
-
-    def render(self, request):  # type: ignore[no-untyped-def]
-        return NOT_DONE_YET
-
-
-def test_twisted_web_keeps_bytes_after_a_request_where_the_takeover_looks() -> None:
-    site = Site(_Pending())
-    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    protocol.makeConnection(StringTransport())
-    channel = protocol._channel
-    assert isinstance(channel, HTTPChannel), "twisted.web changed how Site wraps HTTPChannel"
-    _twistedweb.check_supported(channel)
-    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nsame-packet")
-    protocol.dataReceived(b"later")
-    held = channel._buffer + b"".join(channel._dataBuffer)
-    assert held == b"same-packetlater", "HTTPChannel no longer buffers bytes where expected"
-    assert channel.transport.producer is channel, "HTTPChannel is no longer the producer"
-
-
-def test_check_supported_fails_loudly_on_a_channel_without_the_buffers() -> None:
-    with pytest.raises(_twistedweb.UnsupportedTwisted, match="does not support Twisted"):
-        _twistedweb.check_supported(object())  # type: ignore[arg-type]
 
 
 # -- in memory ------------------------------------------------------------------------

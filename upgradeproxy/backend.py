@@ -16,7 +16,6 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -29,8 +28,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import send_now, tcp_client_parts
 from .failures import describe_close
-from .flow import no_delay, send_now
+from .flow import no_delay
 from .http1 import (
     BodyDecoder,
     BodyKind,
@@ -466,10 +466,10 @@ class _DirectTCP:
 
     @classmethod
     def of(cls, endpoint: IStreamClientEndpoint) -> _DirectTCP | None:
-        if type(endpoint) not in (TCP4ClientEndpoint, TCP6ClientEndpoint):
+        parts = tcp_client_parts(endpoint)
+        if parts is None:
             return None
-        e: Any = endpoint
-        return cls(e._reactor, e._host, e._port, e._timeout, e._bindAddress)
+        return cls(parts.reactor, parts.host, parts.port, parts.timeout, parts.bind)
 
     def connect(self, pool: BackendPool) -> Deferred[BackendConnection]:
         factory = _DirectConnection(pool)

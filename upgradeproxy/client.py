@@ -29,9 +29,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import send_now
 from .backend import BackendConnection
 from .exchange import Exchange, log_error_response
-from .flow import ReadGate, no_delay, send_now, unregister_producer
+from .flow import ReadGate, no_delay, unregister_producer
 from .handover import Handover
 from .http1 import (
     LAST_CHUNK,
@@ -284,7 +285,7 @@ class ClientConnection(Protocol):
             self._out = []
 
     def uncork(self) -> None:
-        """Send what was held, at once (see :func:`~upgradeproxy.flow.send_now`)."""
+        """Send what was held, at once (see :func:`~upgradeproxy._twisted.send_now`)."""
         out, self._out = self._out, None
         if out:
             send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]

@@ -8,11 +8,8 @@ reading resumes only when no reason is left.
 
 from __future__ import annotations
 
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, ITCPTransport, ITransport
 from zope.interface import implementer
-
-_PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 def no_delay(transport: object) -> None:
@@ -24,35 +21,6 @@ def no_delay(transport: object) -> None:
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
-
-
-def send_now(transport: ITransport, data: bytes) -> None:
-    """Write ``data`` to ``transport``, with one ``send()`` at once where possible.
-
-    ``transport.write`` only queues: it registers the socket with the reactor
-    for writing, and the reactor sends on its next turn and unregisters it,
-    which is two more system calls and a reactor event per write. On a plain
-    TCP transport with nothing queued, sending straight away gives the same
-    bytes in the same order; what the socket does not take is queued as usual.
-    This reaches into ``twisted.internet.abstract.FileDescriptor``'s buffers,
-    as :mod:`upgradeproxy.splice` does.
-    """
-    if (
-        type(transport) in _PLAIN_TCP
-        and not transport.TLS  # type: ignore[attr-defined]
-        and transport.connected  # type: ignore[attr-defined]
-        and not transport.disconnecting  # type: ignore[attr-defined]
-        and not transport._tempDataBuffer  # type: ignore[attr-defined]
-        and transport.offset >= len(transport.dataBuffer)  # type: ignore[attr-defined]
-    ):
-        try:
-            sent = transport.socket.send(data)  # type: ignore[attr-defined]
-        except OSError:
-            sent = 0  # EAGAIN, or an error that the queued write will meet and report
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 def unregister_producer(transport: object) -> None:

@@ -35,6 +35,8 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import take_pending_output, writes_open
+
 if TYPE_CHECKING:
     from .side import Side
 
@@ -55,24 +57,8 @@ def can_splice(transport: ITransport) -> bool:
         and not ISSLTransport.providedBy(transport)
         and bool(transport.connected)
         and not transport.disconnecting
-        and not transport._writeDisconnected
+        and writes_open(transport)
     )
-
-
-def _take_pending_output(transport: tcp.Connection) -> bytes:
-    """Remove and return what ``transport`` has buffered but not yet sent.
-
-    This reaches into ``twisted.internet.abstract.FileDescriptor``'s write
-    buffers (``dataBuffer``, ``offset``, ``_tempDataBuffer``): the ``101``
-    head and the replayed bytes are there, and must go out before anything
-    the kernel moves.
-    """
-    pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
-    transport.dataBuffer = b""
-    transport.offset = 0
-    transport._tempDataBuffer = []
-    transport._tempDataLen = 0
-    return pending
 
 
 class _PipePool:
@@ -227,7 +213,7 @@ class SplicePump:
             # Bytes already buffered for ``side`` go out first.
             self._to[side] = _Direction(
                 side.peer, self._sockets[side.peer], self._sockets[side],
-                _take_pending_output(transport),
+                take_pending_output(transport),
             )  # fmt: skip
         for side, sock in self._sockets.items():
             sock.reads_into = self._to[side.peer]

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from . import _twistedweb
+from ._twisted import detach
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .backend import BackendConnection
@@ -223,7 +223,7 @@ class _WebClientSide:
 
     def hand_over(self) -> Handover:
         self._finished = True
-        detached = _twistedweb.detach(self._request, self._events)
+        detached = detach(self._request, self._events)
         return Handover(detached.transport, detached.held)
 
     def attach(self, tunnel: Tunnel) -> None:

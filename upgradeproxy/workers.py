@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from ._twisted import tcp_server_parts
 from .accesslog import NAMESPACE
 
 log = Logger()
@@ -70,8 +71,9 @@ def listen_address(reactor: object, description: str) -> ListenAddress:
         raise WorkersUnsupported(
             f"--workers needs tcp: or tcp6: listen endpoints, not {description!r}"
         )
-    host = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-    return ListenAddress(family, host, endpoint._port, endpoint._backlog)
+    parts = tcp_server_parts(endpoint)
+    host = parts.interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return ListenAddress(family, host, parts.port, parts.backlog)
 
 
 def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[socket.socket]]:
