@@ -1,29 +1,65 @@
 """upgradeproxy: an HTTP/1.1 reverse proxy on Twisted that gets protocol upgrades right.
 
-The names most applications need are re-exported here.
+The names most applications need are re-exported here. They are imported on
+first use, so that a validator plugin's ``import upgradeproxy.interfaces``
+loads neither the proxy, TLS, metrics nor the twistd glue.
 """
 
-from .address import BackendAddress, BadBackend, parse_backend
-from .backend import BackendSettings
-from .factory import ProxyFactory
-from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
-from .proxy import Proxy, ProxySettings
-from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
+from __future__ import annotations
 
-__all__ = [
-    "AllowValidator",
-    "IValidatorPlugin",
-    "OriginValidator",
-    "WebSocketValidator",
-    "BackendAddress",
-    "BackendSettings",
-    "BadBackend",
-    "IUpgradeValidator",
-    "Proxy",
-    "ProxyFactory",
-    "ProxySettings",
-    "RFC9110Validator",
-    "Refusal",
-    "UpgradeAttempt",
-    "parse_backend",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
+    from .address import BackendAddress, BadBackend, parse_backend
+    from .backend import BackendSettings
+    from .balancer import BackendGroup, HealthCheck, Policy
+    from .factory import ProxyFactory
+    from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
+    from .proxy import Proxy, ProxySettings
+    from .registry import ValidatorPlugin
+    from .routing import Route
+    from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
+    from .web import ProxyResource
+
+#: Where each public name lives (relative to this package).
+_PUBLIC = {
+    "AccessLog": ".accesslog",
+    "AllowValidator": ".validators",
+    "BackendAddress": ".address",
+    "BackendGroup": ".balancer",
+    "BackendSettings": ".backend",
+    "BadBackend": ".address",
+    "HealthCheck": ".balancer",
+    "IUpgradeValidator": ".interfaces",
+    "IValidatorPlugin": ".interfaces",
+    "OriginValidator": ".validators",
+    "Policy": ".balancer",
+    "Proxy": ".proxy",
+    "ProxyFactory": ".factory",
+    "ProxyResource": ".web",
+    "ProxySettings": ".proxy",
+    "RFC9110Validator": ".validators",
+    "Refusal": ".interfaces",
+    "Route": ".routing",
+    "UpgradeAttempt": ".interfaces",
+    "ValidatorPlugin": ".registry",
+    "WebSocketValidator": ".validators",
+    "parse_backend": ".address",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'upgradeproxy' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
