@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.logger import capturedLogs, formatEvent
 
-from upgradeproxy import rfc6455
+from upgradeproxy import ProxySettings, rfc6455
 from upgradeproxy.registry import BadValidator, build_chain, describe_installed
 from upgradeproxy.testing import ProxyHarness, upgrade_outcome
 from upgradeproxy.validators import (
@@ -300,3 +300,28 @@ def test_build_chain_explains_bad_specs(spec: str, words: str) -> None:
     with pytest.raises(BadValidator) as caught:
         build_chain([spec])
     assert words in str(caught.value)
+
+
+def test_with_forward_h2c_the_offer_keeps_its_http2_settings() -> None:
+    h = ProxyHarness(settings=ProxySettings(forward_h2c=True))
+    h.client_sends(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    sent = h.backend.received
+    assert b"\r\nUpgrade: h2c\r\n" in sent
+    assert b"\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" in sent
+    assert b"\r\nConnection: upgrade, HTTP2-Settings\r\n" in sent
+
+
+def test_a_426_reaches_the_client_with_the_protocol_it_requires() -> None:
+    h = ProxyHarness()
+    h.client_sends(b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
+    h.backend.send(
+        b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    received = h.client_received
+    assert received.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in received
+    assert b"\r\nConnection: upgrade\r\n" in received

@@ -49,7 +49,30 @@ _PUBLIC = {
     "parse_backend": ".address",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "AccessLog",
+    "AllowValidator",
+    "BackendAddress",
+    "BackendGroup",
+    "BackendSettings",
+    "BadBackend",
+    "HealthCheck",
+    "IUpgradeValidator",
+    "IValidatorPlugin",
+    "OriginValidator",
+    "Policy",
+    "Proxy",
+    "ProxyFactory",
+    "ProxyResource",
+    "ProxySettings",
+    "RFC9110Validator",
+    "Refusal",
+    "Route",
+    "UpgradeAttempt",
+    "ValidatorPlugin",
+    "WebSocketValidator",
+    "parse_backend",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -107,8 +107,15 @@ def request_for_backend(
     if framing is BodyKind.CHUNKED:
         added.append((b"Transfer-Encoding", b"chunked"))
     if upgrade:
-        added.append((b"Connection", b"upgrade"))
-        added.extend((b"Upgrade", v) for v in headers.get_all(b"upgrade"))
+        offers = headers.get_all(b"upgrade")
+        settings = (
+            headers.get_all(b"http2-settings") if b"h2c" in headers.tokens(b"upgrade") else []
+        )
+        # An h2c offer (forwarded only when the operator asked for it) is
+        # void without its HTTP2-Settings, a connection option too (RFC 9113 §3.2).
+        added.append((b"Connection", b"upgrade, HTTP2-Settings" if settings else b"upgrade"))
+        added.extend((b"Upgrade", v) for v in offers)
+        added.extend((b"HTTP2-Settings", v) for v in settings)
     added.append((b"X-Forwarded-For", b", ".join([*prior_xff, hop.address.encode("latin-1")])))
     added.append((b"X-Forwarded-Proto", hop.scheme.encode("ascii")))
     if host:
@@ -137,10 +144,19 @@ def response_for_client(
     added: list[Field] = []
     if framing is BodyKind.CHUNKED:
         added.append((b"Transfer-Encoding", b"chunked"))
+    connection = []
+    # A 426 must say which protocol is required (RFC 9110 §15.5.22), and an
+    # Upgrade field is a connection option (§7.8).
+    upgrades = headers.get_all(b"upgrade") if head.status == 426 else []
+    if upgrades:
+        connection.append(b"upgrade")
     if not keep_alive:
-        added.append((b"Connection", b"close"))
+        connection.append(b"close")
     elif client_version < (1, 1):
-        added.append((b"Connection", b"keep-alive"))
+        connection.append(b"keep-alive")
+    if connection:
+        added.append((b"Connection", b", ".join(connection)))
+    added.extend((b"Upgrade", v) for v in upgrades)
     added.append((b"Via", b", ".join([*prior_via, VIA])))
     return ResponseHead(head.status, head.reason, (1, 1), kept.plus(added))
 
