@@ -9,11 +9,15 @@ exchange's behaviour is tested once, against both.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings
@@ -22,7 +26,7 @@ from upgradeproxy.address import BackendAddress
 from upgradeproxy.balancer import BackendGroup, Policy
 from upgradeproxy.proxy import Proxy
 from upgradeproxy.routing import Route
-from upgradeproxy.testing import ScriptedBackendEndpoint
+from upgradeproxy.testing import ScriptedBackend, ScriptedBackendEndpoint
 from upgradeproxy.testing import connect_client as _connect_client
 from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
 from upgradeproxy.web import ProxyResource
@@ -51,6 +55,38 @@ def status_of(data: bytes) -> int:
 
 def messages(logs: list[dict[str, Any]]) -> str:
     return "\n".join(formatEvent(e) for e in logs)
+
+
+class MountedProxy:
+    """A twisted.web site with a ProxyResource at /app, one in-memory client connection."""
+
+    def __init__(self, validators: list[object] | None = None) -> None:
+        self.endpoint = ScriptedBackendEndpoint()
+        root = Resource()
+        root.putChild(
+            b"app",
+            ProxyResource(
+                BackendAddress(self.endpoint, b"", "scripted backend"),
+                validators,  # type: ignore[arg-type]
+                clock=Clock(),
+            ),
+        )
+        self.site = Site(root)
+        address = IPv4Address("TCP", "192.0.2.9", 40000)
+        self.protocol = self.site.buildProtocol(address)
+        self.transport = StringTransport(peerAddress=address)
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    @property
+    def backend(self) -> ScriptedBackend:
+        return self.endpoint.connections[-1]
+
+    def heads(self) -> list[bytes]:
+        """Every response head the client received."""
+        return re.findall(rb"HTTP/1\.1 \d{3} .*?\r\n\r\n", self.transport.value(), re.S)
 
 
 class Client:

@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import pytest
 import pytest_twisted
+from support import KEY
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -32,7 +33,6 @@ from upgradeproxy.rfc6455 import accept_for
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
 # The example handshake of RFC 6455 §1.3.
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 HANDSHAKE = (
     b"GET /ws HTTP/1.1\r\n"

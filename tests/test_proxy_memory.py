@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from support import GET, OK, SWITCH, UPGRADE
-from twisted.logger import capturedLogs, formatEvent
+from support import GET, OK, SWITCH, UPGRADE, messages
+from twisted.logger import capturedLogs
 
 from upgradeproxy import BackendSettings, ProxySettings, Refusal
 from upgradeproxy.testing import ProxyHarness
@@ -16,10 +16,6 @@ def after_head(data: bytes) -> bytes:
 
 def head_of(data: bytes) -> bytes:
     return data.partition(b"\r\n\r\n")[0]
-
-
-def messages(logs: list[dict[str, object]]) -> str:
-    return "\n".join(formatEvent(e) for e in logs)
 
 
 # -- the switch: every byte exactly once, in order ---------------------------------

@@ -22,15 +22,9 @@ import re
 
 import pytest
 from http1_helpers import no_hang
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.web.resource import Resource
-from twisted.web.server import Site
+from support import MountedProxy
 
-from upgradeproxy import BackendAddress
-from upgradeproxy.testing import ProxyHarness, ScriptedBackendEndpoint
-from upgradeproxy.web import ProxyResource
+from upgradeproxy.testing import ProxyHarness
 
 # What the proxy appends to every request from 192.0.2.7 with ``Host: a``.
 FORWARDING = (
@@ -822,30 +816,12 @@ def test_the_backends_server_header_passes_through_unchanged_and_none_is_added()
     assert b"upgradeproxy/" not in h.client_received, "no version banner anywhere"
 
 
-class MountedProxy:
-    """A ``ProxyResource`` at /app of a twisted.web site, one in-memory client connection."""
-
-    def __init__(self) -> None:
-        self.endpoint = ScriptedBackendEndpoint()
-        root = Resource()
-        backend = BackendAddress(self.endpoint, b"", "scripted backend")
-        root.putChild(b"app", ProxyResource(backend, clock=Clock()))
-        site = Site(root)
-        address = IPv4Address("TCP", "192.0.2.9", 40000)
-        self.channel = site.buildProtocol(address)
-        self.transport = StringTransport(peerAddress=address)
-        self.channel.makeConnection(self.transport)
-
-    def heads(self) -> list[bytes]:
-        return re.findall(rb"HTTP/1\.1 \d{3} .*?\r\n\r\n", self.transport.value(), re.S)
-
-
 def test_a_mounted_proxy_resource_adds_no_server_banner_to_its_own_errors() -> None:
     # twisted.web puts "Server: TwistedWeb/<version>" on every response;
     # ProxyResource removes it from relayed responses, and must from its own.
     m = MountedProxy()
     m.endpoint.refuse = True
-    m.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    m.send(b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
     (head,) = m.heads()
     assert head.startswith(b"HTTP/1.1 502 ")
     assert b"\r\nserver:" not in head.lower(), head
@@ -855,7 +831,7 @@ def test_a_mounted_proxy_resource_relays_no_content_type_the_backend_did_not_sen
     # A response without Content-Type is for the client to sniff (or not);
     # twisted.web's default "text/html" would turn it into HTML.
     m = MountedProxy()
-    m.channel.dataReceived(b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    m.send(b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n")
     m.endpoint.connections[-1].send(
         b"HTTP/1.1 200 OK\r\nServer: app/1.2\r\nContent-Length: 2\r\n\r\nok"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support import KEY
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy import ProxySettings, rfc6455
@@ -15,7 +16,6 @@ from upgradeproxy.validators import (
     WebSocketValidator,
 )
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = rfc6455.accept_for(KEY)
 
 

@@ -8,11 +8,9 @@ import struct
 
 import pytest
 import pytest_twisted
+from support import KEY, MountedProxy
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -22,7 +20,6 @@ from upgradeproxy.demo import ECHO_PROTOCOL, DemoBackendFactory
 from upgradeproxy.testing import ScriptedBackendEndpoint
 from upgradeproxy.web import ProxyResource
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 HANDSHAKE = (
     b"GET /app/chat?room=1 HTTP/1.1\r\nHost: site.example\r\nConnection: Upgrade\r\n"
     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + KEY + b"\r\n\r\n"
@@ -31,36 +28,6 @@ SWITCH = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: " + rfc6455.accept_for(KEY) + b"\r\n\r\n"
 )
-
-
-class MountedProxy:
-    """A twisted.web site with a ProxyResource at /app, one in-memory client connection."""
-
-    def __init__(self, validators: list[object] | None = None) -> None:
-        self.endpoint = ScriptedBackendEndpoint()
-        root = Resource()
-        root.putChild(
-            b"app",
-            ProxyResource(
-                BackendAddress(self.endpoint, b"", "scripted backend"),
-                validators,  # type: ignore[arg-type]
-                clock=Clock(),
-            ),
-        )
-        self.site = Site(root)
-        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 40000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000))
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    @property
-    def backend(self):  # type: ignore[no-untyped-def]
-        return self.endpoint.connections[-1]
-
-
-# -- in memory ------------------------------------------------------------------------
 
 
 def test_a_frame_in_the_same_packet_as_the_handshake_reaches_the_backend() -> None:
