@@ -5,7 +5,7 @@ The pieces:
 - :class:`Loopback` (the ``loopback`` fixture in ``conftest.py``) starts
   scripted backends and proxies, opens client sockets, and closes all of
   them when the test ends.
-- :class:`BackendServer` / :class:`ScriptedBackend`: a backend written as a
+- :class:`BackendServer` / :class:`LoopbackBackendConnection`: a backend written as a
   Twisted protocol that records every byte it receives. A test either drives
   each connection by hand (``conn.transport.write(...)`` -- one call, one
   ``send()``) or gives the server a *script*, called after every read.
@@ -178,11 +178,11 @@ def switching_response(
 
 # -- the scripted backend ------------------------------------------------------------
 
-Script = Callable[["ScriptedBackend", bytes], None]
+Script = Callable[["LoopbackBackendConnection", bytes], None]
 
 
 @implementer(IHalfCloseableProtocol)
-class ScriptedBackend(Protocol):
+class LoopbackBackendConnection(Protocol):
     """One backend connection: records what it receives, writes what it is told to.
 
     ``head`` is the first request head received; ``head_received`` fires with
@@ -290,20 +290,20 @@ class BackendServer(Factory):
 
     def __init__(self, script: Script | None = None) -> None:
         self.script = script
-        self.on_eof: Callable[[ScriptedBackend], None] | None = None
-        self.connections: list[ScriptedBackend] = []
-        self._connection_waiters: list[tuple[int, Deferred[ScriptedBackend]]] = []
+        self.on_eof: Callable[[LoopbackBackendConnection], None] | None = None
+        self.connections: list[LoopbackBackendConnection] = []
+        self._connection_waiters: list[tuple[int, Deferred[LoopbackBackendConnection]]] = []
         self.port: IListeningPort | None = None
 
-    def buildProtocol(self, addr: object) -> ScriptedBackend:
-        return ScriptedBackend(self)
+    def buildProtocol(self, addr: object) -> LoopbackBackendConnection:
+        return LoopbackBackendConnection(self)
 
     @property
     def port_number(self) -> int:
         assert self.port is not None
         return int(self.port.getHost().port)
 
-    def connection_made(self, connection: ScriptedBackend) -> None:
+    def connection_made(self, connection: LoopbackBackendConnection) -> None:
         self.connections.append(connection)
         for waiter in list(self._connection_waiters):
             index, d = waiter
@@ -311,9 +311,11 @@ class BackendServer(Factory):
                 self._connection_waiters.remove(waiter)
                 d.callback(self.connections[index])
 
-    def connection(self, index: int = 0, timeout: float = TIMEOUT) -> Deferred[ScriptedBackend]:
+    def connection(
+        self, index: int = 0, timeout: float = TIMEOUT
+    ) -> Deferred[LoopbackBackendConnection]:
         """Fires with the ``index``-th accepted connection (counting from 0)."""
-        d: Deferred[ScriptedBackend] = Deferred()
+        d: Deferred[LoopbackBackendConnection] = Deferred()
         if index < len(self.connections):
             d.callback(self.connections[index])
         else:
@@ -328,7 +330,7 @@ def reply_to_each_head(respond: Callable[[Head], bytes]) -> Script:
     written in one ``transport.write``.
     """
 
-    def script(conn: ScriptedBackend, data: bytes) -> None:
+    def script(conn: LoopbackBackendConnection, data: bytes) -> None:
         done = conn.state.setdefault("answered_up_to", 0)
         while True:
             end = conn.received.find(HEAD_END, done)
@@ -343,7 +345,7 @@ def reply_to_each_head(respond: Callable[[Head], bytes]) -> Script:
     return script
 
 
-def echo_app(conn: ScriptedBackend, data: bytes) -> None:
+def echo_app(conn: LoopbackBackendConnection, data: bytes) -> None:
     """A script: answers a plain request with a short page naming its target; answers
     an upgrade request with ``101`` and then echoes every byte back."""
     assert conn.transport is not None

@@ -457,7 +457,7 @@ def test_an_ascii_stream_gets_plain_symbols() -> None:
 Responder = Callable[[RequestHead], bytes]
 
 
-class ScriptedBackend:
+class CannedServer:
     """A threaded TCP server on 127.0.0.1 that answers each request with ``respond(head)``.
 
     The answer is sent in pieces of ``chunk`` bytes (all at once by default);
@@ -516,16 +516,16 @@ class ScriptedBackend:
         self.listener.close()
 
 
-Start = Callable[..., ScriptedBackend]
+Start = Callable[..., CannedServer]
 
 
 @pytest.fixture
 def backend() -> Iterator[Start]:
     """Start scripted backends (``backend(respond, chunk=..., hold=...)``); all closed after."""
-    servers: list[ScriptedBackend] = []
+    servers: list[CannedServer] = []
 
-    def start(respond: Responder, **options: Any) -> ScriptedBackend:
-        server = ScriptedBackend(respond, **options)
+    def start(respond: Responder, **options: Any) -> CannedServer:
+        server = CannedServer(respond, **options)
         servers.append(server)
         return server
 

@@ -30,7 +30,7 @@ import pytest_twisted
 from loopback import (
     Client,
     Loopback,
-    ScriptedBackend,
+    LoopbackBackendConnection,
     eventually,
     sleep,
     switching_response,
@@ -367,7 +367,9 @@ async def proxy_is_empty(factory: ProxyFactory, clock: TrackingClock) -> None:
     assert len(clock.pending()) == factory.proxy.pool.idle_count
 
 
-async def switched(loopback: Loopback) -> tuple[Client, ScriptedBackend, ProxyFactory, Any]:
+async def switched(
+    loopback: Loopback,
+) -> tuple[Client, LoopbackBackendConnection, ProxyFactory, Any]:
     clock = TrackingClock()
     backend = loopback.backend()
     proxy = loopback.proxy(backend.port_number, clock=clock, validators=[])

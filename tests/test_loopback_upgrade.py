@@ -20,7 +20,7 @@ from loopback import (
     Client,
     Head,
     Loopback,
-    ScriptedBackend,
+    LoopbackBackendConnection,
     eventually,
     sleep,
     switching_response,
@@ -59,7 +59,7 @@ def check_switch(head: Head, protocol: bytes) -> None:
 
 async def switched(
     loopback: Loopback, protocol: bytes = b"websocket", **proxy_kwargs: Any
-) -> tuple[Client, ScriptedBackend]:
+) -> tuple[Client, LoopbackBackendConnection]:
     """A client and a backend connection with a tunnel between them."""
     backend = loopback.backend()
     proxy = loopback.proxy(backend.port_number, **proxy_kwargs)
@@ -157,7 +157,7 @@ async def test_bytes_in_the_same_send_as_the_101_reach_the_client(
 
 async def refused_switch(
     loopback: Loopback, request: bytes, response: bytes, **proxy_kwargs: Any
-) -> tuple[str, ScriptedBackend]:
+) -> tuple[str, LoopbackBackendConnection]:
     """Send ``request`` (plus early bytes), answer ``response``; return the 502's body.
 
     Checks the common part: a 502 that closes the client connection, the

@@ -24,9 +24,9 @@ from loopback import (
     Client,
     Head,
     Loopback,
+    LoopbackBackendConnection,
     Proxy,
     Response,
-    ScriptedBackend,
     echo_app,
     eventually,
     upgrade_request,
@@ -116,7 +116,7 @@ async def listen(ports: list[IListeningPort], factory: Factory, pems: Pems | Non
     return int(port.getHost().port)
 
 
-def echo_app_noting_sni(conn: ScriptedBackend, data: bytes) -> None:
+def echo_app_noting_sni(conn: LoopbackBackendConnection, data: bytes) -> None:
     """:func:`echo_app`, noting in ``conn.state["sni"]`` the server name the client sent."""
     assert conn.transport is not None
     tls = conn.transport.getHandle()  # type: ignore[attr-defined]  # an OpenSSL connection
@@ -188,7 +188,7 @@ async def get(loopback: Loopback, client: Client) -> Response:
 
 async def check_tunnel(
     loopback: Loopback, proxy: Proxy, client: Client, server: BackendServer
-) -> ScriptedBackend:
+) -> LoopbackBackendConnection:
     """Upgrade (with early bytes), then check bytes both ways and the Python relay.
 
     ``server`` echoes; returns its connection, with the tunnel still open.

@@ -14,7 +14,7 @@ import pytest_twisted
 from loopback import (
     HOST,
     Loopback,
-    ScriptedBackend,
+    LoopbackBackendConnection,
     echo_app,
     eventually,
     free_port,
@@ -122,7 +122,7 @@ async def test_a_config_file_routes_by_host_and_skips_a_dead_backend(
 # -- graceful shutdown ------------------------------------------------------------------
 
 
-def slow_then_echo(conn: ScriptedBackend, data: bytes) -> None:
+def slow_then_echo(conn: LoopbackBackendConnection, data: bytes) -> None:
     """Answers /slow after a second; everything else as echo_app does."""
     if (
         conn.head is not None
