@@ -294,9 +294,14 @@ class SplicePump:
             else:
                 self._sent[d.source] += moved
                 d.drained = moved < PIPE_SIZE
-        # Out of rounds: come back for what is still to do. Bytes already
-        # read must not wait for src to have more (it may have no more), so
-        # they wait for dst instead, which is usually writable at once.
+        self._out_of_rounds(d)
+
+    def _out_of_rounds(self, d: _Direction) -> None:
+        """Come back later for what ``d`` still has to do.
+
+        Bytes already read must not wait for src to have more (it may have no
+        more), so they wait for dst instead, which is usually writable at once.
+        """
         if d.pending or d.in_pipe:
             self._wait_for_dst(d)
         elif d.eof:
