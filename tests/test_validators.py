@@ -239,13 +239,15 @@ def test_origin_ignores_non_websocket_upgrades() -> None:
 
 # -- h2c ---------------------------------------------------------------------------------
 
+H2C_OFFER = (
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+)
+
 
 def test_h2c_offers_are_removed_and_the_request_proceeds_as_http11() -> None:
     h = ProxyHarness()
-    h.client_sends(
-        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-    )
+    h.client_sends(H2C_OFFER)
     sent = h.backend.received.lower()
     assert b"h2c" not in sent and b"http2-settings" not in sent
     assert b"\r\nupgrade:" not in sent and b"\r\nconnection:" not in sent
@@ -304,10 +306,7 @@ def test_build_chain_explains_bad_specs(spec: str, words: str) -> None:
 
 def test_with_forward_h2c_the_offer_keeps_its_http2_settings() -> None:
     h = ProxyHarness(settings=ProxySettings(forward_h2c=True))
-    h.client_sends(
-        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-    )
+    h.client_sends(H2C_OFFER)
     sent = h.backend.received
     assert b"\r\nUpgrade: h2c\r\n" in sent
     assert b"\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" in sent
