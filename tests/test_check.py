@@ -36,7 +36,7 @@ from upgradeproxy.check import (
     parse_target,
     render,
 )
-from upgradeproxy.http1 import RequestHead, parse_request_head
+from upgradeproxy.http1 import RequestHead, encode_chunk, parse_request_head
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 ACCEPT = rfc6455.accept_for(KEY)
@@ -813,3 +813,62 @@ def test_h2c_gets_a_note_on_forward_h2c() -> None:
         "--forward-h2c, so clients can switch this backend to h2c only then\n"
         "✓ correct switch to h2c\n"
     )
+
+
+# -- an answer that explains itself ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head("HTTP/1.1 404 Not Found", "Content-Type: text/plain", "Content-Length: 93")
+        + b"no route serves host backend.test and path /ws; the proxy's configuration lists "
+        b"the hosts\n",
+        head("HTTP/1.1 401 Unauthorized", "Transfer-Encoding: chunked")
+        + encode_chunk(b"no route serves host backend.te")
+        + encode_chunk(b"st and path /ws; the proxy's configuration lists the hosts")
+        + b"0\r\n\r\n",
+    ],
+)
+def test_an_error_with_a_body_is_shown_as_the_backend_wrote_it_with_no_guess(raw: bytes) -> None:
+    diagnosis, text = judge(raw)
+    assert diagnosis.verdict is Verdict.NO_SWITCH
+    assert "    it said: no route serves host backend.test and path /ws; the proxy's" in text
+    assert "fix:" not in text, "no guess at the cause where the answer gives its own"
+
+
+def test_a_long_body_is_cut_to_its_start() -> None:
+    raw = head("HTTP/1.1 403 Forbidden", "Content-Length: 2000") + b"x" * 2000
+    _, text = judge(raw)
+    (said,) = [line for line in text.splitlines() if line.startswith("    it said: ")]
+    assert said == "    it said: " + "x" * 300 + "…"
+
+
+def test_cli_waits_briefly_for_the_body_behind_the_head(
+    backend: Start, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = (
+        head("HTTP/1.1 401 Unauthorized", "Content-Length: 30") + b"upgrade refused: bad token 42\n"
+    )
+    server = backend(canned(answer), chunk=len(answer) - 30)  # head first, then the body
+    assert main(["check", server.url(), "--timeout", str(TIMEOUT)]) == 1
+    out = capsys.readouterr().out
+    assert "    it said: upgrade refused: bad token 42\n" in out
+    assert "Authorization" not in out
+
+
+def test_cli_method_sends_the_upgrade_with_that_method(
+    backend: Start, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = backend(accepting)
+    assert main(["check", server.url(), "--method", "post", "--timeout", str(TIMEOUT)]) == 0
+    (request,) = server.requests
+    assert request.method == b"POST"
+    assert request.headers.get(b"upgrade") == b"websocket"
+
+
+def test_cli_method_connect_is_refused_with_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "http://127.0.0.1:9/ws", "--method", "CONNECT"])
+    assert exited.value.code == 2
+    assert "CONNECT cannot carry an upgrade" in capsys.readouterr().err

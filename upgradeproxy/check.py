@@ -32,6 +32,7 @@ from urllib.parse import quote, urljoin
 
 from ._url import BadUrl, UrlProblem, split_http_url
 from .http1 import (
+    BodyKind,
     Headers,
     ProtocolError,
     RequestHead,
@@ -39,6 +40,7 @@ from .http1 import (
     is_token,
     parse_request_head,
     parse_response_head,
+    response_framing,
 )
 from .interfaces import Refusal, UpgradeAttempt
 from .registry import DEFAULT_CHAIN
@@ -59,6 +61,10 @@ WEBSOCKET = "websocket"
 DEFAULT_TIMEOUT = 10.0
 #: The largest response head read, as the proxy's own default limit.
 MAX_HEAD = 64 * 1024
+#: Characters of a non-``101`` answer's body shown in the report.
+PREVIEW = 300
+#: Seconds to wait for that body once the head has come.
+BODY_WAIT = 1.0
 
 # RFC 3986 pchar plus "/" for the path, plus "?" for the query: what need not
 # be percent-encoded. Anything else (spaces, non-ASCII) is encoded as UTF-8.
@@ -135,10 +141,12 @@ def build_request(
     extra_headers: list[tuple[str, str]] | None = None,
     *,
     websocket_key: bytes | None = None,
+    method: str = "GET",
 ) -> RequestHead:
     """A correct upgrade request for ``target`` offering ``protocol``.
 
-    Always ``GET``, ``Host``, ``Connection: Upgrade`` and ``Upgrade: protocol``;
+    ``method`` (``GET`` by default; Docker-style attach endpoints take
+    ``POST``), then always ``Host``, ``Connection: Upgrade`` and ``Upgrade: protocol``;
     for ``websocket`` also ``Sec-WebSocket-Version: 13`` and a
     ``Sec-WebSocket-Key`` (``websocket_key``, or a fresh random one). An extra
     header replaces every default header of the same name, so that
@@ -159,7 +167,9 @@ def build_request(
         defaults += [(b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", key)]
     replaced = {name.lower() for name, _ in extra}
     fields = [f for f in defaults if f[0].lower() not in replaced] + extra
-    request = RequestHead(b"GET", target.path.encode("ascii"), (1, 1), Headers.of(fields))
+    request = RequestHead(
+        method.encode("ascii"), target.path.encode("ascii"), (1, 1), Headers.of(fields)
+    )
     try:
         parse_request_head(request.serialize())
     except ProtocolError as e:
@@ -198,6 +208,8 @@ class Finding:
     #: What was judged: the name of the rule function from
     #: :mod:`upgradeproxy.validators`, or ``"status"``, ``"malformed"``, ``"closed"``.
     rule: str = ""
+    #: For an answer other than a switch: the start of its body, as the backend wrote it.
+    said: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +239,20 @@ class Diagnosis:
         return ", ".join(_text(p) for p in self.request.headers.elements(b"upgrade")) or "nothing"
 
 
+def split_heads(raw: bytes | bytearray) -> tuple[list[ResponseHead], bool, int]:
+    """:func:`read_heads`, and the offset of the first byte after the last head."""
+    heads: list[ResponseHead] = []
+    start = 0
+    while True:
+        parsed = parse_response_head(raw, start, MAX_HEAD)
+        if parsed is None:
+            return heads, False, start
+        head, start = parsed
+        heads.append(head)
+        if head.status == 101 or head.status >= 200:
+            return heads, True, start
+
+
 def read_heads(raw: bytes | bytearray) -> tuple[list[ResponseHead], bool]:
     """The response heads at the start of ``raw``, and whether they are complete.
 
@@ -234,16 +260,29 @@ def read_heads(raw: bytes | bytearray) -> tuple[list[ResponseHead], bool]:
     ``1xx`` heads before it are returned too, as upgradeproxy passes them on.
     Raises :class:`~upgradeproxy.http1.ProtocolError` for a malformed head.
     """
-    heads: list[ResponseHead] = []
-    start = 0
-    while True:
-        parsed = parse_response_head(raw, start, MAX_HEAD)
-        if parsed is None:
-            return heads, False
-        head, start = parsed
-        heads.append(head)
-        if head.status == 101 or head.status >= 200:
-            return heads, True
+    heads, complete, _ = split_heads(raw)
+    return heads, complete
+
+
+def body_preview(raw: bytes | bytearray) -> bytes:
+    """The start of the body behind a final response head other than ``101``; ``b""`` otherwise.
+
+    De-chunked where it is chunked; one byte more than :data:`PREVIEW` at most,
+    so that the report can say it was cut.
+    """
+    try:
+        heads, complete, end = split_heads(raw)
+    except ProtocolError:
+        return b""
+    if not complete or heads[-1].status == 101:
+        return b""
+    body = bytes(raw[end : end + 4 * PREVIEW])
+    try:
+        chunks, _ = response_framing(heads[-1], b"GET").decoder().decode(bytearray(body))
+        body = b"".join(chunks)
+    except ProtocolError:
+        pass  # show it as it came
+    return body[: PREVIEW + 1]
 
 
 def head_complete(raw: bytes | bytearray) -> bool:
@@ -283,7 +322,7 @@ def _judge(request: RequestHead, raw_response: bytes) -> Diagnosis:
         )
     *interim, response = heads
     if response.status != 101:
-        finding = _no_switch(request, response)
+        finding = _no_switch(request, response, body_preview(raw_response))
         return Diagnosis(
             request, Verdict.NO_SWITCH, (finding,), response, tuple(interim), raw_response
         )
@@ -399,13 +438,23 @@ def _closed_early(raw: bytes, interim: tuple[ResponseHead, ...]) -> Finding:
     )
 
 
-def _no_switch(request: RequestHead, response: ResponseHead) -> Finding:
+def _no_switch(request: RequestHead, response: ResponseHead, body: bytes) -> Finding:
+    """What came instead of a switch: its status, and what its body says.
+
+    The body of an error is the backend's (or a proxy's, or a validator's) own
+    words about what went wrong: when there is one it is shown instead of a
+    guess at the cause. What a 2xx, a redirect or a 426 means is read from
+    the head itself, so those keep their advice.
+    """
     status = f"{response.status} {_text(response.reason)}".rstrip()
+    said = " ".join(body.decode("utf-8", "replace").split())
+    explained_by_head = response.status < 400 or response.status == 426
     return Finding(
         f"the backend did not switch protocols: it answered {status} instead of "
         "101 Switching Protocols",
-        _why_no_switch(request, response),
+        _why_no_switch(request, response) if explained_by_head or not said else "",
         rule="status",
+        said=said[:PREVIEW] + ("…" if len(said) > PREVIEW else ""),
     )
 
 
@@ -439,7 +488,11 @@ def _why_no_switch(request: RequestHead, response: ResponseHead) -> str:
     if status == 404:
         return f"nothing is served at {path} on this backend: check the path in the URL"
     if status == 405:
-        return f"the backend does not accept GET at {path}: check that this is the {name} endpoint"
+        method = _text(request.method)
+        return (
+            f"the backend does not accept {method} at {path}: check that this is the {name} "
+            "endpoint, or offer the upgrade with another --method"
+        )
     if status == 426:
         return _why_upgrade_required(request, response)
     if status == 501:
@@ -503,6 +556,8 @@ def render(diagnosis: Diagnosis, url: str, *, verbose: bool = False) -> str:
     lines += _received_lines(diagnosis, verbose)
     for finding in diagnosis.findings:
         lines.append(f"✗ {finding.reason}")
+        if finding.said:
+            lines.append(f"    it said: {finding.said}")
         if finding.hint:
             lines.append(f"    fix: {finding.hint}")
         if finding.workaround:
@@ -630,6 +685,7 @@ def exchange(target: Target, request: RequestHead, timeout: float = DEFAULT_TIME
                 if not data:
                     break
                 received += data
+            _read_body_preview(sock, received, min(deadline, time.monotonic() + BODY_WAIT))
         except ConnectionResetError:
             pass
         except TimeoutError:
@@ -640,6 +696,41 @@ def exchange(target: Target, request: RequestHead, timeout: float = DEFAULT_TIME
                 "overloaded?"
             ) from None
     return bytes(received)
+
+
+def _read_body_preview(sock: socket.socket, received: bytearray, deadline: float) -> None:
+    """Read on, until ``deadline`` at the latest, for the start of a non-``101`` answer's body.
+
+    The head has come: whatever happens now (a timeout, a reset) only cuts the
+    preview short.
+    """
+    while _wants_more_body(received):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return
+        if not data:
+            return
+        received += data
+
+
+def _wants_more_body(received: bytes | bytearray) -> bool:
+    """True while the body of a non-``101`` answer could still grow towards its preview."""
+    try:
+        heads, complete, end = split_heads(received)
+    except ProtocolError:
+        return False
+    if not complete or heads[-1].status == 101:
+        return False
+    framing = response_framing(heads[-1], b"GET")
+    if framing.kind is BodyKind.NONE:
+        return False
+    wanted = min(framing.length, PREVIEW) if framing.kind is BodyKind.LENGTH else PREVIEW
+    return len(received) - end < wanted and len(body_preview(received)) < wanted
 
 
 def _remaining(deadline: float) -> float:
@@ -701,6 +792,14 @@ def add_parser(
         help="the protocol to offer in Upgrade (default: websocket, with its handshake headers)",
     )
     parser.add_argument(
+        "--method",
+        "-X",
+        type=_method_argument,
+        default="GET",
+        metavar="METHOD",
+        help="the request method (default GET; Docker-style attach endpoints take POST)",
+    )
+    parser.add_argument(
         "--header",
         "-H",
         type=_header_argument,
@@ -733,7 +832,7 @@ def run(args: argparse.Namespace) -> int:
     """Carry out ``upgradeproxy check`` as parsed by :func:`add_parser`; return the exit status."""
     target: Target = args.url
     try:
-        request = build_request(target, args.protocol, args.headers)
+        request = build_request(target, args.protocol, args.headers, method=args.method)
     except ValueError as e:
         sys.stderr.write(f"upgradeproxy check: {e}\n")
         return EXIT_UNREACHABLE
@@ -775,6 +874,14 @@ def _token_argument(text: str) -> str:
             "for example websocket or proxmox-backup-protocol-v1)"
         )
     return text
+
+
+def _method_argument(text: str) -> str:
+    if not is_token(text.encode("latin-1", "replace")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request method (for example POST)")
+    if text.upper() == "CONNECT":
+        raise argparse.ArgumentTypeError("CONNECT cannot carry an upgrade: use GET or POST")
+    return text.upper()
 
 
 def _header_argument(text: str) -> tuple[str, str]:
