@@ -7,9 +7,16 @@ connection went (:meth:`~BackendGroup.connect_failed`,
 :attr:`Backend.active` itself. Health is known two ways:
 
 - passively: a backend that refused a connection is left out for
-  ``fail_timeout`` seconds, then tried again, with no timer;
+  ``fail_timeout`` seconds, then tried again, with no timer -- unless it is
+  the route's only backend, which stays in use (as in nginx: taking it out
+  turns a backend's one-second restart into ``fail_timeout`` seconds of 503s);
 - actively, when a :class:`HealthCheck` is given: ``GET path`` on a new
   connection every ``interval`` seconds.
+
+When no backend is healthy, a request still goes to the one whose last
+failure is the oldest (whose ``fail_timeout`` ends first): the proxy's own
+503 is never a better answer than a backend that came back. Only when that
+try fails too does the client get the 503.
 
 The log says when a backend goes down and when it is back in use, once
 each, however often it keeps failing in between. This module never reads or
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -81,6 +88,68 @@ def describe_connect_failure(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
+def connect_advice(reason: Failure) -> str:
+    """What to change after a failed connection; ``""`` when its description says it already.
+
+    A TLS failure's description ends with its own advice.
+    """
+    if reason.check(ConnectionRefusedError):
+        return "check that the backend is running and listens on the host and port of its URL"
+    if reason.check(ConnectTimeout):
+        return (
+            "check that the host is up and that no firewall drops the port, "
+            "or raise --connect-timeout"
+        )
+    if reason.check(DNSLookupError):
+        return "check the host name in the backend URL"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedConnection:
+    """A backend that a request tried and could not connect to, and why."""
+
+    backend: Backend
+    why: str
+    #: What to change, or "" (see :func:`connect_advice`).
+    advice: str = ""
+    #: False when the backend was down already, tried as the last resort.
+    in_rotation: bool = True
+
+    def explain(self) -> str:
+        return f"{self.why}; {self.advice}" if self.advice else self.why
+
+
+def no_backend_reason(route: str, backends: Sequence[Backend]) -> str:
+    """Why a request found no healthy backend: each one that is down, and why."""
+    down = "; ".join(f"{b.name}: {b.last_error or 'down'}" for b in backends if not b.healthy)
+    return f"no healthy backend for route {route}" + (f" ({down})" if down else "")
+
+
+def unreachable_answer(
+    route: str, backends: Sequence[Backend], tried: Sequence[FailedConnection]
+) -> tuple[int, str]:
+    """The status and reason for a request whose every connection failed.
+
+    ``tried`` holds each backend the request tried, in order. When the only
+    try was a backend already down (every backend was), the answer is the
+    503 that the proxy would have given without trying; otherwise a 502
+    naming every backend tried.
+    """
+    first = tried[0]
+    if len(tried) == 1 and not first.in_rotation:
+        return 503, (
+            f"{no_backend_reason(route, backends)}; tried {first.backend.name}, "
+            f"down the longest, anyway: {first.explain()}"
+        )
+    if len(tried) == 1:
+        return 502, f"the backend ({first.backend.name}) could not be reached: {first.explain()}"
+    each = "; ".join(
+        f"{t.backend.name}: {t.why}" + (f" ({t.advice})" if t.advice else "") for t in tried
+    )
+    return 502, f"none of the {len(tried)} backends tried could be reached ({each})"
+
+
 class Backend:
     """One backend of a group: its address, its connection pool, its load and health.
 
@@ -90,6 +159,7 @@ class Backend:
     __slots__ = (
         "_check_error",
         "_clock",
+        "_failed_at",
         "_hash_key",
         "_retry_at",
         "_unreachable",
@@ -115,6 +185,9 @@ class Backend:
         # Why the last connection failed; "" once one succeeds again.
         self._unreachable = ""
         self._retry_at = 0.0
+        # When it last failed a connection or a check: the oldest goes first
+        # when every backend is down.
+        self._failed_at = 0.0
         # Why the last health check failed; "" when it passed or none ran.
         self._check_error = ""
 
@@ -201,11 +274,19 @@ class BackendGroup:
 
         ``client`` is the client's address without its port, so that all of a
         client's connections hash alike under :attr:`Policy.CLIENT_HASH`.
+
+        When no backend is healthy and none is excluded (a request's first
+        choice), the backend that failed longest ago, as the last resort; a
+        retry (``exclude`` given) gets None instead, so a request makes one
+        such try, not one per backend.
         """
         only = self._only
         if only is not None:
-            return only if only.healthy and only not in exclude else None
-        return self._pick(client, exclude)
+            return None if only in exclude else only
+        found = self._pick(client, exclude)
+        if found is None and not exclude:
+            return min(self.backends, key=_last_failure)
+        return found
 
     def _rotation(self, exclude: Collection[Backend]) -> Iterator[tuple[int, Backend]]:
         """The usable backends with their indexes, starting where the rotation is."""
@@ -253,12 +334,27 @@ class BackendGroup:
     def connect_failed(self, backend: Backend, reason: str) -> None:
         """A connection to ``backend`` failed before any byte was sent.
 
-        It is left out for ``fail_timeout`` seconds, then tried again.
+        It is left out for ``fail_timeout`` seconds, then tried again; the
+        only backend of a route is never left out.
         """
         was_down = backend.down
+        now = self._clock.seconds()
         backend.failures += 1
         backend._unreachable = reason
-        backend._retry_at = self._clock.seconds() + self.fail_timeout
+        backend._failed_at = now
+        if self._only is not None:
+            backend._retry_at = now
+            if not was_down:
+                self.log.warn(
+                    "backend {where} failed: {reason}; it is the route's only backend, "
+                    "so it stays in use",
+                    where=self._where(backend),
+                    backend=backend.name,
+                    route=self.route,
+                    reason=reason,
+                )
+            return
+        backend._retry_at = now + self.fail_timeout
         if not was_down:
             self.log.warn(
                 "backend {where} is down: {reason}; retrying it in {retry:g} seconds",
@@ -304,6 +400,7 @@ class BackendGroup:
         was_down = backend.down
         backend._check_error = error
         if error:
+            backend._failed_at = self._clock.seconds()
             if not was_down:
                 self.log.warn(
                     "backend {where} is down: {reason}",
@@ -331,6 +428,10 @@ class BackendGroup:
 
     def _where(self, backend: Backend) -> str:
         return f"{backend.name} of route {self.route}" if self.route else backend.name
+
+
+def _last_failure(backend: Backend) -> float:
+    return backend._failed_at
 
 
 def _hash_keys(addresses: Sequence[BackendAddress]) -> Iterator[bytes]:
