@@ -788,6 +788,31 @@ async def test_health_checks_against_a_real_server_on_loopback() -> None:
             await port.stopListening()
 
 
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_health_checks_log_nothing_per_probe() -> None:
+    server = FixedResponseFactory()
+    server.response = OK
+    port = reactor.listenTCP(0, server, interface=HOST)
+    number = port.getHost().port  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, HOST, number, timeout=2)
+    group = BackendGroup(
+        [BackendAddress(endpoint, b"", f"{HOST}:{number}")],
+        policy=Policy.LEAST_CONN,
+        clock=reactor,
+        settings=BackendSettings(),
+        health=HealthCheck(path="/healthz", interval=0.05, timeout=2.0),
+    )
+    try:
+        with capturedLogs() as events:
+            group.start()
+            await eventually(lambda: len(server.requests) >= 4, what="four probes")
+        assert [formatEvent(e) for e in events] == []
+    finally:
+        group.stop()
+        await port.stopListening()
+
+
 # -- what the client is told when no backend could be reached ----------------------------
 
 REFUSED_ADVICE = "check that the backend is running and listens on the host and port of its URL"

@@ -32,11 +32,10 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -493,6 +492,22 @@ class _HealthProbe(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 
+class _ProbeFactory(Factory):
+    """Builds the one probe of one check, without a log line.
+
+    Not ``connectProtocol``: its factory is noisy, and would log "Starting
+    factory" and "Stopping factory" on every probe.
+    """
+
+    noisy = False
+
+    def __init__(self, probe: _HealthProbe) -> None:
+        self._probe = probe
+
+    def buildProtocol(self, addr: object) -> _HealthProbe:
+        return self._probe
+
+
 class _HealthChecker:
     """The health check of one backend: every ``interval`` seconds, never two at once."""
 
@@ -533,7 +548,7 @@ class _HealthChecker:
 
     def _check(self) -> Deferred[None]:
         probe = _HealthProbe(self._request, self._max_head)
-        connecting = connectProtocol(self._backend.address.endpoint, probe)
+        connecting = self._backend.address.endpoint.connect(_ProbeFactory(probe))
         status: Deferred[int] = connecting.addCallback(lambda _: probe.status)
         error = status.addCallbacks(self._judge, self._explain, errbackArgs=(probe,))
         error.addTimeout(self._health.timeout, self._clock, onTimeoutCancel=self._timed_out)
