@@ -34,9 +34,9 @@ from .http1 import (
     BodyDecoder,
     BodyKind,
     Framing,
+    HeadReader,
     ProtocolError,
     ResponseHead,
-    parse_response_head,
     response_framing,
     response_keeps_alive,
 )
@@ -141,8 +141,7 @@ class BackendConnection(Protocol):
         self._tunnel: Tunnel | None = None
         self.reused = False
         self._received = False
-        # How much of the buffer was searched for a head end already.
-        self._checked = 0
+        self._heads = HeadReader.responses(self._settings.max_response_head)
         # Set while a TLS connection waits for its handshake (see TLSBackendConnection).
         self._handshake: Deferred[BackendConnection] | None = None
 
@@ -281,19 +280,13 @@ class BackendConnection(Protocol):
     def _parse_head(self) -> bool:
         """Parse one response head; False when more bytes are needed or all is done."""
         try:
-            parsed = parse_response_head(
-                self._buf, 0, self._settings.max_response_head, self._checked
-            )
+            head = self._heads.read(self._buf)
         except ProtocolError as e:
             reason = self._head_failure(f"malformed response from the backend: {e.reason}")
             self._fail(BackendFailure(502, reason))
             return False
-        if parsed is None:
-            self._checked = len(self._buf)
+        if head is None:
             return False
-        head, end = parsed
-        del self._buf[:end]
-        self._checked = 0
         sink = self._sink
         assert sink is not None
         if head.status == 101:

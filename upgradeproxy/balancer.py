@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from .address import BackendAddress, describe_tls_failure
 from .backend import BackendPool, BackendSettings
-from .http1 import ProtocolError, parse_response_head
+from .http1 import HeadReader, ProtocolError
 from .tunnel import describe_close
 
 
@@ -457,9 +457,8 @@ class _HealthProbe(Protocol):
 
     def __init__(self, request: bytes, max_head: int) -> None:
         self._request = request
-        self._max_head = max_head
+        self._heads = HeadReader.responses(max_head)
         self._buf = bytearray()
-        self._checked = 0
         self.connected_once = False
         #: The response's status; fails when none comes.
         self.status: Deferred[int] = Deferred(self._cancel)
@@ -473,15 +472,14 @@ class _HealthProbe(Protocol):
             return
         self._buf += data
         try:
-            parsed = parse_response_head(self._buf, 0, self._max_head, self._checked)
+            head = self._heads.read(self._buf)
         except ProtocolError as e:
             self.status.errback(e)
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        if parsed is None:
-            self._checked = len(self._buf)
+        if head is None:
             return
-        self.status.callback(parsed[0].status)
+        self.status.callback(head.status)
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
