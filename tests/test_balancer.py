@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import BackendConnection, BackendSettings
+from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
 from upgradeproxy.balancer import (
     Backend,
     BackendGroup,
@@ -52,6 +52,8 @@ from upgradeproxy.testing import MemoryTransport
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+# An HTTP/2 server's first frame: SETTINGS on stream 0, max concurrent streams 100.
+H2_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
 CHECK = HealthCheck(path="/healthz", interval=10.0, timeout=5.0)
 
 
@@ -301,7 +303,7 @@ _PRINT_MAPPING = """
 import json
 from twisted.internet.task import Clock
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import BackendConnection, BackendSettings
+from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
 from upgradeproxy.balancer import BackendGroup, Policy
 addresses = [BackendAddress(None, b"", f"10.0.0.{i}:9000") for i in range(1, 5)]
 group = BackendGroup(
@@ -543,6 +545,15 @@ def test_another_expected_status_can_be_asked_for() -> None:
             lambda attempt: (attempt.accept(), attempt.transport.loseConnection()),
             "health check GET /healthz got no response: the connection ended (closed)",
             id="closed",
+        ),
+        pytest.param(
+            lambda attempt: (
+                attempt.accept(),
+                attempt.reply(H2_SETTINGS),
+                attempt.transport.loseConnection(),
+            ),
+            f"health check GET /healthz: {SPEAKS_HTTP2}",
+            id="http2",
         ),
         pytest.param(
             lambda attempt: attempt.accept(),

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .address import BackendAddress, describe_tls_failure
-from .backend import BackendPool, BackendSettings
+from .backend import SPEAKS_HTTP2, BackendPool, BackendSettings, speaks_http2
 from .http1 import HeadReader, ProtocolError
 from .tunnel import describe_close
 
@@ -486,6 +486,11 @@ class _HealthProbe(Protocol):
         if not self.status.called:
             self.status.errback(reason)
 
+    @property
+    def speaks_http2(self) -> bool:
+        """True when the backend answered in HTTP/2 instead of with a response head."""
+        return speaks_http2(self._buf)
+
     def _cancel(self, status: Deferred[int]) -> None:
         self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -564,6 +569,8 @@ class _HealthChecker:
     def _explain(self, reason: Failure, probe: _HealthProbe) -> str:
         if not probe.connected_once:
             return f"health check could not connect: {describe_connect_failure(reason)}"
+        if probe.speaks_http2:
+            return f"{self._what}: {SPEAKS_HTTP2}"
         if isinstance(reason.value, ProtocolError):
             return f"{self._what} got a malformed response: {reason.value.reason}"
         return f"{self._what} got no response: the connection ended ({describe_close(reason)})"
