@@ -201,8 +201,8 @@ def test_round_robin_skips_unhealthy_and_excluded_backends() -> None:
     s = make_group()
     refused(s, s.b)
     assert names([s.group.choose("c") for _ in range(4)]) == ["10.0.0.1", "10.0.0.3"] * 2
-    assert s.group.choose("c", exclude={s.a}) is s.c
-    assert s.group.choose("c", exclude={s.a, s.c}) is None
+    assert s.group.choose_retry("c", {s.a}) is s.c
+    assert s.group.choose_retry("c", {s.a, s.c}) is None
 
 
 # -- least connections -------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_least_conn_picks_the_least_busy_backend() -> None:
     s = make_group(policy=Policy.LEAST_CONN)
     s.a.active, s.b.active, s.c.active = 3, 1, 2
     assert s.group.choose("c") is s.b
-    assert s.group.choose("c", exclude={s.b}) is s.c
+    assert s.group.choose_retry("c", {s.b}) is s.c
 
 
 def test_least_conn_spreads_equal_load_by_rotating() -> None:
@@ -383,7 +383,7 @@ def test_a_retry_gets_no_last_resort(policy: Policy) -> None:
     s = make_group(policy=policy)
     for backend in s.group.backends:
         refused(s, backend)
-    assert s.group.choose("192.0.2.1", exclude=(s.a,)) is None
+    assert s.group.choose_retry("192.0.2.1", (s.a,)) is None
 
 
 def test_a_backend_failing_its_check_is_a_last_resort_too() -> None:
@@ -399,10 +399,10 @@ def test_a_single_backend_is_chosen_unless_excluded() -> None:
     s = make_group(1, Policy.LEAST_CONN)
     only = s.group.backends[0]
     assert s.group.choose("c") is only
-    assert s.group.choose("c", exclude=(only,)) is None
+    assert s.group.choose_retry("c", (only,)) is None
     refused(s, only)
     assert s.group.choose("c") is only
-    assert s.group.choose("c", exclude=(only,)) is None
+    assert s.group.choose_retry("c", (only,)) is None
 
 
 def test_a_sole_backend_stays_in_rotation_after_a_failed_connection(

@@ -268,24 +268,27 @@ class BackendGroup:
 
     # -- choosing ------------------------------------------------------------------
 
-    def choose(self, client: str, exclude: Collection[Backend] = ()) -> Backend | None:
-        """A healthy backend not in ``exclude``, by the policy; None when none is left.
+    def choose(self, client: str) -> Backend:
+        """The backend for a request's first try: a healthy one, by the policy.
 
         ``client`` is the client's address without its port, so that all of a
         client's connections hash alike under :attr:`Policy.CLIENT_HASH`.
-
-        When no backend is healthy and none is excluded (a request's first
-        choice), the backend that failed longest ago, as the last resort; a
-        retry (``exclude`` given) gets None instead, so a request makes one
-        such try, not one per backend.
+        When no backend is healthy, the one whose last failure is the oldest,
+        as the last resort.
         """
         only = self._only
         if only is not None:
-            return None if only in exclude else only
-        found = self._pick(client, exclude)
-        if found is None and not exclude:
-            return min(self.backends, key=_last_failure)
-        return found
+            return only
+        found = self._pick(client, ())
+        return found if found is not None else min(self.backends, key=_last_failure)
+
+    def choose_retry(self, client: str, tried: Collection[Backend]) -> Backend | None:
+        """A healthy backend not in ``tried``, by the policy; None when none is left.
+
+        Never a backend that is down: a request makes one last-resort try
+        (see :meth:`choose`), not one per backend.
+        """
+        return self._pick(client, tried)
 
     def _rotation(self, exclude: Collection[Backend]) -> Iterator[tuple[int, Backend]]:
         """The usable backends with their indexes, starting where the rotation is."""

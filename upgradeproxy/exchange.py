@@ -29,7 +29,6 @@ from .balancer import (
     FailedConnection,
     connect_advice,
     describe_connect_failure,
-    no_backend_reason,
     unreachable_answer,
 )
 from .handover import Handover
@@ -216,10 +215,6 @@ class Exchange:
             refuse(proxy, client, head, route, refusal.status, refusal.reason)
             return None
         upstream = route.group.choose(client.address)
-        if upstream is None:
-            proxy.stats.limit_rejections["no_healthy_backend"] += 1
-            refuse(proxy, client, head, route, 503, _no_backend_reason(route))
-            return None
         try:
             forwarded = request_for_backend(
                 head, client.hop, upgrade=upgrade, framing=framing.kind,
@@ -279,7 +274,7 @@ class Exchange:
             return
         self._release_upstream()
         tried = self._tried = [*(self._tried or ()), failed]
-        retry = group.choose(self._client.address, [t.backend for t in tried])
+        retry = group.choose_retry(self._client.address, [t.backend for t in tried])
         if retry is None:
             status, text = unreachable_answer(self.route.name, group.backends, tried)
             if status == 503:
@@ -504,10 +499,6 @@ def _admission_refusal(
         proxy.stats.limit_rejections["max_request_body"] += 1
         return Refusal(f"the request body is larger than this route's limit of {limit} bytes", 413)
     return None
-
-
-def _no_backend_reason(route: Route) -> str:
-    return no_backend_reason(route.name, route.group.backends)
 
 
 def refuse(
