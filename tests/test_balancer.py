@@ -14,11 +14,19 @@ from typing import Any
 import pytest
 import pytest_twisted
 from loopback import HOST, eventually
+from support import DOORS, GET, Cluster, status_of
+from support import OK as HELLO
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectingCancelledError, getConnectError
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    getConnectError,
+)
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -28,18 +36,24 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import BackendConnection, BackendSettings
+from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
 from upgradeproxy.balancer import (
     Backend,
     BackendGroup,
+    FailedConnection,
     HealthCheck,
     Policy,
+    connect_advice,
     describe_connect_failure,
+    no_backend_reason,
+    unreachable_answer,
 )
 from upgradeproxy.testing import MemoryTransport
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+# An HTTP/2 server's first frame: SETTINGS on stream 0, max concurrent streams 100.
+H2_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
 CHECK = HealthCheck(path="/healthz", interval=10.0, timeout=5.0)
 
 
@@ -187,8 +201,8 @@ def test_round_robin_skips_unhealthy_and_excluded_backends() -> None:
     s = make_group()
     refused(s, s.b)
     assert names([s.group.choose("c") for _ in range(4)]) == ["10.0.0.1", "10.0.0.3"] * 2
-    assert s.group.choose("c", exclude={s.a}) is s.c
-    assert s.group.choose("c", exclude={s.a, s.c}) is None
+    assert s.group.choose_retry("c", {s.a}) is s.c
+    assert s.group.choose_retry("c", {s.a, s.c}) is None
 
 
 # -- least connections -------------------------------------------------------------------
@@ -198,7 +212,7 @@ def test_least_conn_picks_the_least_busy_backend() -> None:
     s = make_group(policy=Policy.LEAST_CONN)
     s.a.active, s.b.active, s.c.active = 3, 1, 2
     assert s.group.choose("c") is s.b
-    assert s.group.choose("c", exclude={s.b}) is s.c
+    assert s.group.choose_retry("c", {s.b}) is s.c
 
 
 def test_least_conn_spreads_equal_load_by_rotating() -> None:
@@ -289,7 +303,7 @@ _PRINT_MAPPING = """
 import json
 from twisted.internet.task import Clock
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import BackendConnection, BackendSettings
+from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
 from upgradeproxy.balancer import BackendGroup, Policy
 addresses = [BackendAddress(None, b"", f"10.0.0.{i}:9000") for i in range(1, 5)]
 group = BackendGroup(
@@ -351,22 +365,71 @@ def test_connect_succeeded_puts_a_backend_back_at_once() -> None:
 
 
 @pytest.mark.parametrize("policy", list(Policy))
-def test_no_backend_is_chosen_when_all_are_down(policy: Policy) -> None:
+def test_when_all_are_down_the_one_that_failed_longest_ago_is_the_last_resort(
+    policy: Policy,
+) -> None:
+    s = make_group(policy=policy)
+    for backend in (s.b, s.c, s.a):
+        refused(s, backend)
+        s.clock.advance(1)
+    assert not any(backend.healthy for backend in s.group.backends)
+    assert s.group.choose("192.0.2.1") is s.b
+    refused(s, s.b)
+    assert s.group.choose("192.0.2.1") is s.c, "b failed again: c has waited longest now"
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_a_retry_gets_no_last_resort(policy: Policy) -> None:
     s = make_group(policy=policy)
     for backend in s.group.backends:
         refused(s, backend)
-    assert s.group.choose("192.0.2.1") is None
+    assert s.group.choose_retry("192.0.2.1", (s.a,)) is None
 
 
-def test_a_single_backend_is_chosen_unless_it_is_down_or_excluded() -> None:
+def test_a_backend_failing_its_check_is_a_last_resort_too() -> None:
+    s = checked_group(2)
+    s.endpoints[0].last.refuse()
+    s.clock.advance(1)
+    s.endpoints[1].last.refuse()
+    assert not s.a.healthy and not s.b.healthy
+    assert s.group.choose("c") is s.a
+
+
+def test_a_single_backend_is_chosen_unless_excluded() -> None:
     s = make_group(1, Policy.LEAST_CONN)
     only = s.group.backends[0]
     assert s.group.choose("c") is only
-    assert s.group.choose("c", exclude=(only,)) is None
+    assert s.group.choose_retry("c", (only,)) is None
     refused(s, only)
-    assert s.group.choose("c") is None
-    s.clock.advance(s.group.fail_timeout)
     assert s.group.choose("c") is only
+    assert s.group.choose_retry("c", (only,)) is None
+
+
+def test_a_sole_backend_stays_in_rotation_after_a_failed_connection(
+    logs: Sequence[LogEvent],
+) -> None:
+    s = make_group(1)
+    for _ in range(3):
+        refused(s, s.a)
+    assert s.a.healthy and s.a.down and s.a.failures == 3
+    assert lines(logs) == [
+        (
+            "warn",
+            "backend 10.0.0.1:9000 of route api failed: Connection refused; "
+            "it is the route's only backend, so it stays in use",
+        )
+    ]
+    s.group.connect_succeeded(s.a)
+    assert not s.a.down
+    assert lines(logs)[1:] == [("info", "backend 10.0.0.1:9000 of route api is back in use")]
+
+
+def test_a_sole_backend_failing_its_check_is_down_but_still_tried() -> None:
+    s = checked_group(1)
+    s.endpoints[0].last.accept()
+    s.endpoints[0].last.reply(UNAVAILABLE)
+    assert not s.a.healthy and "answered 503" in s.a.last_error
+    assert s.group.choose("c") is s.a
 
 
 def test_passive_failures_log_once_going_down_and_once_coming_back(
@@ -482,6 +545,15 @@ def test_another_expected_status_can_be_asked_for() -> None:
             lambda attempt: (attempt.accept(), attempt.transport.loseConnection()),
             "health check GET /healthz got no response: the connection ended (closed)",
             id="closed",
+        ),
+        pytest.param(
+            lambda attempt: (
+                attempt.accept(),
+                attempt.reply(H2_SETTINGS),
+                attempt.transport.loseConnection(),
+            ),
+            f"health check GET /healthz: {SPEAKS_HTTP2}",
+            id="http2",
         ),
         pytest.param(
             lambda attempt: attempt.accept(),
@@ -725,3 +797,146 @@ async def test_health_checks_against_a_real_server_on_loopback() -> None:
         group.stop()
         if listening:
             await port.stopListening()
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_health_checks_log_nothing_per_probe() -> None:
+    server = FixedResponseFactory()
+    server.response = OK
+    port = reactor.listenTCP(0, server, interface=HOST)
+    number = port.getHost().port  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(reactor, HOST, number, timeout=2)
+    group = BackendGroup(
+        [BackendAddress(endpoint, b"", f"{HOST}:{number}")],
+        policy=Policy.LEAST_CONN,
+        clock=reactor,
+        settings=BackendSettings(),
+        health=HealthCheck(path="/healthz", interval=0.05, timeout=2.0),
+    )
+    try:
+        with capturedLogs() as events:
+            group.start()
+            await eventually(lambda: len(server.requests) >= 4, what="four probes")
+        assert [formatEvent(e) for e in events] == []
+    finally:
+        group.stop()
+        await port.stopListening()
+
+
+# -- what the client is told when no backend could be reached ----------------------------
+
+REFUSED_ADVICE = "check that the backend is running and listens on the host and port of its URL"
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (ConnectionRefusedError("Connection refused"), REFUSED_ADVICE),
+        (ConnectTimeout(), "check that the host is up and that no firewall drops the port, "
+         "or raise --connect-timeout"),
+        (DNSLookupError("nowhere.invalid"), "check the host name in the backend URL"),
+        (ValueError("something else"), ""),
+    ],
+)  # fmt: skip
+def test_connect_advice_says_what_to_change(error: Exception, advice: str) -> None:
+    assert connect_advice(Failure(error)) == advice
+
+
+def test_one_backend_tried_gets_a_502_naming_it_why_and_what_to_change() -> None:
+    s = make_group(1)
+    tried = [FailedConnection(s.a, "Connection refused", REFUSED_ADVICE)]
+    assert unreachable_answer("api", s.group.backends, tried) == (
+        502,
+        f"the backend (10.0.0.1:9000) could not be reached: Connection refused; {REFUSED_ADVICE}",
+    )
+
+
+def test_several_backends_tried_are_each_named_with_why_and_what_to_change() -> None:
+    s = make_group(3)
+    tried = [
+        FailedConnection(s.a, "Connection refused", REFUSED_ADVICE),
+        FailedConnection(s.b, "its TLS certificate could not be verified (...)"),
+    ]
+    assert unreachable_answer("api", s.group.backends, tried) == (
+        502,
+        "none of the 2 backends tried could be reached ("
+        f"10.0.0.1:9000: Connection refused ({REFUSED_ADVICE}); "
+        "10.0.0.2:9000: its TLS certificate could not be verified (...))",
+    )
+
+
+def test_a_last_resort_that_fails_gets_the_503_with_every_reason() -> None:
+    s = make_group(2)
+    refused(s, s.a)
+    refused(s, s.b)
+    tried = [FailedConnection(s.a, "Connection refused", REFUSED_ADVICE, in_rotation=False)]
+    assert unreachable_answer("api", s.group.backends, tried) == (
+        503,
+        "no healthy backend for route api (10.0.0.1:9000: Connection refused; "
+        "10.0.0.2:9000: Connection refused); tried 10.0.0.1:9000, down the longest, anyway: "
+        f"Connection refused; {REFUSED_ADVICE}",
+    )
+
+
+def test_no_backend_reason_names_only_the_backends_that_are_down() -> None:
+    s = make_group(2)
+    assert no_backend_reason("api", s.group.backends) == "no healthy backend for route api"
+    refused(s, s.b)
+    assert no_backend_reason("api", s.group.backends) == (
+        "no healthy backend for route api (10.0.0.2:9000: Connection refused)"
+    )
+
+
+# -- through the proxy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_a_sole_backend_that_restarts_costs_only_the_requests_it_refused(door: str) -> None:
+    c = Cluster({"r": {"backends": ["a"]}}, door=door)
+    c.endpoints["a"].refuse = True
+    client = c.client()
+    client.send(GET)
+    assert status_of(client.received) == 502
+    text = client.received.decode()
+    assert "the backend (a) could not be reached: " in text
+    assert f"scripted refusal.; {REFUSED_ADVICE}" in text
+    # Back a moment later, well within its fail timeout: the next request reaches it.
+    c.endpoints["a"].refuse = False
+    c.clock.advance(1)
+    client = c.client(port=50001)
+    client.send(GET)
+    c.last("a").send(HELLO)
+    assert status_of(client.received) == 200
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_with_every_backend_down_a_request_still_tries_the_one_down_longest(door: str) -> None:
+    c = Cluster({"r": {"backends": ["a", "b"], "policy": Policy.ROUND_ROBIN}}, door=door)
+    c.endpoints["a"].refuse = c.endpoints["b"].refuse = True
+    client = c.client()
+    client.send(GET)
+    assert status_of(client.received) == 502
+    assert "none of the 2 backends tried could be reached" in client.received.decode()
+    assert c.endpoints["a"].attempts == c.endpoints["b"].attempts == 1
+    # a went down first; it is back.
+    c.endpoints["a"].refuse = False
+    client = c.client(port=50001)
+    client.send(GET)
+    c.last("a").send(HELLO)
+    assert status_of(client.received) == 200
+    assert c.endpoints["b"].attempts == 1, "one try, on the backend down the longest"
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_the_last_resort_failing_too_gets_the_503(door: str) -> None:
+    c = Cluster({"r": {"backends": ["a", "b"], "policy": Policy.ROUND_ROBIN}}, door=door)
+    c.endpoints["a"].refuse = c.endpoints["b"].refuse = True
+    c.client().send(GET)
+    client = c.client(port=50001)
+    client.send(GET)
+    assert status_of(client.received) == 503
+    text = client.received.decode()
+    assert "no healthy backend for route r (a: " in text
+    assert "; tried a, down the longest, anyway: " in text and REFUSED_ADVICE in text
+    assert (c.endpoints["a"].attempts, c.endpoints["b"].attempts) == (2, 1)

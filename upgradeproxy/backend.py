@@ -35,9 +35,9 @@ from .http1 import (
     BodyDecoder,
     BodyKind,
     Framing,
+    HeadReader,
     ProtocolError,
     ResponseHead,
-    parse_response_head,
     response_framing,
     response_keeps_alive,
 )
@@ -87,6 +87,34 @@ class ResponseSink(TypingProtocol):
     def backend_failed(self, failure: BackendFailure) -> None: ...
 
 
+#: What a backend that speaks only HTTP/2 on the port was told, and what to change.
+SPEAKS_HTTP2 = (
+    "the backend answered in HTTP/2: it speaks only HTTP/2 on that port, and the proxy "
+    "speaks HTTP/1.1 to backends; point the backend URL at a port that serves HTTP/1.1, "
+    "or enable HTTP/1.1 on the backend"
+)
+
+# RFC 9113 §3.4: the client's connection preface, and a frame header's parts.
+_PREFACE = b"PRI * HTTP/2.0\r\n"
+_FRAME_HEADER = 9
+_SETTINGS = 0x04
+_ACK = 0x01
+
+
+def speaks_http2(data: bytes | bytearray) -> bool:
+    """True when ``data``, the start of a backend's answer, is HTTP/2, not HTTP/1.x.
+
+    An HTTP/2 server's first frame is SETTINGS (RFC 9113 §3.4): a
+    ``PRI * HTTP/2.0`` request line, or such a frame on stream 0 whose length
+    is a whole number of settings, is never the start of an HTTP/1.x response.
+    """
+    if data.startswith(_PREFACE):
+        return True
+    if len(data) < _FRAME_HEADER or data[3] != _SETTINGS or data[4] & ~_ACK:
+        return False
+    return data[5:9] == b"\0\0\0\0" and int.from_bytes(data[:3], "big") % 6 == 0
+
+
 class _State(enum.Enum):
     IDLE = enum.auto()
     HEAD = enum.auto()
@@ -115,8 +143,7 @@ class BackendConnection(Protocol):
         self._tunnel: Tunnel | None = None
         self.reused = False
         self._received = False
-        # How much of the buffer was searched for a head end already.
-        self._checked = 0
+        self._heads = HeadReader.responses(self._settings.max_response_head)
         # Set while a TLS connection waits for its handshake (see TLSBackendConnection).
         self._handshake: Deferred[BackendConnection] | None = None
 
@@ -225,7 +252,8 @@ class BackendConnection(Protocol):
                 self._finish()
         elif state is _State.HEAD:
             retryable = self.reused and not self._received
-            self._fail(BackendFailure(502, f"{why} before sending a response head", retryable))
+            reason = self._head_failure(f"{why} before sending a response head")
+            self._fail(BackendFailure(502, reason, retryable))
         self._state = _State.CLOSED
 
     def _advance(self) -> None:
@@ -254,18 +282,13 @@ class BackendConnection(Protocol):
     def _parse_head(self) -> bool:
         """Parse one response head; False when more bytes are needed or all is done."""
         try:
-            parsed = parse_response_head(
-                self._buf, 0, self._settings.max_response_head, self._checked
-            )
+            head = self._heads.read(self._buf)
         except ProtocolError as e:
-            self._fail(BackendFailure(502, f"malformed response from the backend: {e.reason}"))
+            reason = self._head_failure(f"malformed response from the backend: {e.reason}")
+            self._fail(BackendFailure(502, reason))
             return False
-        if parsed is None:
-            self._checked = len(self._buf)
+        if head is None:
             return False
-        head, end = parsed
-        del self._buf[:end]
-        self._checked = 0
         sink = self._sink
         assert sink is not None
         if head.status == 101:
@@ -290,6 +313,10 @@ class BackendConnection(Protocol):
         self._state = _State.BODY
         sink.response_head(head, framing)
         return True
+
+    def _head_failure(self, reason: str) -> str:
+        """``reason``, unless what came instead of a head says better why there is none."""
+        return SPEAKS_HTTP2 if speaks_http2(self._buf) else reason
 
     def _finish(self) -> None:
         sink = self._sink
@@ -325,9 +352,13 @@ class BackendConnection(Protocol):
 
     def _timed_out(self, timeout: float) -> None:
         self._timer = None
-        self._fail(
-            BackendFailure(504, f"the backend sent no response head within {timeout:g} seconds")
-        )
+        if speaks_http2(self._buf):
+            failure = BackendFailure(502, SPEAKS_HTTP2)
+        else:
+            failure = BackendFailure(
+                504, f"the backend sent no response head within {timeout:g} seconds"
+            )
+        self._fail(failure)
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 

@@ -7,9 +7,16 @@ connection went (:meth:`~BackendGroup.connect_failed`,
 :attr:`Backend.active` itself. Health is known two ways:
 
 - passively: a backend that refused a connection is left out for
-  ``fail_timeout`` seconds, then tried again, with no timer;
+  ``fail_timeout`` seconds, then tried again, with no timer -- unless it is
+  the route's only backend, which stays in use (as in nginx: taking it out
+  turns a backend's one-second restart into ``fail_timeout`` seconds of 503s);
 - actively, when a :class:`HealthCheck` is given: ``GET path`` on a new
   connection every ``interval`` seconds.
+
+When no backend is healthy, a request still goes to the one whose last
+failure is the oldest (whose ``fail_timeout`` ends first): the proxy's own
+503 is never a better answer than a backend that came back. Only when that
+try fails too does the client get the 503.
 
 The log says when a backend goes down and when it is back in use, once
 each, however often it keeps failing in between. This module never reads or
@@ -25,19 +32,18 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .address import BackendAddress, describe_tls_failure
-from .backend import BackendPool, BackendSettings
+from .backend import SPEAKS_HTTP2, BackendPool, BackendSettings, speaks_http2
 from .failures import describe_close
-from .http1 import ProtocolError, parse_response_head
+from .http1 import HeadReader, ProtocolError
 
 
 class Policy(enum.Enum):
@@ -81,6 +87,68 @@ def describe_connect_failure(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
+def connect_advice(reason: Failure) -> str:
+    """What to change after a failed connection; ``""`` when its description says it already.
+
+    A TLS failure's description ends with its own advice.
+    """
+    if reason.check(ConnectionRefusedError):
+        return "check that the backend is running and listens on the host and port of its URL"
+    if reason.check(ConnectTimeout):
+        return (
+            "check that the host is up and that no firewall drops the port, "
+            "or raise --connect-timeout"
+        )
+    if reason.check(DNSLookupError):
+        return "check the host name in the backend URL"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedConnection:
+    """A backend that a request tried and could not connect to, and why."""
+
+    backend: Backend
+    why: str
+    #: What to change, or "" (see :func:`connect_advice`).
+    advice: str = ""
+    #: False when the backend was down already, tried as the last resort.
+    in_rotation: bool = True
+
+    def explain(self) -> str:
+        return f"{self.why}; {self.advice}" if self.advice else self.why
+
+
+def no_backend_reason(route: str, backends: Sequence[Backend]) -> str:
+    """Why a request found no healthy backend: each one that is down, and why."""
+    down = "; ".join(f"{b.name}: {b.last_error or 'down'}" for b in backends if not b.healthy)
+    return f"no healthy backend for route {route}" + (f" ({down})" if down else "")
+
+
+def unreachable_answer(
+    route: str, backends: Sequence[Backend], tried: Sequence[FailedConnection]
+) -> tuple[int, str]:
+    """The status and reason for a request whose every connection failed.
+
+    ``tried`` holds each backend the request tried, in order. When the only
+    try was a backend already down (every backend was), the answer is the
+    503 that the proxy would have given without trying; otherwise a 502
+    naming every backend tried.
+    """
+    first = tried[0]
+    if len(tried) == 1 and not first.in_rotation:
+        return 503, (
+            f"{no_backend_reason(route, backends)}; tried {first.backend.name}, "
+            f"down the longest, anyway: {first.explain()}"
+        )
+    if len(tried) == 1:
+        return 502, f"the backend ({first.backend.name}) could not be reached: {first.explain()}"
+    each = "; ".join(
+        f"{t.backend.name}: {t.why}" + (f" ({t.advice})" if t.advice else "") for t in tried
+    )
+    return 502, f"none of the {len(tried)} backends tried could be reached ({each})"
+
+
 class Backend:
     """One backend of a group: its address, its connection pool, its load and health.
 
@@ -90,6 +158,7 @@ class Backend:
     __slots__ = (
         "_check_error",
         "_clock",
+        "_failed_at",
         "_hash_key",
         "_retry_at",
         "_unreachable",
@@ -115,6 +184,9 @@ class Backend:
         # Why the last connection failed; "" once one succeeds again.
         self._unreachable = ""
         self._retry_at = 0.0
+        # When it last failed a connection or a check: the oldest goes first
+        # when every backend is down.
+        self._failed_at = 0.0
         # Why the last health check failed; "" when it passed or none ran.
         self._check_error = ""
 
@@ -196,16 +268,27 @@ class BackendGroup:
 
     # -- choosing ------------------------------------------------------------------
 
-    def choose(self, client: str, exclude: Collection[Backend] = ()) -> Backend | None:
-        """A healthy backend not in ``exclude``, by the policy; None when none is left.
+    def choose(self, client: str) -> Backend:
+        """The backend for a request's first try: a healthy one, by the policy.
 
         ``client`` is the client's address without its port, so that all of a
         client's connections hash alike under :attr:`Policy.CLIENT_HASH`.
+        When no backend is healthy, the one whose last failure is the oldest,
+        as the last resort.
         """
         only = self._only
         if only is not None:
-            return only if only.healthy and only not in exclude else None
-        return self._pick(client, exclude)
+            return only
+        found = self._pick(client, ())
+        return found if found is not None else min(self.backends, key=_last_failure)
+
+    def choose_retry(self, client: str, tried: Collection[Backend]) -> Backend | None:
+        """A healthy backend not in ``tried``, by the policy; None when none is left.
+
+        Never a backend that is down: a request makes one last-resort try
+        (see :meth:`choose`), not one per backend.
+        """
+        return self._pick(client, tried)
 
     def _rotation(self, exclude: Collection[Backend]) -> Iterator[tuple[int, Backend]]:
         """The usable backends with their indexes, starting where the rotation is."""
@@ -253,12 +336,27 @@ class BackendGroup:
     def connect_failed(self, backend: Backend, reason: str) -> None:
         """A connection to ``backend`` failed before any byte was sent.
 
-        It is left out for ``fail_timeout`` seconds, then tried again.
+        It is left out for ``fail_timeout`` seconds, then tried again; the
+        only backend of a route is never left out.
         """
         was_down = backend.down
+        now = self._clock.seconds()
         backend.failures += 1
         backend._unreachable = reason
-        backend._retry_at = self._clock.seconds() + self.fail_timeout
+        backend._failed_at = now
+        if self._only is not None:
+            backend._retry_at = now
+            if not was_down:
+                self.log.warn(
+                    "backend {where} failed: {reason}; it is the route's only backend, "
+                    "so it stays in use",
+                    where=self._where(backend),
+                    backend=backend.name,
+                    route=self.route,
+                    reason=reason,
+                )
+            return
+        backend._retry_at = now + self.fail_timeout
         if not was_down:
             self.log.warn(
                 "backend {where} is down: {reason}; retrying it in {retry:g} seconds",
@@ -304,6 +402,7 @@ class BackendGroup:
         was_down = backend.down
         backend._check_error = error
         if error:
+            backend._failed_at = self._clock.seconds()
             if not was_down:
                 self.log.warn(
                     "backend {where} is down: {reason}",
@@ -333,6 +432,10 @@ class BackendGroup:
         return f"{backend.name} of route {self.route}" if self.route else backend.name
 
 
+def _last_failure(backend: Backend) -> float:
+    return backend._failed_at
+
+
 def _hash_keys(addresses: Sequence[BackendAddress]) -> Iterator[bytes]:
     """A distinct hashing key per backend: its name, numbered when a name repeats."""
     seen: Counter[str] = Counter()
@@ -357,9 +460,8 @@ class _HealthProbe(Protocol):
 
     def __init__(self, request: bytes, max_head: int) -> None:
         self._request = request
-        self._max_head = max_head
+        self._heads = HeadReader.responses(max_head)
         self._buf = bytearray()
-        self._checked = 0
         self.connected_once = False
         #: The response's status; fails when none comes.
         self.status: Deferred[int] = Deferred(self._cancel)
@@ -373,23 +475,43 @@ class _HealthProbe(Protocol):
             return
         self._buf += data
         try:
-            parsed = parse_response_head(self._buf, 0, self._max_head, self._checked)
+            head = self._heads.read(self._buf)
         except ProtocolError as e:
             self.status.errback(e)
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        if parsed is None:
-            self._checked = len(self._buf)
+        if head is None:
             return
-        self.status.callback(parsed[0].status)
+        self.status.callback(head.status)
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.status.called:
             self.status.errback(reason)
 
+    @property
+    def speaks_http2(self) -> bool:
+        """True when the backend answered in HTTP/2 instead of with a response head."""
+        return speaks_http2(self._buf)
+
     def _cancel(self, status: Deferred[int]) -> None:
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class _ProbeFactory(Factory):
+    """Builds the one probe of one check, without a log line.
+
+    Not ``connectProtocol``: its factory is noisy, and would log "Starting
+    factory" and "Stopping factory" on every probe.
+    """
+
+    noisy = False
+
+    def __init__(self, probe: _HealthProbe) -> None:
+        self._probe = probe
+
+    def buildProtocol(self, addr: object) -> _HealthProbe:
+        return self._probe
 
 
 class _HealthChecker:
@@ -432,7 +554,7 @@ class _HealthChecker:
 
     def _check(self) -> Deferred[None]:
         probe = _HealthProbe(self._request, self._max_head)
-        connecting = connectProtocol(self._backend.address.endpoint, probe)
+        connecting = self._backend.address.endpoint.connect(_ProbeFactory(probe))
         status: Deferred[int] = connecting.addCallback(lambda _: probe.status)
         error = status.addCallbacks(self._judge, self._explain, errbackArgs=(probe,))
         error.addTimeout(self._health.timeout, self._clock, onTimeoutCancel=self._timed_out)
@@ -450,6 +572,8 @@ class _HealthChecker:
     def _explain(self, reason: Failure, probe: _HealthProbe) -> str:
         if not probe.connected_once:
             return f"health check could not connect: {describe_connect_failure(reason)}"
+        if probe.speaks_http2:
+            return f"{self._what}: {SPEAKS_HTTP2}"
         if isinstance(reason.value, ProtocolError):
             return f"{self._what} got a malformed response: {reason.value.reason}"
         return f"{self._what} got no response: the connection ended ({describe_close(reason)})"

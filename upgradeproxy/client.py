@@ -39,10 +39,10 @@ from .http1 import (
     BodyDecoder,
     BodyKind,
     Framing,
+    HeadReader,
     ProtocolError,
     ResponseHead,
     encode_chunk,
-    parse_request_head,
     request_keeps_alive,
 )
 from .proxy import Proxy
@@ -100,10 +100,7 @@ class ClientConnection(Protocol):
         # True while the head timer measures an idle keep-alive connection.
         self._idle = False
         self._linger: IDelayedCall | None = None
-        # How much of the buffer was searched for a head end already.
-        self._checked = 0
-        # Bytes of empty lines dropped before the head now awaited.
-        self._empty_lines = 0
+        self._heads = HeadReader.requests(self._settings.max_request_head)
         self.address = "unknown"
 
     # -- Twisted protocol events ---------------------------------------------
@@ -175,28 +172,18 @@ class ClientConnection(Protocol):
 
     def _read_head(self) -> Exchange | None:
         """Parse a request head from the buffer and start its exchange."""
-        self._drop_empty_lines()
-        limit = self._settings.max_request_head
         try:
-            # Empty lines already dropped count towards the head's size.
-            parsed = parse_request_head(self._buf, 0, limit - self._empty_lines, self._checked)
+            head = self._heads.read(self._buf)
         except ProtocolError as e:
-            if e.status == 431:
-                e = ProtocolError(f"request head larger than {limit} bytes", 431)
             self._refuse_connection(e.status, e.reason)
             return None
-        if parsed is None:
-            self._checked = len(self._buf)
+        if head is None:
             if self._idle and self._buf and self._head_timer is not None:
                 # A new head started on a kept-alive connection: from now on
                 # it is a head that must arrive in time.
                 self._idle = False
                 self._head_timer.reset(self._settings.request_head_timeout)
             return None
-        head, end = parsed
-        del self._buf[:end]
-        self._checked = 0
-        self._empty_lines = 0
         self._stop_head_timer()
         exchange = Exchange.start(self._proxy, self, head)
         if exchange is None:
@@ -209,21 +196,6 @@ class ClientConnection(Protocol):
         )
         exchange.connect()
         return None if exchange.ended else exchange
-
-    def _drop_empty_lines(self) -> None:
-        """Discard empty lines before a request (RFC 9112 §2.2 lets a server ignore them).
-
-        Done here, once, rather than by every parse attempt: a client that
-        trickles empty lines would otherwise cost quadratic time.
-        """
-        buf = self._buf
-        start = 0
-        while buf.startswith(b"\r\n", start):
-            start += 2
-        if start:
-            del buf[:start]
-            self._checked = max(0, self._checked - start)
-            self._empty_lines += start
 
     def _limit_held_bytes(self) -> None:
         """Stop reading while too many bytes wait for their owner.

@@ -24,7 +24,13 @@ from twisted.python.failure import Failure
 
 from .accesslog import RequestRecord
 from .backend import BackendConnection, BackendFailure
-from .balancer import Backend, describe_connect_failure
+from .balancer import (
+    Backend,
+    FailedConnection,
+    connect_advice,
+    describe_connect_failure,
+    unreachable_answer,
+)
 from .handover import Handover
 from .http1 import (
     LAST_CHUNK,
@@ -165,7 +171,7 @@ class Exchange:
         #: The backend chosen for this request; it counts the request as active.
         self.upstream: Backend | None = upstream
         #: Backends whose connection failed for this request.
-        self._tried: list[Backend] | None = None
+        self._tried: list[FailedConnection] | None = None
         self.backend: BackendConnection | None = None
         self._attempts = 0
         self._body_bytes = 0
@@ -209,10 +215,6 @@ class Exchange:
             refuse(proxy, client, head, route, refusal.status, refusal.reason)
             return None
         upstream = route.group.choose(client.address)
-        if upstream is None:
-            proxy.stats.limit_rejections["no_healthy_backend"] += 1
-            refuse(proxy, client, head, route, 503, _no_backend_reason(route))
-            return None
         try:
             forwarded = request_for_backend(
                 head, client.hop, upgrade=upgrade, framing=framing.kind,
@@ -266,14 +268,18 @@ class Exchange:
         """
         why = describe_connect_failure(reason)
         group = self.route.group
+        failed = FailedConnection(upstream, why, connect_advice(reason), upstream.healthy)
         group.connect_failed(upstream, why)
         if self.ended:
             return
         self._release_upstream()
-        tried = self._tried = [*(self._tried or ()), upstream]
-        retry = group.choose(self._client.address, tried)
+        tried = self._tried = [*(self._tried or ()), failed]
+        retry = group.choose_retry(self._client.address, [t.backend for t in tried])
         if retry is None:
-            self.refuse(502, f"the backend ({upstream.name}) could not be reached: {why}")
+            status, text = unreachable_answer(self.route.name, group.backends, tried)
+            if status == 503:
+                self._proxy.stats.limit_rejections["no_healthy_backend"] += 1
+            self.refuse(status, text)
             return
         log.info(
             "retrying {method} {target} on {retry}: {failed} could not be reached ({why})",
@@ -493,13 +499,6 @@ def _admission_refusal(
         proxy.stats.limit_rejections["max_request_body"] += 1
         return Refusal(f"the request body is larger than this route's limit of {limit} bytes", 413)
     return None
-
-
-def _no_backend_reason(route: Route) -> str:
-    down = "; ".join(
-        f"{b.name}: {b.last_error or 'down'}" for b in route.group.backends if not b.healthy
-    )
-    return f"no healthy backend for route {route.name}" + (f" ({down})" if down else "")
 
 
 def refuse(

@@ -1,7 +1,8 @@
 """A small, strict, sans-IO HTTP/1.1 module.
 
 It parses request and response heads from buffers (returning the exact
-offset of the first byte after the head), decides body framing
+offset of the first byte after the head, or, with a :class:`HeadReader`,
+removing the head from a buffer that grows as bytes arrive), decides body framing
 (RFC 9112 §6), decodes bodies incrementally, and knows which fields are
 hop-by-hop. It never touches a socket, a reactor, or a clock.
 
@@ -34,6 +35,7 @@ from ._framing import (
 )
 from ._headers import HOP_BY_HOP, Field, Headers
 from ._heads import RequestHead, ResponseHead, parse_request_head, parse_response_head
+from ._reader import HeadReader
 
 __all__ = [
     "HOP_BY_HOP",
@@ -45,6 +47,7 @@ __all__ = [
     "CloseDelimitedDecoder",
     "Field",
     "Framing",
+    "HeadReader",
     "Headers",
     "LengthDecoder",
     "ProtocolError",
