@@ -6,8 +6,11 @@ it is the only module that touches Twisted's private state.
 
 from __future__ import annotations
 
+import ast
+import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from twisted.internet import protocol, tcp
@@ -23,6 +26,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+import twisted
 from upgradeproxy import _twisted
 from upgradeproxy._twisted import send_now
 
@@ -137,3 +141,43 @@ def test_twisted_web_keeps_bytes_after_a_request_where_the_takeover_looks() -> N
 def test_check_supported_fails_loudly_on_a_channel_without_the_buffers() -> None:
     with pytest.raises(_twisted.UnsupportedTwisted, match="does not support Twisted"):
         _twisted.check_channel(object())  # type: ignore[arg-type]
+
+
+# -- nowhere else ---------------------------------------------------------------------------
+
+_PACKAGE = Path(__file__).resolve().parent.parent / "upgradeproxy"
+
+
+def test_the_checked_range_is_the_pinned_range() -> None:
+    pyproject = (_PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8")
+    (pin,) = re.findall(r'"twisted\[tls\](.*?)"', pyproject)
+    assert pin == _twisted.TWISTED_RANGE
+
+
+def _twisted_private_names() -> set[str]:
+    """The private attributes Twisted's own classes set on themselves."""
+    root = Path(twisted.__file__).parent
+    names: set[str] = set()
+    for part in ("internet", "web", "protocols", "application", "python"):
+        for source in (root / part).glob("*.py"):
+            names.update(re.findall(r"self\.(_[A-Za-z]\w*)", source.read_text(errors="replace")))
+    return names
+
+
+def test_no_module_but_the_internals_module_reaches_into_twisted() -> None:
+    private = _twisted_private_names()
+    found = []
+    for source in sorted(_PACKAGE.rglob("*.py")):
+        if source.name == "_twisted.py":
+            continue
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                owner = node.value
+                if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                    found.append(f"{source.relative_to(_PACKAGE)}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "twisted" and any(p.startswith("_") for p in parts):
+                    found.append(f"{source.relative_to(_PACKAGE)}:{node.lineno}: {node.module}")
+    assert found == [], "reach Twisted's private state only through upgradeproxy/_twisted.py"
