@@ -326,11 +326,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _adopt(reactor: Any, spec: str, factory: protocol.ServerFactory) -> Any:
     """Serve on the listening socket the parent passed as ``FD:FAMILY``."""
     fd, family = (int(part) for part in spec.split(":"))
-    os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
     try:
-        return reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
-    finally:
-        os.close(fd)
+        os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
+        try:
+            return reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise StartFailed(f"cannot listen on the socket passed as fd {fd}: {e.strerror}") from None
 
 
 if __name__ == "__main__":
