@@ -10,7 +10,9 @@ import pytest
 import upgradeproxy
 from upgradeproxy.__main__ import main
 from upgradeproxy.config import ProxyConfig
+from upgradeproxy.registry import BadValidator, ValidatorPlugin, build_chain
 from upgradeproxy.tap import DEMO_LISTEN, Options
+from upgradeproxy.validators import WebSocketValidator
 
 BACKEND = ["--backend", "http://127.0.0.1:9000"]
 PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
@@ -106,6 +108,18 @@ def test_a_validator_that_takes_no_argument_refuses_one(
         "upgradeproxy: --validator websocket:strict: websocket takes no argument "
         "(write --validator websocket)"
     )
+
+
+def test_any_validator_declaring_no_argument_refuses_one() -> None:
+    # A plugin whose maker would ignore the text after the colon: the
+    # registry refuses it on the plugin's word that it takes none.
+    quiet = ValidatorPlugin("quiet", "takes nothing", lambda argument: WebSocketValidator())
+    with pytest.raises(BadValidator) as raised:
+        build_chain(["quiet:loud"], {"quiet": quiet})
+    assert str(raised.value) == (
+        "--validator quiet:loud: quiet takes no argument (write --validator quiet)"
+    )
+    assert len(build_chain(["quiet"], {"quiet": quiet})) == 1
 
 
 def test_check_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
