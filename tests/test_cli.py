@@ -9,9 +9,9 @@ import pytest
 
 import upgradeproxy
 from upgradeproxy.__main__ import main
-from upgradeproxy.config import ProxyConfig
+from upgradeproxy.config import DEFAULT_LISTEN, ProxyConfig
 from upgradeproxy.registry import BadValidator, ValidatorPlugin, build_chain
-from upgradeproxy.tap import DEMO_LISTEN, Options
+from upgradeproxy.tap import Options
 from upgradeproxy.validators import WebSocketValidator
 
 BACKEND = ["--backend", "http://127.0.0.1:9000"]
@@ -210,13 +210,15 @@ def test_route_options_beside_a_file_are_refused_naming_the_key(
     )
 
 
-# -- where the demo listens ----------------------------------------------------------------
+# -- where it listens ----------------------------------------------------------------------
 
 
-def test_the_demo_listens_on_loopback_unless_told_otherwise() -> None:
-    assert parsed("--demo").listen == (DEMO_LISTEN,) == ("tcp:8080:interface=127.0.0.1",)
+def test_everything_listens_on_loopback_unless_told_otherwise(config_file: str) -> None:
+    assert DEFAULT_LISTEN == "tcp:8080:interface=127.0.0.1"
+    assert parsed("--demo").listen == (DEFAULT_LISTEN,)
+    assert parsed(*BACKEND).listen == (DEFAULT_LISTEN,)
+    assert parsed("--config", config_file).listen == (DEFAULT_LISTEN,)
     assert parsed("--demo", "--listen", "tcp:9000").listen == ("tcp:9000",)
-    assert parsed(*BACKEND).listen == ("tcp:8080",)
 
 
 # -- what --check shows ------------------------------------------------------------------

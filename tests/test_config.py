@@ -852,7 +852,8 @@ def test_describe_config_mentions_workers_and_unverified_tls() -> None:
         """
     )
     assert describe_config(config) == (
-        "proxy.toml: OK: listening on tcp:8080; 1 route, 1 backend; 4 workers\n"
+        "proxy.toml: OK: listening on tcp:8080:interface=127.0.0.1; 1 route, 1 backend; "
+        "4 workers\n"
         "  access log (text) to the main log; client head timeout 60 s; keep-alive timeout 60 s; "
         "shutdown grace 30 s; max connections 10000; max tunnels 10000\n"
         "  secure: hosts app.example; path /; least-conn over https://app.example; "

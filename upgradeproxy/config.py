@@ -8,7 +8,7 @@ running services.
 
 The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
 
-    listen = ["tcp:8080"]           # Twisted server endpoints
+    listen = ["tcp:8080"]           # Twisted server endpoints; absent: tcp:8080:interface=127.0.0.1
     workers = 1                     # or "auto": one per core
     metrics = "tcp:9100:interface=127.0.0.1"
     forward_h2c = false
@@ -90,7 +90,9 @@ from .balancer import HealthCheck, Policy
 from .interfaces import IValidatorPlugin
 from .registry import DEFAULT_CHAIN, BadValidator, build_chain, installed_validators
 
-DEFAULT_LISTEN = "tcp:8080"
+#: Loopback, like everything else unless another interface is named: a proxy
+#: is put in front of the world on purpose, never by default.
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 _show = _values.show
 

@@ -54,9 +54,6 @@ from .workers import STOP_MARGIN, WorkerPool, open_sockets
 
 log = Logger()
 
-#: Where ``--demo`` listens when no ``--listen`` is given: a demo is for this machine.
-DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
-
 
 def _exit_usage(message: str) -> NoReturn:
     """Leave with one line that says what to change, and exit status 2.
@@ -264,8 +261,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
-        """Listen on this Twisted server endpoint (repeatable; default tcp:8080, or
-        tcp:8080:interface=127.0.0.1 with --demo)."""
+        """Listen on this Twisted server endpoint (repeatable; default
+        tcp:8080:interface=127.0.0.1, loopback only)."""
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
@@ -333,8 +330,6 @@ class Options(usage.Options):
         }
         if self["listen"]:
             changes["listen"] = tuple(self["listen"])
-        elif self["demo"]:
-            changes["listen"] = (DEMO_LISTEN,)
         if self["metrics"] is not None:
             changes["metrics"] = self["metrics"]
         if self["forward-h2c"]:
