@@ -213,6 +213,12 @@ def test_route_options_beside_a_file_are_refused_naming_the_key(
 # -- where it listens ----------------------------------------------------------------------
 
 
+def test_check_of_the_demo_names_its_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parsed("--demo", "--check")
+    assert "least-conn over the built-in demo backend" in capsys.readouterr().out
+
+
 def test_everything_listens_on_loopback_unless_told_otherwise(config_file: str) -> None:
     assert DEFAULT_LISTEN == "tcp:8080:interface=127.0.0.1"
     assert parsed("--demo").listen == (DEFAULT_LISTEN,)

@@ -326,7 +326,8 @@ def _describe_route(route: RouteConfig) -> str:
     parts = [
         f"hosts {', '.join(route.hosts)}" if route.hosts else "any host",
         f"path {route.path}",
-        f"{route.policy.value} over {', '.join(route.backends)}",
+        # Only --demo leaves a route without backends: the demo is put in at start.
+        f"{route.policy.value} over {', '.join(route.backends) or 'the built-in demo backend'}",
     ]
     if route.health is not None:
         parts.append(f"health check GET {route.health.path} every {route.health.interval:g} s")
