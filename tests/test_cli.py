@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -260,3 +262,13 @@ def test_the_version_is_the_one_in_pyproject(capsys: pytest.CaptureFixture[str])
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"upgradeproxy {version}\n"
+
+
+def test_importing_the_package_leaves_the_command_line_and_the_version_lookup_out() -> None:
+    # A validator plugin imports upgradeproxy; the version is read on first use.
+    heavy = ("importlib.metadata", "prometheus_client", "upgradeproxy.tap", "twisted.scripts")
+    script = f"import sys, upgradeproxy; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout == "[]\n"

@@ -3,14 +3,6 @@
 The names most applications need are re-exported here.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    #: The installed version, from pyproject.toml: the one place it is written.
-    __version__ = version("upgradeproxy")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
-
 from .address import BackendAddress, BadBackend, parse_backend
 from .backend import BackendSettings
 from .factory import ProxyFactory
@@ -36,3 +28,19 @@ __all__ = [
     "UpgradeAttempt",
     "parse_backend",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``: the installed version, from pyproject.toml, the one place it is written.
+
+    Read on first use: importlib.metadata costs more to import than the rest
+    of what a validator plugin needs.
+    """
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("upgradeproxy")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
