@@ -208,7 +208,17 @@ def test_route_options_beside_a_file_are_refused_naming_the_key(
     line = refused(capsys, "--config", config_file, *args)
     assert line == (
         f"upgradeproxy: --config {config_file} describes the routes; leave out {args[0]} "
-        f"and write {where} in the file instead"
+        f"(write {where} in the file)"
+    )
+
+
+def test_every_route_option_beside_a_file_is_named(
+    capsys: pytest.CaptureFixture[str], config_file: str
+) -> None:
+    line = refused(capsys, "--config", config_file, "--backend-ca", "ca.pem", "--max-body", "1")
+    assert line.endswith(
+        "leave out --backend-ca (write ca in a route's [route.tls] in the file), "
+        "--max-body (write [limits] max_request_body in the file)"
     )
 
 

@@ -311,10 +311,9 @@ class Options(usage.Options):
         if self["validators"]:
             refused.append(("--validator", "validators in a [[route]]"))
         if refused:
-            where = refused[0][1]
             _exit_usage(
                 f"--config {self['config']} describes the routes; leave out "
-                f"{', '.join(flag for flag, _ in refused)} and write {where} in the file instead"
+                + ", ".join(f"{flag} (write {where} in the file)" for flag, where in refused)
             )
         try:
             return load_config(self["config"])
