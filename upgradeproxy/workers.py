@@ -257,8 +257,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
-    from zope.interface import provider
 
     from .config import undump_config
     from .metrics import SnapshotWriter
@@ -272,22 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = undump_config(args.config)
 
-    to_parent = jsonFileLogObserver(sys.stdout)
-    system = f"worker {os.getpid()}"
-
-    @provider(ILogObserver)
-    def tagged(event: dict[str, object]) -> None:
-        if event.get("log_namespace") == NAMESPACE:
-            # Access records are most of the log: sent as the line they
-            # print as, which costs a fraction of a JSON event both here and
-            # in the parent.
-            sys.stdout.buffer.write(ACCESS_MARK + formatEvent(event).encode("utf-8") + b"\n")
-            sys.stdout.flush()
-            return
-        event.setdefault("log_system", system)
-        to_parent(event)
-
-    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
+    _log_to_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
     try:
         access_log, stream = open_access_log(config)
@@ -321,6 +304,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         _ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
     )
     reactor.run()
+
+
+def _log_to_parent() -> None:
+    """Send every log event to the parent, on standard output, tagged with this worker's PID."""
+    from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
+    from zope.interface import provider
+
+    to_parent = jsonFileLogObserver(sys.stdout)
+    system = f"worker {os.getpid()}"
+
+    @provider(ILogObserver)
+    def tagged(event: dict[str, object]) -> None:
+        if event.get("log_namespace") == NAMESPACE:
+            # Access records are most of the log: sent as the line they
+            # print as, which costs a fraction of a JSON event both here and
+            # in the parent.
+            sys.stdout.buffer.write(ACCESS_MARK + formatEvent(event).encode("utf-8") + b"\n")
+            sys.stdout.flush()
+            return
+        event.setdefault("log_system", system)
+        to_parent(event)
+
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
 
 
 def _adopt(reactor: Any, spec: str, factory: protocol.ServerFactory) -> Any:
