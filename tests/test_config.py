@@ -974,3 +974,12 @@ w = 2
 )
 def test_the_locator_finds_the_line_of_each_key(path: tuple[str | int, ...], line: int) -> None:
     assert KeyLines(LOCATOR_TEXT).line(path) == line
+
+
+def test_a_port_out_of_range_is_a_mistake_in_the_file() -> None:
+    assert errors('listen = ["tcp:99999"]\nmetrics = "tcp:70000"\n' + ROUTE) == [
+        "proxy.toml:1: listen[0]: cannot listen on 'tcp:99999': port 99999 is out of range; "
+        "write a port from 1 to 65535 (0: any free port)",
+        "proxy.toml:2: metrics: cannot listen on 'tcp:70000': port 70000 is out of range; "
+        "write a port from 1 to 65535 (0: any free port)",
+    ]
