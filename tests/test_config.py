@@ -12,6 +12,7 @@ import trustme
 from twisted.internet import reactor
 
 from upgradeproxy._tomllines import KeyLines
+from upgradeproxy._values import parse_size
 from upgradeproxy.address import BadBackend, parse_backend
 from upgradeproxy.balancer import HealthCheck, Policy
 from upgradeproxy.config import (
@@ -20,9 +21,10 @@ from upgradeproxy.config import (
     ProxyConfig,
     RouteConfig,
     describe_config,
+    dump_config,
     load_config,
     parse_config,
-    parse_size,
+    undump_config,
 )
 from upgradeproxy.registry import BadValidator, build_chain
 
@@ -806,11 +808,20 @@ def test_the_example_file_loads_and_describes_itself() -> None:
         [
             f"{EXAMPLE}: OK: listening on tcp:8080; 2 routes, 5 backends; "
             "metrics on tcp:9100:interface=127.0.0.1",
+            "  access log (text) to standard output; client head timeout 60 s; keep-alive "
+            "timeout 60 s; shutdown grace 30 s; max connections 10000; max tunnels 10000",
             "  chat: hosts chat.example.com, *.chat.example.com; path /ws; least-conn over "
             "http://10.0.0.11:9000, http://10.0.0.12:9000, http://10.0.0.13:9000; "
             "health check GET /healthz every 10 s",
+            "    validators rfc9110, websocket, "
+            "origin:https://chat.example.com,https://*.chat.example.com; connect timeout 10 s; "
+            "response timeout 60 s; tunnel idle timeout 3600 s; tunnel lifetime off; "
+            "max body none; fail timeout 10 s; health check timeout 5 s, expecting 200",
             "  app: any host; path /; round-robin over https://app1.internal.example:8443, "
             "https://app2.internal.example:8443; health check GET /healthz every 10 s",
+            "    validators rfc9110, websocket; connect timeout 10 s; response timeout 60 s; "
+            "tunnel idle timeout off; tunnel lifetime off; max body 10MiB; fail timeout 10 s; "
+            "health check timeout 5 s, expecting 200",
         ]
     )
     chat, app = config.routes
@@ -841,9 +852,14 @@ def test_describe_config_mentions_workers_and_unverified_tls() -> None:
         """
     )
     assert describe_config(config) == (
-        "proxy.toml: OK: listening on tcp:8080; 1 route, 1 backend; 4 workers\n"
+        "proxy.toml: OK: listening on tcp:8080:interface=127.0.0.1; 1 route, 1 backend; "
+        "4 workers\n"
+        "  access log (text) to the main log; client head timeout 60 s; keep-alive timeout 60 s; "
+        "shutdown grace 30 s; max connections 10000; max tunnels 10000\n"
         "  secure: hosts app.example; path /; least-conn over https://app.example; "
-        "certificate verification OFF"
+        "certificate verification OFF\n"
+        "    validators rfc9110, websocket; connect timeout 10 s; response timeout 60 s; "
+        "tunnel idle timeout off; tunnel lifetime off; max body none"
     )
 
 
@@ -852,8 +868,41 @@ def test_describe_config_of_a_configuration_built_without_a_file() -> None:
     config = ProxyConfig(routes=(route,), listen=("tcp:1", "tcp:2"))
     assert describe_config(config) == (
         "configuration: OK: listening on tcp:1, tcp:2; 1 route, 2 backends\n"
-        "  all: any host; path /; round-robin over http://a:1, http://b:2"
+        "  access log (text) to the main log; client head timeout 60 s; keep-alive timeout 60 s; "
+        "shutdown grace 30 s; max connections 10000; max tunnels 10000\n"
+        "  all: any host; path /; round-robin over http://a:1, http://b:2\n"
+        "    validators rfc9110, websocket; connect timeout 10 s; response timeout 60 s; "
+        "tunnel idle timeout off; tunnel lifetime off; max body none; fail timeout 10 s"
     )
+
+
+def test_describe_config_shows_validator_arguments_and_every_setting() -> None:
+    config = parse(
+        """\
+        [timeouts]
+        tunnel_idle = 90
+        [access_log]
+        format = "json"
+        path = "access.log"
+        [[route]]
+        backends = ["http://127.0.0.1:9000"]
+        validators = ["rfc9110:lenient-connection", "allow:websocket"]
+        max_request_body = "64KiB"
+        [route.timeouts]
+        response_head = 5
+        """
+    )
+    lines = describe_config(config).splitlines()
+    assert lines[1].startswith(f"  access log (json) to {os.path.abspath('access.log')}; ")
+    assert lines[3] == (
+        "    validators rfc9110:lenient-connection, allow:websocket; connect timeout 10 s; "
+        "response timeout 5 s; tunnel idle timeout 90 s; tunnel lifetime off; max body 64KiB"
+    )
+
+
+def test_a_dumped_configuration_comes_back_equal() -> None:
+    config = load_config(str(EXAMPLE))
+    assert undump_config(dump_config(config)) == config
 
 
 # -- The locator ----------------------------------------------------------------------------
@@ -925,3 +974,12 @@ w = 2
 )
 def test_the_locator_finds_the_line_of_each_key(path: tuple[str | int, ...], line: int) -> None:
     assert KeyLines(LOCATOR_TEXT).line(path) == line
+
+
+def test_a_port_out_of_range_is_a_mistake_in_the_file() -> None:
+    assert errors('listen = ["tcp:99999"]\nmetrics = "tcp:70000"\n' + ROUTE) == [
+        "proxy.toml:1: listen[0]: cannot listen on 'tcp:99999': port 99999 is out of range; "
+        "write a port from 1 to 65535 (0: any free port)",
+        "proxy.toml:2: metrics: cannot listen on 'tcp:70000': port 70000 is out of range; "
+        "write a port from 1 to 65535 (0: any free port)",
+    ]

@@ -291,4 +291,7 @@ def test_workers_must_be_a_count(tmp_path: Path) -> None:
         tmp_path,
     )
     assert result.returncode == 2
-    assert "--workers takes a number of processes or 'auto', not 'many'" in result.stderr
+    assert (
+        "--workers must be a number of processes (1 or more) or \"auto\", not 'many'"
+        in result.stderr
+    )

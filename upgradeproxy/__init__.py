@@ -50,6 +50,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "__version__",
     "AccessLog",
     "AllowValidator",
     "BackendAddress",
@@ -76,6 +77,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _version()
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'upgradeproxy' has no attribute {name!r}")
@@ -85,4 +88,18 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC])
+    return sorted([*globals(), *_PUBLIC, "__version__"])
+
+
+def _version() -> str:
+    """The installed version, from pyproject.toml, the one place it is written.
+
+    Read on first use: importlib.metadata costs more to import than the rest
+    of what a validator plugin needs.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("upgradeproxy")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"

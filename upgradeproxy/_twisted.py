@@ -20,7 +20,8 @@ What is used:
   directly (:func:`tcp_client_parts`);
 * ``TCP4ServerEndpoint``/``TCP6ServerEndpoint``'s ``_interface``, ``_port``,
   ``_backlog``: to open the same address in worker processes
-  (:func:`tcp_server_parts`);
+  (:func:`tcp_server_parts`), and any server endpoint's ``_port``: to refuse a
+  port out of range before anything listens (:func:`endpoint_port`);
 * ``twisted.web.http.HTTPChannel``'s ``_buffer``, ``_dataBuffer``,
   ``_networkProducer`` and ``_handlingRequest``: to take a connection over
   from twisted.web with the bytes it holds (:func:`detach`). Twisted's own
@@ -171,6 +172,12 @@ def tcp_server_parts(endpoint: TCP4ServerEndpoint | TCP6ServerEndpoint) -> TCPSe
     """The interface (``""`` for all), port and backlog a TCP server endpoint listens with."""
     e: Any = endpoint
     return TCPServerParts(e._interface, e._port, e._backlog)
+
+
+def endpoint_port(endpoint: object) -> int | None:
+    """The port a server endpoint (TCP, TLS) will listen on, or None for others (UNIX)."""
+    port = getattr(endpoint, "_port", None)
+    return port if isinstance(port, int) else None
 
 
 # -- the twisted.web takeover ---------------------------------------------------------------

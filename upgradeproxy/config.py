@@ -8,7 +8,7 @@ running services.
 
 The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
 
-    listen = ["tcp:8080"]           # Twisted server endpoints
+    listen = ["tcp:8080"]           # Twisted server endpoints; absent: tcp:8080:interface=127.0.0.1
     workers = 1                     # or "auto": one per core
     metrics = "tcp:9100:interface=127.0.0.1"
     forward_h2c = false
@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
-import math
+import json
 import os
 import re
 import tomllib
@@ -82,13 +82,19 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from . import _values
+from ._endpoints import ENDPOINT_USAGE, NotAnEndpoint, check_server_endpoint
 from ._tomllines import BARE_KEY, KeyLines, Path
 from .address import BadBackend, parse_backend
 from .balancer import HealthCheck, Policy
 from .interfaces import IValidatorPlugin
 from .registry import DEFAULT_CHAIN, BadValidator, build_chain, installed_validators
 
-DEFAULT_LISTEN = "tcp:8080"
+#: Loopback, like everything else unless another interface is named: a proxy
+#: is put in front of the world on purpose, never by default.
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+_show = _values.show
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,11 +230,46 @@ def parse_config(text: str, source: str) -> ProxyConfig:
     return dataclasses.replace(config, source=source)
 
 
-def describe_config(config: ProxyConfig) -> str:
-    """A short summary of a configuration that passed its checks, for ``--check``.
+def dump_config(config: ProxyConfig) -> str:
+    """``config`` as JSON, for :func:`undump_config` in a worker process."""
+    return json.dumps(
+        dataclasses.asdict(config),
+        default=lambda value: value.value,  # the policy enum
+    )
 
-    The first line says what the proxy listens on and how much it routes; then
-    one line per route.
+
+def undump_config(text: str) -> ProxyConfig:
+    """The configuration that :func:`dump_config` wrote, already checked."""
+    data = json.loads(text)
+    routes = tuple(
+        RouteConfig(
+            **{
+                **route,
+                "hosts": tuple(route["hosts"]),
+                "backends": tuple(route["backends"]),
+                "validators": tuple(route["validators"]),
+                "policy": Policy(route["policy"]),
+                "health": None if route["health"] is None else HealthCheck(**route["health"]),
+            }
+        )
+        for route in data.pop("routes")
+    )
+    return ProxyConfig(
+        **{
+            **data,
+            "routes": routes,
+            "listen": tuple(data["listen"]),
+            "access_log": AccessLogConfig(**data["access_log"]),
+        }
+    )
+
+
+def describe_config(config: ProxyConfig) -> str:
+    """What a configuration that passed its checks sets up, for ``--check`` and the start-up log.
+
+    The first line says what the proxy listens on, how much it routes and
+    its proxy-wide settings; then one line per route, with its validators
+    (arguments included), timeouts, limits and health check.
     """
     backends = sum(len(route.backends) for route in config.routes)
     summary = [
@@ -239,8 +280,18 @@ def describe_config(config: ProxyConfig) -> str:
         summary.append(f"{config.workers} workers")
     if config.metrics is not None:
         summary.append(f"metrics on {config.metrics}")
+    settings = [
+        _describe_access_log(config.access_log),
+        f"client head timeout {config.client_head_timeout:g} s",
+        f"keep-alive timeout {config.keep_alive_timeout:g} s",
+        f"shutdown grace {config.shutdown_grace:g} s",
+        f"max connections {_limit(config.max_connections)}",
+        f"max tunnels {_limit(config.max_tunnels)}",
+    ]
     lines = [f"{config.source or 'configuration'}: OK: {'; '.join(summary)}"]
-    lines += [f"  {_describe_route(route)}" for route in config.routes]
+    lines.append(f"  {'; '.join(settings)}")
+    for route in config.routes:
+        lines += [f"  {_describe_route(route)}", f"    {_describe_route_settings(route)}"]
     return "\n".join(lines)
 
 
@@ -248,17 +299,60 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
+def _limit(value: int | None) -> str:
+    return "none" if value is None else str(value)
+
+
+def _size_text(value: int | None) -> str:
+    """A size as it would be written: ``10MiB`` rather than 10485760."""
+    if value is None:
+        return "none"
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value} bytes"
+
+
+def _duration(value: float | None) -> str:
+    return "off" if value is None else f"{value:g} s"
+
+
+def _describe_access_log(access: AccessLogConfig) -> str:
+    where = {None: "the main log", "-": "standard output"}.get(access.path, access.path)
+    return f"access log ({access.format}) to {where}"
+
+
 def _describe_route(route: RouteConfig) -> str:
     parts = [
         f"hosts {', '.join(route.hosts)}" if route.hosts else "any host",
         f"path {route.path}",
-        f"{route.policy.value} over {', '.join(route.backends)}",
+        # Only --demo leaves a route without backends: the demo is put in at start.
+        f"{route.policy.value} over {', '.join(route.backends) or 'the built-in demo backend'}",
     ]
     if route.health is not None:
         parts.append(f"health check GET {route.health.path} every {route.health.interval:g} s")
     if not route.tls_verify and any(url.startswith("https://") for url in route.backends):
         parts.append("certificate verification OFF")
     return f"{route.name}: {'; '.join(parts)}"
+
+
+def _describe_route_settings(route: RouteConfig) -> str:
+    parts = [
+        f"validators {', '.join(route.validators) or 'none'}",
+        f"connect timeout {route.backend_connect_timeout:g} s",
+        f"response timeout {route.response_timeout:g} s",
+        f"tunnel idle timeout {_duration(route.tunnel_idle_timeout)}",
+        f"tunnel lifetime {_duration(route.tunnel_lifetime)}",
+        f"max body {_size_text(route.max_request_body)}",
+    ]
+    if len(route.backends) > 1:
+        parts.append(f"fail timeout {route.fail_timeout:g} s")
+    if route.health is not None:
+        parts.append(
+            f"health check timeout {route.health.timeout:g} s, "
+            f"expecting {route.health.expect_status}"
+        )
+    return "; ".join(parts)
 
 
 def _syntax_error(source: str, text: str, message: str) -> str:
@@ -328,118 +422,34 @@ class _Table:
     keys: Mapping[str, _Key]
 
 
-def _show(value: object) -> str:
-    """A value as the file would spell it, for messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return str(value)
+def _checked(parse: Callable[[Any], Any]) -> _Convert:
+    """A converter from one of :mod:`upgradeproxy._values`' parsers."""
+
+    def convert(value: Any, context: _Context) -> Any:
+        try:
+            return parse(value)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+
+    return convert
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_off(value: object) -> bool:
-    """0 and false both mean "off" or "no limit"."""
-    return value is False or (_is_number(value) and value == 0)
-
-
-def _seconds(value: Any, context: _Context) -> float:
-    if _is_number(value) and value > 0:
-        return float(value)
-    raise _bad(f"must be a number of seconds above 0, not {_show(value)}")
-
-
-def _seconds_or_off(value: Any, context: _Context) -> float | None:
-    if _is_off(value):
-        return None
-    if _is_number(value) and value > 0:
-        return float(value)
-    raise _bad(f"must be a number of seconds above 0, or 0 or false for off, not {_show(value)}")
-
-
-def _count_or_off(value: Any, context: _Context) -> int | None:
-    if _is_off(value):
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    raise _bad(f"must be a whole number above 0, or 0 or false for no limit, not {_show(value)}")
-
-
-def _workers(value: Any, context: _Context) -> int:
-    if value == "auto":
-        return os.cpu_count() or 1
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    raise _bad(f'must be a number of processes (1 or more) or "auto", not {_show(value)}')
-
-
-def _flag(value: Any, context: _Context) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise _bad(f"must be true or false, not {_show(value)}")
-
-
-_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
-_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
-_SIZE = re.compile(r"(\d+) *([a-z]*)")
-_SIZE_USAGE = 'a number of bytes or text such as "32KiB" or "32KB" (KiB: 1024 bytes, KB: 1000)'
-
-
-def parse_size(text: str) -> int:
-    """The bytes a size such as ``"4096"``, ``"32KiB"`` or ``"10 MB"`` stands for (0 included).
-
-    ``KiB``, ``MiB``, ``GiB`` count 1024s; ``KB``, ``MB``, ``GB`` 1000s; case does
-    not matter. Raises :class:`ValueError` saying what to write.
-    """
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None or match[2] not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; write {_SIZE_USAGE}")
-    return int(match[1]) * _UNITS[match[2]]
-
-
-def _bytes(value: Any) -> int | None:
-    """A size in bytes, 0 included; None if ``value`` is not one."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    try:
-        return parse_size(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def _size(value: Any, context: _Context) -> int:
-    size = _bytes(value)
-    if not size:
-        raise _bad(f"must be a size above 0: {_SIZE_USAGE}, not {_show(value)}")
-    return size
-
-
-def _size_or_off(value: Any, context: _Context) -> int | None:
-    size = _bytes(value)
-    if value is False or size == 0:
-        return None
-    if size is None:
-        raise _bad(f"must be a size: {_SIZE_USAGE}; or 0 or false for no limit, not {_show(value)}")
-    return size
+_seconds = _checked(_values.seconds)
+_seconds_or_off = _checked(_values.seconds_or_off)
+_count_or_off = _checked(_values.count_or_off)
+_workers = _checked(_values.workers)
+_flag = _checked(_values.flag)
+_size = _checked(_values.size)
+_size_or_off = _checked(_values.size_or_off)
 
 
 def _server_endpoint(value: Any, context: _Context) -> str:
-    from twisted.internet.endpoints import serverFromString
-
-    usage = "write a Twisted server endpoint, such as tcp:8080 or tcp:8080:interface=127.0.0.1"
     if not isinstance(value, str):
-        raise _bad(f"must be a text value; {usage}, not {_show(value)}")
+        raise _bad(f"must be a text value; {ENDPOINT_USAGE}, not {_show(value)}")
     try:
-        serverFromString(context.reactor, value)
-    except Exception as e:  # serverFromString raises many types for bad strings
-        raise _bad(f"cannot listen on {value!r} ({e}); {usage}") from None
+        check_server_endpoint(context.reactor, value)
+    except NotAnEndpoint as e:
+        raise _bad(str(e)) from None
     return value
 
 
@@ -601,34 +611,46 @@ def _file_path(value: Any, context: _Context) -> str:
     return os.path.normpath(os.path.join(context.directory, os.path.expanduser(value)))
 
 
-def _ca_file(value: Any, context: _Context) -> str:
-    """A readable PEM bundle, checked here once rather than for each backend that uses it."""
-    path = _file_path(value, context)
+def check_ca_file(path: str) -> str:
+    """``path``, once it is known to be a readable PEM bundle; else :class:`ValueError`.
+
+    Checked once here rather than for each backend that uses it.
+    """
     try:
         with open(path, "rb") as file:
             x509.load_pem_x509_certificates(file.read())
     except OSError as e:
-        raise _bad(
+        raise ValueError(
             f"cannot read the CA bundle {path} ({e.strerror}); give the path of a readable "
             "PEM file (a relative path starts from this file's directory)"
         ) from None
     except ValueError:
-        raise _bad(
+        raise ValueError(
             f"the CA bundle {path} holds no readable certificate; give a PEM file of one or "
             "more '-----BEGIN CERTIFICATE-----' blocks"
         ) from None
     return path
 
 
+def check_log_file(path: str) -> str:
+    """``path`` ("-": standard output), once a file can be made there; else :class:`ValueError`."""
+    if path == "-":
+        return path
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; write the path of a file in it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"the directory of {path} does not exist; create it or write another path")
+    return path
+
+
+def _ca_file(value: Any, context: _Context) -> str:
+    return _checked(check_ca_file)(_file_path(value, context), context)
+
+
 def _log_path(value: Any, context: _Context) -> str:
     if value == "-":
         return value
-    path = _file_path(value, context)
-    if os.path.isdir(path):
-        raise _bad(f"{path} is a directory; write the path of a file in it")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise _bad(f"the directory of {path} does not exist; create it or write another path")
-    return path
+    return _checked(check_log_file)(_file_path(value, context), context)
 
 
 def _sub_table(table: _Table, make: Callable[..., Any] = dict) -> _Convert:

@@ -101,6 +101,10 @@ def build_chain(
                 f"unknown validator {name!r}; installed: {', '.join(installed) or 'none'} "
                 "(see --list-validators)"
             )
+        if colon and not plugin.argument:
+            raise BadValidator(
+                f"--validator {spec}: {name} takes no argument (write --validator {name})"
+            )
         try:
             chain.append(plugin.make(argument if colon else None))
         except ValueError as e:

@@ -8,14 +8,20 @@ flight finish, gives tunnels their grace period, then closes what is left.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .accesslog import AccessLog, access_log_to
 from .address import BackendAddress, parse_backend
@@ -26,6 +32,8 @@ from .factory import ProxyFactory
 from .proxy import ProxySettings
 from .registry import build_chain
 from .routing import Route
+
+log = Logger()
 
 
 def settings_for(config: ProxyConfig) -> ProxySettings:
@@ -108,9 +116,85 @@ def open_access_log(config: ProxyConfig) -> tuple[AccessLog, IO[str] | None]:
     return log, stream
 
 
+class StartFailed(Exception):
+    """The proxy cannot start; the message is the one line that says why."""
+
+
+def listen_now(
+    reactor: Any, description: str, factory: IProtocolFactory
+) -> Deferred[IListeningPort]:
+    """Listen on the endpoint ``description`` at once.
+
+    The endpoints that ship with Twisted bind before they return: a failure
+    among them raises :class:`StartFailed` naming the endpoint and the
+    reason. An endpoint that binds later ends a running process the same way
+    (see :func:`fail_while_running`).
+    """
+    listening = serverFromString(reactor, description).listen(factory)
+    failed: list[Failure] = []
+    listening.addErrback(failed.append)
+    if failed:
+        raise StartFailed(_cannot_listen(description, failed[0]))
+    if not listening.called:
+        listening.addErrback(lambda reason: fail_while_running(_cannot_listen(description, reason)))
+    return listening
+
+
+def _cannot_listen(description: str, reason: Failure) -> str:
+    error = reason.value
+    socket_error = getattr(error, "socketError", None)
+    why = getattr(socket_error, "strerror", None) or str(error)
+    return f"cannot listen on {description}: {why}"
+
+
+def fail_while_running(message: str) -> None:
+    """End a process that has started with ``message`` logged and exit status 1.
+
+    twistd and twist end with status 0 whatever stopped the reactor, after
+    they have cleaned up (the PID file among others); the status is set last,
+    once they are done.
+    """
+    from twisted.internet import reactor
+
+    log.critical("{message}; stopping", message=message)
+    atexit.register(_exit, 1)
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
+def _exit(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(status)
+
+
+class _Listening(Service):
+    """A port that is already listening; stopping the service closes it."""
+
+    def __init__(self, listening: Deferred[IListeningPort]) -> None:
+        self._listening = listening
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        done: Deferred[None] = Deferred()
+
+        def stop(port: IListeningPort) -> None:
+            stopped = port.stopListening()
+            if stopped is None:
+                done.callback(None)
+            else:
+                stopped.chainDeferred(done)
+
+        self._listening.addCallbacks(stop, lambda reason: done.callback(None))
+        return done
+
+
 class ProxyService(MultiService):
     """Listens with a proxy factory and shuts it down gracefully.
 
+    The addresses are bound when the service is made (see :func:`listen_now`).
     Stopping (SIGTERM or SIGINT under twistd) closes the listeners first,
     then waits for :meth:`~upgradeproxy.proxy.Proxy.drain`, so the
     process exits within the grace period plus a short margin.
@@ -131,8 +215,7 @@ class ProxyService(MultiService):
         self._reactor = reactor
         self._on_stopped = on_stopped
         for description in listen:
-            endpoint = serverFromString(reactor, description)
-            StreamServerEndpointService(endpoint, factory).setServiceParent(self)
+            _Listening(listen_now(reactor, description, factory)).setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[Any] = Deferred.fromCoroutine(self._stop())
@@ -147,11 +230,11 @@ class ProxyService(MultiService):
 
 def metrics_service(
     description: str, reactor: Any, source: Callable[[], list[tuple[str | None, dict[str, Any]]]]
-) -> StreamServerEndpointService:
-    """A service serving metrics and the status page on ``description``."""
+) -> Service:
+    """A service serving metrics and the status page on ``description``, bound at once."""
     from .metrics import metrics_site
 
-    return StreamServerEndpointService(serverFromString(reactor, description), metrics_site(source))
+    return _Listening(listen_now(reactor, description, metrics_site(source)))
 
 
 def local_snapshots(factory: ProxyFactory) -> Callable[[], list[tuple[str | None, dict[str, Any]]]]:

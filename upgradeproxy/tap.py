@@ -2,55 +2,60 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, fields, replace
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from . import __version__, _values
+from ._endpoints import (
+    ListenAddress,
+    NotAnEndpoint,
+    WorkersUnsupported,
+    check_server_endpoint,
+    listen_address,
+)
 from .accesslog import FORMATS
 from .address import BackendAddress, BadBackend, parse_backend
 from .config import (
-    DEFAULT_LISTEN,
     AccessLogConfig,
     ConfigError,
     ProxyConfig,
     RouteConfig,
+    check_ca_file,
+    check_log_file,
     describe_config,
+    dump_config,
     load_config,
-    parse_size,
 )
 from .metrics import read_snapshots
 from .registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
 from .service import (
     ProxyService,
+    StartFailed,
     build_factory,
+    fail_while_running,
     local_snapshots,
     metrics_service,
     open_access_log,
 )
-from .workers import (
-    STOP_MARGIN,
-    WorkerPool,
-    WorkersUnsupported,
-    listen_address,
-    open_sockets,
-)
+from .workers import STOP_MARGIN, WorkerPool, open_sockets
 
-T = TypeVar("T")
+log = Logger()
 
 
-def _exit_usage(message: str) -> None:
+def _exit_usage(message: str) -> NoReturn:
     """Leave with one line that says what to change, and exit status 2.
 
     twistd would print the whole usage text and exit with 1, burying the one
@@ -60,36 +65,113 @@ def _exit_usage(message: str) -> None:
     raise SystemExit(2)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a number of seconds above 0")
-    return value
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """An option that sets one field of the configuration."""
+
+    #: The field of :class:`RouteConfig` or :class:`ProxyConfig` it sets.
+    field: str
+    parse: Callable[[Any], Any]
+    #: Where a configuration file sets it, for an option that the file replaces:
+    #: set for a route's settings, None for those applied over the file.
+    file_key: str | None
+    help: str
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a whole number above 0, or 0 for no limit")
-    return value
+_ROUTE_DEFAULTS = {f.name: f.default for f in fields(RouteConfig)}
+_PROXY_DEFAULTS = {f.name: f.default for f in fields(ProxyConfig)}
+
+#: The options that take a value of a kind :mod:`upgradeproxy._values` parses.
+_SETTINGS = {
+    "response-timeout": _Setting(
+        "response_timeout",
+        _values.seconds,
+        "[timeouts] response_head",
+        "Seconds to wait for the backend's response head (and so for an upgrade "
+        "handshake) before answering 504",
+    ),
+    "connect-timeout": _Setting(
+        "backend_connect_timeout",
+        _values.seconds,
+        "[timeouts] backend_connect",
+        "Seconds to wait for a backend connection",
+    ),
+    "tunnel-idle-timeout": _Setting(
+        "tunnel_idle_timeout",
+        _values.seconds_or_off,
+        "[timeouts] tunnel_idle",
+        "Close a tunnel after this many seconds without a byte either way (0: never)",
+    ),
+    "tunnel-lifetime": _Setting(
+        "tunnel_lifetime",
+        _values.seconds_or_off,
+        "[timeouts] tunnel_lifetime",
+        "Close a tunnel this many seconds after it started (0: never)",
+    ),
+    "max-body": _Setting(
+        "max_request_body",
+        _values.size_or_off,
+        "[limits] max_request_body",
+        "Largest request body, like 10MiB; beyond, 413 (0: no limit)",
+    ),
+    "head-timeout": _Setting(
+        "client_head_timeout",
+        _values.seconds,
+        None,
+        "Seconds a client may take to send a request head (408 after)",
+    ),
+    "keep-alive-timeout": _Setting(
+        "keep_alive_timeout",
+        _values.seconds,
+        None,
+        "Seconds an idle kept-alive client connection stays open",
+    ),
+    "max-connections": _Setting(
+        "max_connections",
+        _values.count_or_off,
+        None,
+        "Client connections served at once; beyond, 503 (0: no limit)",
+    ),
+    "max-tunnels": _Setting(
+        "max_tunnels",
+        _values.count_or_off,
+        None,
+        "Tunnels open at once; beyond, new upgrades get 503 (0: no limit)",
+    ),
+    "shutdown-grace": _Setting(
+        "shutdown_grace",
+        _values.seconds,
+        None,
+        "Seconds open tunnels get to end by themselves at shutdown before they are closed",
+    ),
+    "workers": _Setting(
+        "workers",
+        _values.workers,
+        None,
+        "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one "
+        "per core. With more than one, a parent process starts, watches and restarts them",
+    ),
+}
 
 
-def _or_off(convert: Callable[[str], T]) -> Callable[[str], T | None]:
-    """``convert``, except that 0 or "off" means none (no timeout, no limit)."""
-
-    def coerce(text: str) -> T | None:
-        return None if text.lower() in ("0", "off", "none") else convert(text)
-
-    return coerce
+def _shown_default(value: object) -> str:
+    if value is None:
+        return "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-_optional_seconds = _or_off(_seconds)
-_optional_count = _or_off(_count)
-_optional_size = _or_off(parse_size)
+def _setting_help(name: str, setting: _Setting) -> str:
+    defaults = _ROUTE_DEFAULTS if setting.file_key is not None else _PROXY_DEFAULTS
+    return f"{setting.help} (default: {_shown_default(defaults[setting.field])})."
 
 
-#: The flags that a configuration file replaces; giving both is a mistake.
-_FILE_REPLACES = ("backend", "demo", "backend-ca", "backend-insecure")
+#: Flags that only describe a route; a configuration file describes its routes itself.
+_ROUTE_FLAGS = {
+    "backend": "backends in a [[route]]",
+    "demo": "backends in a [[route]]",
+    "backend-ca": "ca in a route's [route.tls]",
+    "backend-insecure": "verify = false in a route's [route.tls]",
+}
 
 
 class Options(usage.Options):
@@ -130,6 +212,7 @@ class Options(usage.Options):
             None,
             "Do not verify the certificate of an https:// backend (a warning is logged).",
         ],
+        ["version", None, "Print the version of upgradeproxy and exit."],
     ]
     optParameters = [
         [
@@ -140,95 +223,33 @@ class Options(usage.Options):
             "client endpoint string such as unix:path=/run/app.sock.",
         ],
         ["config", "c", None, "Read routes, backends and settings from this TOML file."],
-        [
-            "workers",
-            None,
-            None,
-            "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one "
-            "per core (default 1). With more than one, a parent process starts, watches "
-            "and restarts them.",
-        ],
         ["metrics", None, None, "Serve Prometheus metrics and a status page on this endpoint."],
         ["access-log", None, None, "Write the access log to this file ('-': standard output)."],
-        ["access-log-format", None, "text", "Access log lines as 'text' or 'json'."],
+        [
+            "access-log-format",
+            None,
+            None,
+            f"Access log lines as {' or '.join(FORMATS)} (default: {AccessLogConfig().format}).",
+        ],
         ["backend-ca", None, None, "Verify an https:// backend with this CA bundle (PEM)."],
-        [
-            "response-timeout",
-            None,
-            60.0,
-            "Seconds to wait for the backend's response head "
-            "(and so for an upgrade handshake) before answering 504.",
-            _seconds,
-        ],
-        ["connect-timeout", None, 10.0, "Seconds to wait for a backend connection.", _seconds],
-        [
-            "head-timeout",
-            None,
-            60.0,
-            "Seconds a client may take to send a request head (408 after).",
-            _seconds,
-        ],
-        [
-            "keep-alive-timeout",
-            None,
-            60.0,
-            "Seconds an idle kept-alive client connection stays open.",
-            _seconds,
-        ],
-        [
-            "tunnel-idle-timeout",
-            None,
-            None,
-            "Close a tunnel after this many seconds without a byte either way (default: never).",
-            _optional_seconds,
-        ],
-        [
-            "tunnel-lifetime",
-            None,
-            None,
-            "Close a tunnel this many seconds after it started (default: never).",
-            _optional_seconds,
-        ],
-        [
-            "max-connections",
-            None,
-            10_000,
-            "Client connections served at once; beyond, 503 (0: no limit).",
-            _optional_count,
-        ],
-        [
-            "max-tunnels",
-            None,
-            10_000,
-            "Tunnels open at once; beyond, new upgrades get 503 (0: no limit).",
-            _optional_count,
-        ],
-        [
-            "max-body",
-            None,
-            None,
-            "Largest request body, like 10MiB; beyond, 413 (default: no limit).",
-            _optional_size,
-        ],
-        [
-            "shutdown-grace",
-            None,
-            30.0,
-            "Seconds open tunnels get to end by themselves at shutdown before they are closed.",
-            _seconds,
-        ],
+        *([name, None, None, _setting_help(name, setting)] for name, setting in _SETTINGS.items()),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["validators"] = []
-        self.argv: list[str] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        # Kept to start workers with the same command line.
-        self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            _exit_usage(f"{e} (see --help)")
+
+    def opt_version(self) -> None:
+        """Print the version of upgradeproxy and exit."""
+        sys.stdout.write(f"upgradeproxy {__version__}\n")
+        raise SystemExit(0)
 
     def opt_validator(self, spec: str) -> None:
         """NAME or NAME:ARG; repeatable; replaces the default chain (rfc9110, websocket)."""
@@ -240,44 +261,97 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_listen(self, endpoint: str) -> None:
-        """Listen on this Twisted server endpoint (repeatable; default tcp:8080)."""
+        """Listen on this Twisted server endpoint (repeatable; default
+        tcp:8080:interface=127.0.0.1, loopback only)."""
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
 
     def postOptions(self) -> None:
-        config = self._from_file() if self["config"] else self._from_flags()
+        from twisted.internet import reactor
+
+        settings = self._settings()
+        config = self._from_file(settings) if self["config"] else self._from_flags(settings)
+        config = self._over_file_or_flags(config, settings)
+        # A port out of range is for --check to refuse, or for the start to
+        # fail on when it binds, with the other reasons a port cannot be used.
+        check = bool(self["check"])
+        for description in config.listen:
+            _check_endpoint(reactor, description, "--listen", port_range=check)
+        if config.metrics is not None:
+            _check_endpoint(reactor, config.metrics, "--metrics", port_range=check)
         if self["check"]:
             sys.stdout.write(describe_config(config) + "\n")
             raise SystemExit(0)
         self["proxy_config"] = config
         if config.workers > 1:
-            from twisted.internet import reactor
-
             try:
                 self["listen_addresses"] = [listen_address(reactor, d) for d in config.listen]
             except WorkersUnsupported as e:
                 _exit_usage(str(e))
 
-    def _from_file(self) -> ProxyConfig:
-        given = [f"--{name}" for name in _FILE_REPLACES if self[name]]
+    def _settings(self) -> dict[str, Any]:
+        """The options of :data:`_SETTINGS` that were given, parsed, by option name."""
+        given = {}
+        for name, setting in _SETTINGS.items():
+            text = self[name]
+            if text is None:
+                continue
+            try:
+                given[name] = setting.parse(_values.from_text(text))
+            except ValueError as e:
+                _exit_usage(f"--{name} {e}")
+        return given
+
+    def _from_file(self, settings: dict[str, Any]) -> ProxyConfig:
+        refused = [(f"--{name}", where) for name, where in _ROUTE_FLAGS.items() if self[name]]
+        refused += [
+            (f"--{name}", key) for name in settings if (key := _SETTINGS[name].file_key) is not None
+        ]
         if self["validators"]:
-            given.append("--validator")
-        if given:
+            refused.append(("--validator", "validators in a [[route]]"))
+        if refused:
             _exit_usage(
-                f"--config {self['config']} describes the backends; leave out {', '.join(given)}"
+                f"--config {self['config']} describes the routes; leave out "
+                + ", ".join(f"{flag} (write {where} in the file)" for flag, where in refused)
             )
         try:
-            config = load_config(self["config"])
+            return load_config(self["config"])
         except ConfigError as e:
             _exit_usage(f"{e}".replace("\n", "\nupgradeproxy: "))
-        if self["listen"]:
-            config = replace(config, listen=tuple(self["listen"]))
-        if self["workers"] is not None:
-            config = replace(config, workers=_worker_count(self["workers"]))
-        return config
 
-    def _from_flags(self) -> ProxyConfig:
+    def _over_file_or_flags(self, config: ProxyConfig, settings: dict[str, Any]) -> ProxyConfig:
+        """``config`` with the proxy-wide options given on the command line applied over it."""
+        changes: dict[str, Any] = {
+            _SETTINGS[name].field: value
+            for name, value in settings.items()
+            if _SETTINGS[name].file_key is None
+        }
+        if self["listen"]:
+            changes["listen"] = tuple(self["listen"])
+        if self["metrics"] is not None:
+            changes["metrics"] = self["metrics"]
+        if self["forward-h2c"]:
+            changes["forward_h2c"] = True
+        if self["no-splice"]:
+            changes["splice"] = False
+        access = config.access_log
+        if self["access-log-format"] is not None:
+            if self["access-log-format"] not in FORMATS:
+                _exit_usage(
+                    f"--access-log-format takes {' or '.join(FORMATS)}, "
+                    f"not {self['access-log-format']!r}"
+                )
+            access = replace(access, format=self["access-log-format"])
+        if self["access-log"] is not None:
+            try:
+                access = replace(access, path=check_log_file(self["access-log"]))
+            except ValueError as e:
+                _exit_usage(f"--access-log: {e}")
+        changes["access_log"] = access
+        return replace(config, **changes)
+
+    def _from_flags(self, settings: dict[str, Any]) -> ProxyConfig:
         if self["demo"] and self["backend"]:
             _exit_usage("give either --backend or --demo, not both")
         if not self["demo"] and not self["backend"]:
@@ -288,25 +362,32 @@ class Options(usage.Options):
             )
         from twisted.internet import reactor
 
+        tls_ca = None
+        if self["backend-ca"] is not None:
+            try:
+                tls_ca = check_ca_file(self["backend-ca"])
+            except ValueError as e:
+                _exit_usage(f"--backend-ca: {e}")
         route = RouteConfig(
             name="default",
             hosts=(),
             path="/",
             backends=(self["backend"],) if self["backend"] else (),
             validators=tuple(self["validators"]) or DEFAULT_CHAIN,
-            backend_connect_timeout=self["connect-timeout"],
-            response_timeout=self["response-timeout"],
-            tunnel_idle_timeout=self["tunnel-idle-timeout"],
-            tunnel_lifetime=self["tunnel-lifetime"],
-            max_request_body=self["max-body"],
-            tls_ca=self["backend-ca"],
+            tls_ca=tls_ca,
             tls_verify=not self["backend-insecure"],
+            **{
+                _SETTINGS[name].field: value
+                for name, value in settings.items()
+                if _SETTINGS[name].file_key is not None
+            },
         )
         if self["backend"]:
             try:
                 parse_backend(
                     reactor,
                     self["backend"],
+                    connect_timeout=route.backend_connect_timeout,
                     tls_ca=route.tls_ca,
                     tls_verify=route.tls_verify,
                     warn=False,  # the factory's build warns, once
@@ -317,52 +398,14 @@ class Options(usage.Options):
             build_chain(route.validators)
         except BadValidator as e:
             _exit_usage(str(e))
-        listen = tuple(self["listen"]) or (DEFAULT_LISTEN,)
-        for description in listen:
-            _check_endpoint(reactor, description, "--listen")
-        if self["metrics"]:
-            _check_endpoint(reactor, self["metrics"], "--metrics")
-        if self["access-log-format"] not in FORMATS:
-            _exit_usage(
-                f"--access-log-format takes {' or '.join(FORMATS)}, "
-                f"not {self['access-log-format']!r}"
-            )
-        return ProxyConfig(
-            routes=(route,),
-            listen=listen,
-            metrics=self["metrics"],
-            workers=_worker_count(self["workers"] or "1"),
-            access_log=AccessLogConfig(self["access-log-format"], self["access-log"]),
-            client_head_timeout=self["head-timeout"],
-            keep_alive_timeout=self["keep-alive-timeout"],
-            shutdown_grace=self["shutdown-grace"],
-            max_connections=self["max-connections"],
-            max_tunnels=self["max-tunnels"],
-            forward_h2c=bool(self["forward-h2c"]),
-            splice=not self["no-splice"],
-        )
+        return ProxyConfig(routes=(route,))
 
 
-def _check_endpoint(reactor: object, description: str, flag: str) -> None:
+def _check_endpoint(reactor: object, description: str, flag: str, *, port_range: bool) -> None:
     try:
-        serverFromString(reactor, description)
-    except Exception as e:
-        _exit_usage(
-            f"cannot listen on {description!r} ({e}); write {flag} as a Twisted "
-            "server endpoint, for example tcp:8080 or tcp:8080:interface=127.0.0.1"
-        )
-
-
-def _worker_count(text: str) -> int:
-    if text == "auto":
-        return os.cpu_count() or 1
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        _exit_usage(f"--workers takes a number of processes or 'auto', not {text!r}")
-    return count
+        check_server_endpoint(reactor, description, port_range=port_range)
+    except NotAnEndpoint as e:
+        _exit_usage(f"{flag}: {e}")
 
 
 @implementer(IStreamClientEndpoint)
@@ -408,58 +451,57 @@ class _DemoBackendService(Service):
         return None
 
 
-def _worker_argv(argv: list[str], demo_url: str | None) -> list[str]:
-    """The command line of a worker: the parent's, as one process, with the demo's address.
-
-    Relative paths in it (a configuration file, a CA bundle, an access log)
-    stay right: workers start in the parent's directory.
-    """
-    args: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name == "--workers":
-            skip = "=" not in arg
-            continue
-        if name == "--demo":
-            continue
-        args.append(arg)
-    if demo_url is not None:
-        args += ["--backend", demo_url]
-    return [*args, "--workers", "1"]
+def _worker_config(config: ProxyConfig, demo: _DemoBackendService | None) -> str:
+    """What each worker is started with: the configuration, with the demo backend's address."""
+    if demo is not None:
+        route = replace(config.routes[0], backends=(demo.url,))
+        config = replace(config, routes=(route,))
+    return dump_config(config)
 
 
 def makeService(options: Options) -> IService:
     """The proxy as a service: its listeners, the metrics endpoint, the demo backend if asked.
 
+    Every address is bound here, before twistd writes its PID file or
+    daemonizes: one that cannot be used ends the start with one line and
+    exit status 1, rather than leaving a process that listens on nothing.
+
     With more than one worker, listening and proxying happen in worker
     processes instead (see :mod:`upgradeproxy.workers`); this process then
     serves the metrics of all of them.
     """
+    try:
+        return _make_service(
+            options["proxy_config"],
+            demo=bool(options["demo"]),
+            addresses=options.get("listen_addresses"),
+        )
+    except StartFailed as e:
+        sys.stderr.write(f"upgradeproxy: {e}\n")
+        raise SystemExit(1) from None
+
+
+def _make_service(
+    config: ProxyConfig, *, demo: bool, addresses: list[ListenAddress] | None
+) -> IService:
     from twisted.internet import reactor
 
-    config: ProxyConfig = options["proxy_config"]
+    log.info("{description}", description=describe_config(config))
     top = MultiService()
-    demo: _DemoBackendService | None = None
-    if options["demo"]:
-        demo = _DemoBackendService()
-        demo.setServiceParent(top)
+    demo_service: _DemoBackendService | None = None
+    if demo:
+        demo_service = _DemoBackendService()
+        demo_service.setServiceParent(top)
     if config.workers > 1:
+        assert addresses is not None
         snapshots = tempfile.mkdtemp(prefix="upgradeproxy-metrics-") if config.metrics else None
-
-        def worker_args() -> list[str]:
-            return _worker_argv(options.argv, demo.url if demo is not None else None)
-
-        sockets = open_sockets(options["listen_addresses"], config.workers)
         pool = WorkerPool(
             reactor,
-            sockets,
-            worker_args,
+            open_sockets(addresses, config.workers),
+            lambda: _worker_config(config, demo_service),
             stop_timeout=config.shutdown_grace + STOP_MARGIN,
             snapshots=snapshots,
+            cannot_start=fail_while_running,
         )
         pool.setServiceParent(top)
         if config.metrics and snapshots is not None:
@@ -472,8 +514,8 @@ def makeService(options: Options) -> IService:
         return top
     access_log, stream = open_access_log(config)
     backends = None
-    if demo is not None:
-        backends = [BackendAddress(_DemoEndpoint(demo), b"", "built-in demo backend")]
+    if demo_service is not None:
+        backends = [BackendAddress(_DemoEndpoint(demo_service), b"", "built-in demo backend")]
     factory = build_factory(config, reactor, access_log=access_log, backends=backends)
     on_stopped = stream.close if stream is not None and stream is not sys.stdout else None
     ProxyService(

@@ -3,11 +3,14 @@
 The parent process opens one listening socket per worker and address, all
 bound to the same address with ``SO_REUSEPORT`` (the kernel then spreads new
 connections evenly over them), starts each worker with
-``python -m upgradeproxy.workers`` and hands it its sockets. The parent
+``python -m upgradeproxy.workers`` and hands it its sockets and the
+configuration, already checked (workers do not read the command line). The parent
 serves nothing itself: it re-emits its workers' log events (they write them
 to it as JSON lines, tagged with their PID), restarts a worker that dies, and
-passes SIGTERM on when it is stopped. A worker exits when the parent goes
-away (its standard input closes).
+passes SIGTERM on when it is stopped. A worker that cannot start at all
+(its exit status is :data:`CANNOT_START`) is not restarted: the parent ends,
+with the worker's reason. A worker exits when the parent goes away (its
+standard input closes).
 """
 
 from __future__ import annotations
@@ -20,18 +23,18 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import ProcessTerminated, ReactorNotRunning
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from ._twisted import tcp_server_parts
+from ._endpoints import ListenAddress
 from .accesslog import NAMESPACE
+from .service import StartFailed
 
 log = Logger()
 
@@ -43,44 +46,16 @@ RESTART_DELAY = 1.0
 #: Seconds a worker gets to exit after SIGTERM, beyond its shutdown grace
 #: period, before it is killed.
 STOP_MARGIN = 10.0
-
-
-class WorkersUnsupported(ValueError):
-    """A ``--listen`` endpoint that several workers cannot share."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    family: socket.AddressFamily
-    host: str
-    port: int
-    backlog: int
-
-
-def listen_address(reactor: object, description: str) -> ListenAddress:
-    """The TCP address a ``--listen`` endpoint string names.
-
-    Raises :class:`WorkersUnsupported` for other kinds of endpoints.
-    """
-    endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, TCP6ServerEndpoint):
-        family = socket.AF_INET6
-    elif isinstance(endpoint, TCP4ServerEndpoint):
-        family = socket.AF_INET
-    else:
-        raise WorkersUnsupported(
-            f"--workers needs tcp: or tcp6: listen endpoints, not {description!r}"
-        )
-    parts = tcp_server_parts(endpoint)
-    host = parts.interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-    return ListenAddress(family, host, parts.port, parts.backlog)
+#: The exit status of a worker that cannot start; it is not started again.
+CANNOT_START = 3
 
 
 def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[socket.socket]]:
     """``count`` lists of listening sockets, one socket per address in each.
 
     All sockets of one address share it with ``SO_REUSEPORT``; port 0 is
-    resolved once, by the first, and reused by the others.
+    resolved once, by the first, and reused by the others. An address that
+    cannot be bound raises :class:`~upgradeproxy.service.StartFailed`.
     """
     per_worker: list[list[socket.socket]] = [[] for _ in range(count)]
     for address in addresses:
@@ -89,8 +64,16 @@ def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[so
             sock = socket.socket(address.family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((address.host, port))
-            sock.listen(address.backlog)
+            try:
+                sock.bind((address.host, port))
+                sock.listen(address.backlog)
+            except (OSError, OverflowError) as e:
+                sock.close()
+                for opened in per_worker:
+                    for other in opened:
+                        other.close()
+                why = getattr(e, "strerror", None) or str(e)
+                raise StartFailed(f"cannot listen on {address.description}: {why}") from None
             sock.setblocking(False)
             sock.set_inheritable(True)
             port = sock.getsockname()[1]
@@ -108,6 +91,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self._partial = b""
         #: How the worker's lines are tagged in the log, once it is known.
         self.system = f"worker slot {slot}"
+        #: The last critical line the worker logged: why it could not start.
+        self.last_error: str | None = None
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -136,6 +121,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         except ValueError:
             log.info("worker {slot}: {line}", slot=self.slot, line=line.decode("utf-8", "replace"))
             return
+        if event.get("log_level") == LogLevel.critical:
+            self.last_error = formatEvent(event)
         globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
@@ -150,15 +137,20 @@ class WorkerPool(Service):
         self,
         reactor: IReactorProcess,
         sockets: list[list[socket.socket]],
-        worker_args: Callable[[], list[str]],
+        config: Callable[[], str],
         *,
         stop_timeout: float = STOP_MARGIN,
         snapshots: str | None = None,
+        cannot_start: Callable[[str], None],
     ) -> None:
-        """``snapshots`` is a directory where workers write their state for metrics."""
+        """``config`` gives the configuration a worker is started with, as
+        :func:`~upgradeproxy.config.dump_config` writes it; ``snapshots`` is a
+        directory where workers write their state for metrics; ``cannot_start``
+        is called with one line when a worker cannot start."""
         self._reactor = reactor
         self._sockets = sockets
-        self._worker_args = worker_args
+        self._config = config
+        self._cannot_start = cannot_start
         self._stop_timeout = stop_timeout
         self._snapshots = snapshots
         self._workers: dict[int, _WorkerProcess] = {}
@@ -176,7 +168,7 @@ class WorkerPool(Service):
             argv += ["--fd", f"{fd}:{int(sock.family)}"]
         if self._snapshots is not None:
             argv += ["--snapshots", self._snapshots, "--slot", str(slot)]
-        argv += ["--", *self._worker_args()]
+        argv += ["--config", self._config()]
         worker = _WorkerProcess(self, slot)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: 2}
         child_fds.update({fd: fd for fd in fds})
@@ -192,6 +184,11 @@ class WorkerPool(Service):
             return
         del self._workers[worker.slot]
         if self._stopping:
+            return
+        if isinstance(reason.value, ProcessTerminated) and reason.value.exitCode == CANNOT_START:
+            self._cannot_start(
+                f"worker {worker.slot} cannot start: {worker.last_error or 'see its log lines'}"
+            )
             return
         log.warn(
             "worker {slot} ended ({why}); starting a new one in {delay:g}s",
@@ -256,55 +253,34 @@ class _ParentWatch(protocol.Protocol):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run one worker: ``--fd FD:FAMILY``... ``--`` then the proxy's own options."""
+    """Run one worker: ``--fd FD:FAMILY``... and ``--config`` (a dumped configuration)."""
     import argparse
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
-    from zope.interface import provider
 
+    from .config import undump_config
     from .metrics import SnapshotWriter
     from .service import build_factory, open_access_log
-    from .tap import Options
 
     parser = argparse.ArgumentParser(prog="python -m upgradeproxy.workers")
     parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
     parser.add_argument("--snapshots", help="directory to write this worker's state to")
     parser.add_argument("--slot", default="0", help="this worker's number")
-    parser.add_argument("proxy_options", nargs=argparse.REMAINDER)
+    parser.add_argument("--config", required=True, help="the configuration, as JSON")
     args = parser.parse_args(argv)
-    options = Options()
-    options.parseOptions([a for a in args.proxy_options if a != "--"])
-    config = options["proxy_config"]
+    config = undump_config(args.config)
 
-    to_parent = jsonFileLogObserver(sys.stdout)
-    system = f"worker {os.getpid()}"
-
-    @provider(ILogObserver)
-    def tagged(event: dict[str, object]) -> None:
-        if event.get("log_namespace") == NAMESPACE:
-            # Access records are most of the log: sent as the line they
-            # print as, which costs a fraction of a JSON event both here and
-            # in the parent.
-            sys.stdout.buffer.write(ACCESS_MARK + formatEvent(event).encode("utf-8") + b"\n")
-            sys.stdout.flush()
-            return
-        event.setdefault("log_system", system)
-        to_parent(event)
-
-    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
+    _log_to_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
-    access_log, stream = open_access_log(config)
-    factory = build_factory(config, reactor, access_log=access_log)
-    factory.doStart()
-    ports = []
-    for spec in args.fd:
-        fd, family = (int(part) for part in spec.split(":"))
-        os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
-        ports.append(
-            reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)  # type: ignore[attr-defined]
-        )
-        os.close(fd)
+    try:
+        access_log, stream = open_access_log(config)
+        factory = build_factory(config, reactor, access_log=access_log)
+        factory.doStart()
+        ports = [_adopt(reactor, spec, factory) for spec in args.fd]
+    except Exception as e:  # whatever it is, restarting would meet it again
+        log.critical("{why}", why=str(e) or repr(e))
+        sys.stdout.flush()
+        raise SystemExit(CANNOT_START) from None
     writer = None
     if args.snapshots is not None:
         writer = SnapshotWriter(factory.proxy.snapshot, args.snapshots, args.slot, reactor)
@@ -328,6 +304,42 @@ def main(argv: Sequence[str] | None = None) -> None:
         _ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
     )
     reactor.run()
+
+
+def _log_to_parent() -> None:
+    """Send every log event to the parent, on standard output, tagged with this worker's PID."""
+    from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver
+    from zope.interface import provider
+
+    to_parent = jsonFileLogObserver(sys.stdout)
+    system = f"worker {os.getpid()}"
+
+    @provider(ILogObserver)
+    def tagged(event: dict[str, object]) -> None:
+        if event.get("log_namespace") == NAMESPACE:
+            # Access records are most of the log: sent as the line they
+            # print as, which costs a fraction of a JSON event both here and
+            # in the parent.
+            sys.stdout.buffer.write(ACCESS_MARK + formatEvent(event).encode("utf-8") + b"\n")
+            sys.stdout.flush()
+            return
+        event.setdefault("log_system", system)
+        to_parent(event)
+
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
+
+
+def _adopt(reactor: Any, spec: str, factory: protocol.ServerFactory) -> Any:
+    """Serve on the listening socket the parent passed as ``FD:FAMILY``."""
+    fd, family = (int(part) for part in spec.split(":"))
+    try:
+        os.set_blocking(fd, False)  # adoptStreamPort expects it, and does not do it
+        try:
+            return reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise StartFailed(f"cannot listen on the socket passed as fd {fd}: {e.strerror}") from None
 
 
 if __name__ == "__main__":
