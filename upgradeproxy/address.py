@@ -247,7 +247,7 @@ def describe_tls_failure(reason: Failure) -> str | None:
         )
     if not reason.check(SSL.Error):
         return None
-    reasons = _openssl_reasons(reason)
+    reasons = openssl_reasons(reason)
     if "certificate verify failed" in reasons:
         return (
             "its TLS certificate could not be verified (it is not signed by a trusted CA, or "
@@ -259,7 +259,7 @@ def describe_tls_failure(reason: Failure) -> str | None:
     return f"TLS failed ({', '.join(reasons) or 'no reason given'})"
 
 
-def _openssl_reasons(reason: Failure) -> list[str]:
+def openssl_reasons(reason: Failure) -> list[str]:
     """The reason strings of an ``OpenSSL.SSL.Error``: its error queue, or its arguments."""
     args = reason.value.args if reason.value is not None else ()
     if args and isinstance(args[0], list):  # [(library, function, reason), ...]

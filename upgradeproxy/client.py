@@ -21,6 +21,7 @@ import enum
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     ISSLTransport,
     ITCPTransport,
 )
@@ -72,7 +73,7 @@ class Phase(enum.Enum):
     CLOSING = "closing"
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ClientConnection(Protocol):
     """One HTTP/1.1 connection from a client."""
 
@@ -103,6 +104,8 @@ class ClientConnection(Protocol):
         # Bytes of empty lines dropped before the head now awaited.
         self._empty_lines = 0
         self.address = "unknown"
+        # True from a TLS connection's start to the end of its handshake.
+        self._handshaking = False
 
     # -- Twisted protocol events ---------------------------------------------
 
@@ -113,6 +116,7 @@ class ClientConnection(Protocol):
         peer = self.transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(self.transport)
+        self._handshaking = secure
         self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
         why = self._proxy.connection_opened(self)
         if why is not None:
@@ -145,10 +149,15 @@ class ClientConnection(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = Phase.CLOSING
         self._stop_head_timer()
         self._stop_linger()
+        if self._handshaking:
+            self._proxy.tls_failures.failed(self.address, reason)
         if self._tunnel is not None:
             self._tunnel.lost(Side.CLIENT, reason)
         elif self._exchange is not None:

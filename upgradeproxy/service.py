@@ -26,6 +26,7 @@ from .factory import ProxyFactory
 from .proxy import ProxySettings
 from .registry import build_chain
 from .routing import Route
+from .tlsaccept import choose_protocols_on
 
 
 def settings_for(config: ProxyConfig) -> ProxySettings:
@@ -132,6 +133,7 @@ class ProxyService(MultiService):
         self._on_stopped = on_stopped
         for description in listen:
             endpoint = serverFromString(reactor, description)
+            choose_protocols_on(endpoint)
             StreamServerEndpointService(endpoint, factory).setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
