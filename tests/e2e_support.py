@@ -3,6 +3,8 @@
 - :func:`demo_behind_proxy`: the demo backend and a proxy in front of it, both
   on 127.0.0.1 in the test's reactor, and both cleaned up afterwards -- the
   backend's listener is stopped only once every connection to it has closed.
+  With a :class:`ServerCertificate` the proxy listens on an ``ssl:`` endpoint,
+  as ``--listen`` sets it up.
 - :func:`run_bounded`: run an external program (curl, chromium, node) in its
   own process group, killing the whole group by its id on a timeout and
   whatever is left of it afterwards.
@@ -23,13 +25,17 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import trustme
 from loopback import HOST, TIMEOUT, Loopback, Proxy, eventually
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from upgradeproxy import ProxyFactory
 from upgradeproxy.demo import DemoBackendFactory, DemoBackendProtocol
+from upgradeproxy.tlsaccept import choose_protocols_on
 
 E2E_DIR = Path(__file__).parent / "e2e"
 
@@ -53,11 +59,50 @@ class TrackedDemoBackend(DemoBackendFactory):
         self.open: set[DemoBackendProtocol] = set()
 
 
+class ServerCertificate:
+    """A certificate for ``localhost`` and 127.0.0.1 from a fresh ``trustme`` CA, as files."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        issued = ca.issue_cert("localhost", HOST)
+        self.ca = directory / "ca.pem"
+        self.cert = directory / "cert.pem"
+        self.key = directory / "key.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        issued.cert_chain_pems[0].write_to_path(str(self.cert))
+        issued.private_key_pem.write_to_path(str(self.key))
+
+    def listen_description(self) -> str:
+        """An ``ssl:`` server endpoint on 127.0.0.1 with this certificate (any port)."""
+
+        def escape(path: Path) -> str:
+            return str(path).replace("\\", "\\\\").replace(":", "\\:")
+
+        return f"ssl:0:interface={HOST}:privateKey={escape(self.key)}:certKey={escape(self.cert)}"
+
+
+async def _listen_tls(
+    loopback: Loopback, backend_port: int, tls: ServerCertificate, **proxy_kwargs: Any
+) -> tuple[Proxy, IListeningPort]:
+    """A proxy to ``backend_port`` listening with TLS, set up as ``--listen ssl:...`` is."""
+    factory = ProxyFactory(TCP4ClientEndpoint(reactor, HOST, backend_port), **proxy_kwargs)
+    endpoint = serverFromString(reactor, tls.listen_description())
+    choose_protocols_on(endpoint)
+    port = await endpoint.listen(factory)
+    proxy = Proxy(factory, port.getHost().port)
+    loopback.proxies.append(proxy)
+    return proxy, port
+
+
 @contextlib.asynccontextmanager
-async def demo_behind_proxy(loopback: Loopback, **proxy_kwargs: Any) -> AsyncIterator[Proxy]:
+async def demo_behind_proxy(
+    loopback: Loopback, *, tls: ServerCertificate | None = None, **proxy_kwargs: Any
+) -> AsyncIterator[Proxy]:
     """The demo backend on 127.0.0.1 with a proxy (from ``loopback``) in front of it.
 
-    ``proxy_kwargs`` go to :class:`~upgradeproxy.ProxyFactory` (``settings=...``).
+    ``proxy_kwargs`` go to :class:`~upgradeproxy.ProxyFactory` (``settings=...``);
+    with ``tls``, the proxy listens on an ``ssl:`` endpoint with that certificate.
 
     On the way out the proxy's idle backend connections are closed, and the
     backend must see every connection to it close before its listener stops:
@@ -65,9 +110,16 @@ async def demo_behind_proxy(loopback: Loopback, **proxy_kwargs: Any) -> AsyncIte
     """
     demo = TrackedDemoBackend()
     port: IListeningPort = reactor.listenTCP(0, demo, interface=HOST)
+    tls_port: IListeningPort | None = None
     try:
-        yield loopback.proxy(port.getHost().port, **proxy_kwargs)
+        if tls is None:
+            yield loopback.proxy(port.getHost().port, **proxy_kwargs)
+        else:
+            proxy, tls_port = await _listen_tls(loopback, port.getHost().port, tls, **proxy_kwargs)
+            yield proxy
     finally:
+        if tls_port is not None:
+            await tls_port.stopListening()
         for proxy in loopback.proxies:
             proxy.factory.proxy.pool.close_idle()
         try:

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ async def demo_proxy(loopback: Loopback) -> AsyncIterator[Proxy]:
 
 
 @contextlib.contextmanager
-def headless_chromium(chromium: str, url: str, workdir: Path) -> Iterator[int]:
+def headless_chromium(
+    chromium: str, url: str, workdir: Path, options: Sequence[str] = ()
+) -> Iterator[int]:
     """Chromium showing ``url``; yields its DevTools port, and kills it on the way out."""
     profile = workdir / "profile"
     log = (workdir / "chromium.log").open("wb")
@@ -88,6 +90,7 @@ def headless_chromium(chromium: str, url: str, workdir: Path) -> Iterator[int]:
         "--no-proxy-server",
         f"--user-data-dir={profile}",
         "--remote-debugging-port=0",
+        *options,
         url,
     ]
     process = subprocess.Popen(
@@ -154,9 +157,14 @@ def evaluate(cdp: ClientConnection, call_id: int, expression: str) -> Any:
     return result.get("result", {}).get("value")
 
 
-def self_test_outcome(chromium: str, url: str, workdir: Path) -> dict[str, Any]:
-    """Load ``url`` and wait until the page's self-test has a result; return the page's state."""
-    with headless_chromium(chromium, url, workdir) as devtools:
+def self_test_outcome(
+    chromium: str, url: str, workdir: Path, options: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Load ``url`` and wait until the page's self-test has a result; return the page's state.
+
+    ``options`` go to chromium's command line.
+    """
+    with headless_chromium(chromium, url, workdir, options) as devtools:
         target = page_target(devtools)
         with ws_connect(target, proxy=None, max_size=None, ping_interval=None) as cdp:
             deadline = time.monotonic() + RESULT_TIMEOUT

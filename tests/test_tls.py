@@ -1,6 +1,8 @@
 """TLS on both sides of the proxy, over real loopback sockets.
 
-The client side: the proxy listens on a Twisted ``ssl:`` server endpoint.
+The client side: the proxy listens on a Twisted ``ssl:`` server endpoint, set
+up as ``--listen`` sets it up; clients with and without ALPN, and handshakes
+that fail, each logged once per address and interval.
 The backend side: an ``https://`` backend from :func:`upgradeproxy.parse_backend`,
 its certificate checked against a CA bundle, the system's trust store, or
 nothing at all. Certificates come from ``trustme``; the TLS client is
@@ -32,9 +34,10 @@ from loopback import (
     upgrade_request,
     wait,
 )
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -44,6 +47,7 @@ from upgradeproxy import BackendAddress, ProxyFactory, ProxySettings, parse_back
 from upgradeproxy.address import describe_tls_failure
 from upgradeproxy.service import build_factory
 from upgradeproxy.tap import Options
+from upgradeproxy.tlsaccept import HandshakeFailures, NoApplicationProtocol, choose_protocols_on
 
 pytestmark = [
     pytest.mark.loopback,
@@ -111,7 +115,9 @@ async def listen(ports: list[IListeningPort], factory: Factory, pems: Pems | Non
         description = (
             f"ssl:0:interface={HOST}:privateKey={_escape(pems.key)}:certKey={_escape(pems.cert)}"
         )
-    port = await serverFromString(reactor, description).listen(factory)
+    endpoint = serverFromString(reactor, description)
+    choose_protocols_on(endpoint)
+    port = await endpoint.listen(factory)
     ports.append(port)
     return int(port.getHost().port)
 
@@ -166,17 +172,29 @@ def https(
 
 
 class TlsClient(Client):
-    """:class:`loopback.Client` over TLS, trusting ``ca``. Create and use it in a thread."""
+    """:class:`loopback.Client` over TLS, trusting ``ca``. Create and use it in a thread.
 
-    def __init__(self, port: int, ca: trustme.CA) -> None:
+    With ``alpn``, it offers those application protocols, as curl and browsers do.
+    """
+
+    def __init__(self, port: int, ca: trustme.CA | None, alpn: list[str] | None = None) -> None:
         super().__init__(port)
         context = ssl.create_default_context()
-        ca.configure_trust(context)
-        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        if ca is not None:
+            ca.configure_trust(context)
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        except BaseException:
+            self.sock.close()
+            raise
 
 
-async def tls_client(loopback: Loopback, port: int, ca: trustme.CA) -> TlsClient:
-    client = await loopback.run(TlsClient, port, ca)
+async def tls_client(
+    loopback: Loopback, port: int, ca: trustme.CA, alpn: list[str] | None = None
+) -> TlsClient:
+    client = await loopback.run(TlsClient, port, ca, alpn)
     loopback.clients.append(client)
     return client
 
@@ -244,6 +262,148 @@ async def test_upgrade_through_a_tls_listener_relays_exact_bytes_in_python(
     client = await tls_client(loopback, proxy.port, ca)
 
     await check_tunnel(loopback, proxy, client, backend)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_h2_and_http_1_1_over_alpn_gets_http_1_1(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca, ["h2", "http/1.1"])
+
+    assert client.sock.selected_alpn_protocol() == "http/1.1"  # type: ignore[attr-defined]
+    reply = await get(loopback, client)
+    assert (reply.status, reply.body) == (200, b"you asked for /hello")
+    await check_tunnel(loopback, proxy, client, backend)
+
+
+def handshake_lines(events: list[dict[str, object]]) -> list[str]:
+    return [formatEvent(e) for e in events if "TLS handshake with client" in formatEvent(e)]
+
+
+def connect_and_fail(port: int, ca: trustme.CA | None, alpn: list[str] | None) -> str:
+    """Connect with TLS where the handshake must fail; what the client was told."""
+    with pytest.raises(ssl.SSLError) as raised:
+        TlsClient(port, ca, alpn)
+    return str(raised.value)
+
+
+def send_plain_http(port: int) -> bytes:
+    """Send a plain HTTP request to a TLS port; what came back before the close."""
+    client = Client(port)
+    try:
+        client.sendall(GET)
+        return client.recv_to_eof()
+    finally:
+        client.sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_only_h2_is_refused_with_no_application_protocol(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+
+    with capturedLogs() as events:
+        told = await loopback.run(connect_and_fail, proxy.port, ca, ["h2", "foo"])
+        await eventually(lambda: bool(handshake_lines(events)), what="the handshake's log line")
+    assert "alert no application protocol" in told, told
+    assert handshake_lines(events) == [
+        f"TLS handshake with client {HOST} failed: it offered only h2, foo over ALPN, and "
+        "this proxy speaks http/1.1 (alert no_application_protocol sent)"
+    ]
+    assert [e["log_level"] for e in events if handshake_lines([e])] == [LogLevel.info]
+    assert backend.connections == []
+    await eventually(lambda: not proxy.factory.proxy.connections, what="the connection to end")
+
+
+@pytest.mark.parametrize(
+    ("case", "logged"),
+    [
+        ("unknown-ca", "the client refused the handshake (tlsv1 alert unknown ca)"),
+        ("plain-http", "it sent plain HTTP to a TLS port: it should use https://"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_every_failed_client_handshake_is_logged(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, case: str, logged: str
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+
+    with capturedLogs() as events:
+        if case == "plain-http":
+            await loopback.run(send_plain_http, proxy.port)
+        else:  # the client trusts only the system's CAs
+            await loopback.run(connect_and_fail, proxy.port, None, None)
+        await eventually(lambda: bool(handshake_lines(events)), what="the handshake's log line")
+    assert handshake_lines(events) == [f"TLS handshake with client {HOST} failed: {logged}"]
+
+
+# -- the handshake failure log's rate limit ----------------------------------------------------
+
+
+def tls_failure(reason: str = "tlsv1 alert unknown ca") -> Failure:
+    from OpenSSL import SSL
+
+    return Failure(SSL.Error([("SSL routines", "", reason)]))
+
+
+def test_failed_handshakes_are_logged_once_per_address_and_interval() -> None:
+    clock = task.Clock()
+    failures = HandshakeFailures(clock, interval=60)
+    with capturedLogs() as events:
+        failures.failed("192.0.2.1", tls_failure())
+        clock.advance(30)
+        failures.failed("192.0.2.1", tls_failure())
+        failures.failed("192.0.2.1", tls_failure())
+        failures.failed("192.0.2.2", tls_failure())
+        clock.advance(31)
+        failures.failed("192.0.2.1", tls_failure())
+
+    assert handshake_lines(events) == [
+        "TLS handshake with client 192.0.2.1 failed: the client refused the handshake "
+        "(tlsv1 alert unknown ca)",
+        "TLS handshake with client 192.0.2.2 failed: the client refused the handshake "
+        "(tlsv1 alert unknown ca)",
+        "TLS handshake with client 192.0.2.1 failed: the client refused the handshake "
+        "(tlsv1 alert unknown ca); 2 more from this address not logged",
+    ]
+
+
+def test_the_failed_handshake_log_remembers_a_bounded_number_of_addresses() -> None:
+    clock = task.Clock()
+    failures = HandshakeFailures(clock, interval=60, addresses=2)
+    with capturedLogs() as events:
+        for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"):
+            failures.failed(address, tls_failure())
+        assert len(handshake_lines(events)) == 2  # no room for .3 and .4 yet
+        clock.advance(60)
+        failures.failed("192.0.2.5", tls_failure())
+
+    assert len(failures._windows) == 2
+    assert handshake_lines(events)[-1].endswith(
+        "(tlsv1 alert unknown ca); 2 from other addresses not logged"
+    )
+
+
+def test_a_client_that_leaves_before_any_handshake_is_not_a_tls_failure() -> None:
+    failures = HandshakeFailures(task.Clock())
+    with capturedLogs() as events:
+        failures.failed("192.0.2.1", Failure(ConnectionDone()))
+    assert handshake_lines(events) == []
+
+
+def test_what_a_client_offers_is_logged_bounded_in_length() -> None:
+    failures = HandshakeFailures(task.Clock())
+    offered = [b"x" * 100] + [b"p%d" % i for i in range(20)] + [b"\xff"]
+    with capturedLogs() as events:
+        failures.failed("192.0.2.1", Failure(NoApplicationProtocol(offered, [b"http/1.1"])))
+    (line,) = handshake_lines(events)
+    assert f"it offered only {'x' * 40}, p0, p1, p2, p3, p4, p5, p6 and 14 more over ALPN" in line
+    assert len(line) < 300
 
 
 # -- https backends ---------------------------------------------------------------------------

@@ -114,6 +114,17 @@ def test_a_tcp_server_endpoint_gives_what_it_listens_on() -> None:
     assert _twisted.tcp_server_parts(everywhere).interface == "::"  # type: ignore[arg-type]
 
 
+def test_an_ssl_endpoint_gives_its_tls_options(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    endpoint = serverFromString(MemoryReactor(), f"ssl:0:privateKey={pem}:certKey={pem}")
+    options = _twisted.tls_server_options(endpoint)  # type: ignore[arg-type]
+    assert options.getContext() is options.getContext(), "one cached context"  # type: ignore[attr-defined]
+
+
 # -- the twisted.web takeover -------------------------------------------------------------
 
 
@@ -176,8 +187,24 @@ def test_no_module_but_the_internals_module_reaches_into_twisted() -> None:
                 owner = node.value
                 if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
                     found.append(f"{source.relative_to(_PACKAGE)}:{node.lineno}: .{node.attr}")
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in private
+            ):
+                found.append(f"{source.relative_to(_PACKAGE)}:{node.lineno}: {node.args[1].value}")
             elif isinstance(node, ast.ImportFrom) and node.module:
                 parts = node.module.split(".")
                 if parts[0] == "twisted" and any(p.startswith("_") for p in parts):
                     found.append(f"{source.relative_to(_PACKAGE)}:{node.lineno}: {node.module}")
     assert found == [], "reach Twisted's private state only through upgradeproxy/_twisted.py"
+
+
+def test_client_endpoints_say_where_they_connect() -> None:
+    reactor = MemoryReactor()
+    assert _twisted.client_endpoint_location(TCP4ClientEndpoint(reactor, "h", 1)) == "h:1"
+    assert _twisted.client_endpoint_location(UNIXClientEndpoint(reactor, "/s")) == "unix:/s"
+    assert _twisted.client_endpoint_location(object()) is None

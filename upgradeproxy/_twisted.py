@@ -18,10 +18,14 @@ What is used:
 * ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``'s ``_reactor``, ``_host``,
   ``_port``, ``_timeout``, ``_bindAddress``: to connect with ``connectTCP``
   directly (:func:`tcp_client_parts`);
+* the client endpoints' ``_hostText``/``_host``, ``_port`` and ``_path``: to
+  name a backend in logs (:func:`client_endpoint_location`);
 * ``TCP4ServerEndpoint``/``TCP6ServerEndpoint``'s ``_interface``, ``_port``,
   ``_backlog``: to open the same address in worker processes
   (:func:`tcp_server_parts`), and any server endpoint's ``_port``: to refuse a
   port out of range before anything listens (:func:`endpoint_port`);
+* ``SSL4ServerEndpoint._sslContextFactory``: to choose the application
+  protocol over ALPN on an ``ssl:`` listener's context (:func:`tls_server_options`);
 * ``twisted.web.http.HTTPChannel``'s ``_buffer``, ``_dataBuffer``,
   ``_networkProducer`` and ``_handlingRequest``: to take a connection over
   from twisted.web with the bytes it holds (:func:`detach`). Twisted's own
@@ -39,6 +43,7 @@ from typing import Any, Protocol
 
 from twisted.internet import abstract, tcp
 from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     TCP6ClientEndpoint,
@@ -159,6 +164,20 @@ def tcp_client_parts(endpoint: object) -> TCPClientParts | None:
     return TCPClientParts(e._reactor, e._host, e._port, e._timeout, e._bindAddress)
 
 
+def client_endpoint_location(endpoint: object) -> str | None:
+    """Where a client endpoint connects: ``host:port``, ``unix:PATH``; None when unknown.
+
+    Read from what Twisted's own endpoints keep (``_hostText`` or ``_host``
+    and ``_port``, or ``_path``), for log lines and backend names.
+    """
+    host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
+    port = getattr(endpoint, "_port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    path = getattr(endpoint, "_path", None)
+    return f"unix:{path}" if path is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class TCPServerParts:
     """What a TCP server endpoint listens on."""
@@ -178,6 +197,18 @@ def endpoint_port(endpoint: object) -> int | None:
     """The port a server endpoint (TCP, TLS) will listen on, or None for others (UNIX)."""
     port = getattr(endpoint, "_port", None)
     return port if isinstance(port, int) else None
+
+
+def tls_server_options(endpoint: SSL4ServerEndpoint) -> object:
+    """The TLS options (usually ``CertificateOptions``) an ``ssl:`` server endpoint listens with.
+
+    Their ``getContext()`` is the cached context its connections use
+    (``SSL4ServerEndpoint._sslContextFactory``).
+    """
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is None:
+        raise _unsupported("SSL4ServerEndpoint has no _sslContextFactory")
+    return options
 
 
 # -- the twisted.web takeover ---------------------------------------------------------------

@@ -38,6 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import client_endpoint_location
 from ._url import BadUrl, HttpUrl, UrlProblem, split_http_url
 
 _USAGE = (
@@ -68,14 +69,7 @@ class BackendAddress:
 
 def describe_endpoint(endpoint: IStreamClientEndpoint) -> str:
     """A short name for a client endpoint, for logs: ``host:port``, a path, or its type."""
-    host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
-    port = getattr(endpoint, "_port", None)
-    if host is not None and port is not None:
-        return f"{host}:{port}"
-    path = getattr(endpoint, "_path", None)
-    if path is not None:
-        return f"unix:{path}"
-    return type(endpoint).__name__
+    return client_endpoint_location(endpoint) or type(endpoint).__name__
 
 
 def parse_backend(
@@ -247,7 +241,7 @@ def describe_tls_failure(reason: Failure) -> str | None:
         )
     if not reason.check(SSL.Error):
         return None
-    reasons = _openssl_reasons(reason)
+    reasons = openssl_reasons(reason)
     if "certificate verify failed" in reasons:
         return (
             "its TLS certificate could not be verified (it is not signed by a trusted CA, or "
@@ -259,7 +253,7 @@ def describe_tls_failure(reason: Failure) -> str | None:
     return f"TLS failed ({', '.join(reasons) or 'no reason given'})"
 
 
-def _openssl_reasons(reason: Failure) -> list[str]:
+def openssl_reasons(reason: Failure) -> list[str]:
     """The reason strings of an ``OpenSSL.SSL.Error``: its error queue, or its arguments."""
     args = reason.value.args if reason.value is not None else ()
     if args and isinstance(args[0], list):  # [(library, function, reason), ...]

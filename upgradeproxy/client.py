@@ -21,6 +21,7 @@ import enum
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     ISSLTransport,
     ITCPTransport,
 )
@@ -74,7 +75,7 @@ class Phase(enum.Enum):
     CLOSING = "closing"
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ClientConnection(Protocol):
     """One HTTP/1.1 connection from a client."""
 
@@ -102,6 +103,8 @@ class ClientConnection(Protocol):
         self._linger: IDelayedCall | None = None
         self._heads = HeadReader.requests(self._settings.max_request_head)
         self.address = "unknown"
+        # True from a TLS connection's start to the end of its handshake.
+        self._handshaking = False
 
     # -- Twisted protocol events ---------------------------------------------
 
@@ -112,6 +115,7 @@ class ClientConnection(Protocol):
         peer = self.transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(self.transport)
+        self._handshaking = secure
         self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
         why = self._proxy.connection_opened(self)
         if why is not None:
@@ -144,10 +148,15 @@ class ClientConnection(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
+    def handshakeCompleted(self) -> None:
+        self._handshaking = False
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = Phase.CLOSING
         self._stop_head_timer()
         self._stop_linger()
+        if self._handshaking:
+            self._proxy.tls_failures.failed(self.address, reason)
         if self._tunnel is not None:
             self._tunnel.lost(Side.CLIENT, reason)
         elif self._exchange is not None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocolNegotiationFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import ServerFactory
+from zope.interface import implementer
 
 from .accesslog import AccessLog
 from .address import BackendAddress
@@ -13,8 +18,10 @@ from .client import ClientConnection
 from .interfaces import IUpgradeValidator
 from .proxy import Proxy, ProxySettings
 from .routing import Route
+from .tlsaccept import APPLICATION_PROTOCOLS
 
 
+@implementer(IProtocolNegotiationFactory)
 class ProxyFactory(ServerFactory):
     """A reverse proxy, as a Twisted server factory.
 
@@ -34,6 +41,9 @@ class ProxyFactory(ServerFactory):
     """
 
     noisy = False  # startFactory logs a line that says more
+
+    #: The application protocols offered to TLS clients over ALPN, in order of preference.
+    protocols: tuple[bytes, ...] = APPLICATION_PROTOCOLS
 
     def __init__(
         self,
@@ -62,6 +72,9 @@ class ProxyFactory(ServerFactory):
 
     def stopFactory(self) -> None:
         self.proxy.stop()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return list(self.protocols)
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         return ClientConnection(self.proxy)

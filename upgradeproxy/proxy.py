@@ -32,6 +32,7 @@ from .rewrite import switch_for_client
 from .routing import Route, Router
 from .side import Side
 from .snapshot import ProxyStats, take_snapshot
+from .tlsaccept import HandshakeFailures
 from .tunnel import Tunnel, TunnelStats
 from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 
@@ -140,6 +141,8 @@ class Proxy:
         self.connections: set[FrontConnection] = set()
         self.tunnels: dict[Tunnel, Backend] = {}
         self.stats = ProxyStats()
+        #: Where the front doors report TLS handshakes with clients that failed.
+        self.tls_failures = HandshakeFailures(clock)
         self.draining = False
         self.running = False
         self._drained: Deferred[None] | None = None

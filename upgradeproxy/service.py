@@ -32,6 +32,7 @@ from .factory import ProxyFactory
 from .proxy import ProxySettings
 from .registry import build_chain
 from .routing import Route
+from .tlsaccept import choose_protocols_on
 
 log = Logger()
 
@@ -130,7 +131,9 @@ def listen_now(
     reason. An endpoint that binds later ends a running process the same way
     (see :func:`fail_while_running`).
     """
-    listening = serverFromString(reactor, description).listen(factory)
+    endpoint = serverFromString(reactor, description)
+    choose_protocols_on(endpoint)
+    listening = endpoint.listen(factory)
     failed: list[Failure] = []
     listening.addErrback(failed.append)
     if failed:
