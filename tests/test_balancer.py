@@ -303,7 +303,7 @@ _PRINT_MAPPING = """
 import json
 from twisted.internet.task import Clock
 from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
+from upgradeproxy.backend import BackendConnection, BackendSettings
 from upgradeproxy.balancer import BackendGroup, Policy
 addresses = [BackendAddress(None, b"", f"10.0.0.{i}:9000") for i in range(1, 5)]
 group = BackendGroup(

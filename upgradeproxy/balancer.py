@@ -11,7 +11,9 @@ connection went (:meth:`~BackendGroup.connect_failed`,
   the route's only backend, which stays in use (as in nginx: taking it out
   turns a backend's one-second restart into ``fail_timeout`` seconds of 503s);
 - actively, when a :class:`HealthCheck` is given: ``GET path`` on a new
-  connection every ``interval`` seconds.
+  connection every ``interval`` seconds. A failed check takes even an only
+  backend out of rotation (the log and the status say so), and requests
+  then reach it as the last resort, below.
 
 When no backend is healthy, a request still goes to the one whose last
 failure is the oldest (whose ``fail_timeout`` ends first): the proxy's own
