@@ -100,3 +100,4 @@ def test_the_validator_package_checks_as_a_configuration(validator_package: Path
         "--backend", "http://127.0.0.1:9000", "--validator", "x-backup-token", "--check",
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "validators x-backup-token;" in checked.stdout
