@@ -34,8 +34,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from upgradeproxy import ProxyFactory
+from upgradeproxy.core.tls import choose_protocols_on
 from upgradeproxy.demo import DemoBackendFactory, DemoBackendProtocol
-from upgradeproxy.tlsaccept import choose_protocols_on
 
 E2E_DIR = Path(__file__).parent / "e2e"
 

@@ -165,8 +165,8 @@ def run_proxy(params: dict[str, Any], watch: LogWatch) -> tuple[dict[str, Any], 
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
     from upgradeproxy import ProxyFactory, ProxySettings
-    from upgradeproxy import splice as splice_module
-    from upgradeproxy.side import Side
+    from upgradeproxy.core import _splice as splice_module
+    from upgradeproxy.core._side import Side
 
     factory = ProxyFactory(
         TCP4ClientEndpoint(reactor, HOST, params["backend_port"]),

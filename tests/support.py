@@ -21,11 +21,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings
-from upgradeproxy.accesslog import AccessLog
-from upgradeproxy.address import BackendAddress
-from upgradeproxy.balancer import BackendGroup, Policy
-from upgradeproxy.proxy import Proxy
-from upgradeproxy.routing import Route
+from upgradeproxy.core.accesslog import AccessLog
+from upgradeproxy.core.address import BackendAddress
+from upgradeproxy.core.balancer import BackendGroup, Policy
+from upgradeproxy.core.proxy import Proxy
+from upgradeproxy.core.routing import Route
 from upgradeproxy.testing import ScriptedBackend, ScriptedBackendEndpoint
 from upgradeproxy.testing import connect_client as _connect_client
 from upgradeproxy.validators import RFC9110Validator, WebSocketValidator

@@ -17,7 +17,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from upgradeproxy import BackendAddress, BadBackend, parse_backend
-from upgradeproxy.address import describe_tls_failure
+from upgradeproxy.core.address import describe_tls_failure
 
 
 def parse(

@@ -6,7 +6,7 @@ import pytest
 from support import GET, OK
 
 from upgradeproxy import BackendSettings, ProxySettings
-from upgradeproxy.backend import SPEAKS_HTTP2, speaks_http2
+from upgradeproxy.core._backend import SPEAKS_HTTP2, speaks_http2
 from upgradeproxy.testing import ProxyHarness
 
 

@@ -35,9 +35,9 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
-from upgradeproxy.balancer import (
+from upgradeproxy.core._backend import SPEAKS_HTTP2, BackendConnection, BackendSettings
+from upgradeproxy.core.address import BackendAddress
+from upgradeproxy.core.balancer import (
     Backend,
     BackendGroup,
     FailedConnection,
@@ -302,9 +302,9 @@ def test_client_hash_tells_apart_backends_listed_twice() -> None:
 _PRINT_MAPPING = """
 import json
 from twisted.internet.task import Clock
-from upgradeproxy.address import BackendAddress
-from upgradeproxy.backend import BackendConnection, BackendSettings
-from upgradeproxy.balancer import BackendGroup, Policy
+from upgradeproxy.core.address import BackendAddress
+from upgradeproxy.core._backend import BackendConnection, BackendSettings
+from upgradeproxy.core.balancer import BackendGroup, Policy
 addresses = [BackendAddress(None, b"", f"10.0.0.{i}:9000") for i in range(1, 5)]
 group = BackendGroup(
     addresses, policy=Policy.CLIENT_HASH, clock=Clock(), settings=BackendSettings()

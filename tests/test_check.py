@@ -25,7 +25,7 @@ from websockets.sync.server import serve as ws_serve
 
 from upgradeproxy import rfc6455
 from upgradeproxy.__main__ import main
-from upgradeproxy.check import (
+from upgradeproxy.cli.check import (
     Diagnosis,
     Target,
     Verdict,

@@ -11,9 +11,9 @@ import pytest
 
 import upgradeproxy
 from upgradeproxy.__main__ import main
-from upgradeproxy.config import DEFAULT_LISTEN, ProxyConfig
+from upgradeproxy.cli.config import DEFAULT_LISTEN, ProxyConfig
+from upgradeproxy.cli.tap import Options
 from upgradeproxy.registry import BadValidator, ValidatorPlugin, build_chain
-from upgradeproxy.tap import Options
 from upgradeproxy.validators import WebSocketValidator
 
 BACKEND = ["--backend", "http://127.0.0.1:9000"]
@@ -276,7 +276,7 @@ def test_the_version_is_the_one_in_pyproject(capsys: pytest.CaptureFixture[str])
 
 def test_importing_the_package_leaves_the_command_line_and_the_version_lookup_out() -> None:
     # A validator plugin imports upgradeproxy; the version is read on first use.
-    heavy = ("importlib.metadata", "prometheus_client", "upgradeproxy.tap", "twisted.scripts")
+    heavy = ("importlib.metadata", "prometheus_client", "upgradeproxy.cli.tap", "twisted.scripts")
     script = f"import sys, upgradeproxy; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60

@@ -21,8 +21,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from upgradeproxy.config import ProxyConfig, RouteConfig, dump_config
-from upgradeproxy.workers import CANNOT_START, RESTART_DELAY, WorkerPool
+from upgradeproxy.cli.config import ProxyConfig, RouteConfig, dump_config
+from upgradeproxy.cli.workers import CANNOT_START, RESTART_DELAY, WorkerPool
 
 pytestmark = pytest.mark.loopback
 
@@ -96,7 +96,7 @@ def test_a_worker_that_cannot_serve_exits_with_its_reason(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "upgradeproxy.workers",
+            "upgradeproxy.cli.workers",
             "--fd",
             f"{unused_fd}:2",
             "--config",
@@ -119,7 +119,7 @@ def test_a_failure_once_running_exits_with_status_1(tmp_path: Path) -> None:
         "import sys\n"
         "from twisted.internet import reactor\n"
         "from twisted.logger import globalLogBeginner, textFileLogObserver\n"
-        "from upgradeproxy.service import fail_while_running\n"
+        "from upgradeproxy.cli.service import fail_while_running\n"
         "globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])\n"
         "reactor.callWhenRunning(fail_while_running, 'cannot listen on x: no')\n"
         "reactor.run()\n"

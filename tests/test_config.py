@@ -11,11 +11,9 @@ import pytest
 import trustme
 from twisted.internet import reactor
 
-from upgradeproxy._tomllines import KeyLines
-from upgradeproxy._values import parse_size
-from upgradeproxy.address import BadBackend, parse_backend
-from upgradeproxy.balancer import HealthCheck, Policy
-from upgradeproxy.config import (
+from upgradeproxy.cli._tomllines import KeyLines
+from upgradeproxy.cli._values import parse_size
+from upgradeproxy.cli.config import (
     AccessLogConfig,
     ConfigError,
     ProxyConfig,
@@ -26,6 +24,8 @@ from upgradeproxy.config import (
     parse_config,
     undump_config,
 )
+from upgradeproxy.core.address import BadBackend, parse_backend
+from upgradeproxy.core.balancer import HealthCheck, Policy
 from upgradeproxy.registry import BadValidator, build_chain
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "upgradeproxy.toml"

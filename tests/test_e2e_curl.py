@@ -26,7 +26,7 @@ from loopback import Loopback, Proxy, free_port
 from twisted.internet.threads import deferToThread
 
 from upgradeproxy import ProxySettings
-from upgradeproxy.backend import BackendSettings
+from upgradeproxy.core._backend import BackendSettings
 from upgradeproxy.demo import PAGE
 
 pytestmark = pytest.mark.loopback

@@ -42,7 +42,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTim
 from twisted.logger import globalLogBeginner, globalLogPublisher
 from zope.interface import implementer
 
-from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings, splice
+from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings
+from upgradeproxy.core import _splice as splice
 from upgradeproxy.testing import ProxyHarness
 
 GET = b"GET /page HTTP/1.1\r\nHost: a\r\n\r\n"

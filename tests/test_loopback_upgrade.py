@@ -33,7 +33,8 @@ from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from upgradeproxy import ProxySettings, splice
+from upgradeproxy import ProxySettings
+from upgradeproxy.core import _splice as splice
 
 pytestmark = pytest.mark.loopback
 

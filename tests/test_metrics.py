@@ -20,14 +20,14 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from upgradeproxy.metrics import (
+from upgradeproxy.ops.metrics import (
     SnapshotCollector,
     SnapshotSource,
     SnapshotWriter,
     metrics_site,
     read_snapshots,
 )
-from upgradeproxy.status import MAX_TUNNEL_ROWS, format_bytes, format_duration, render_status
+from upgradeproxy.ops.status import MAX_TUNNEL_ROWS, format_bytes, format_duration, render_status
 
 NOW = 1_000_000.0
 

@@ -19,16 +19,16 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from upgradeproxy import BackendSettings, ProxySettings
-from upgradeproxy.accesslog import (
+from upgradeproxy.core._backend import BackendConnection, BackendPool
+from upgradeproxy.core.accesslog import (
     NAMESPACE,
     AccessLog,
     RequestRecord,
     TunnelRecord,
     access_log_to,
 )
-from upgradeproxy.backend import BackendConnection, BackendPool
-from upgradeproxy.balancer import Policy, describe_connect_failure
-from upgradeproxy.routing import Router, host_name
+from upgradeproxy.core.balancer import Policy, describe_connect_failure
+from upgradeproxy.core.routing import Router, host_name
 from upgradeproxy.testing import MemoryTransport, ProxyHarness
 
 

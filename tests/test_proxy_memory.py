@@ -644,7 +644,7 @@ def test_an_eof_inside_a_body_waiting_for_its_backend_still_ends_the_exchange() 
 
 
 def test_the_access_record_of_an_error_response_counts_its_body_bytes() -> None:
-    from upgradeproxy.accesslog import AccessLog
+    from upgradeproxy.core.accesslog import AccessLog
 
     events: list[dict[str, object]] = []
     h = ProxyHarness()

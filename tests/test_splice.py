@@ -9,8 +9,9 @@ import pytest
 import pytest_twisted
 from loopback import Loopback, switching_response, upgrade_request, wait
 
-from upgradeproxy import ProxySettings, splice
-from upgradeproxy.side import Side
+from upgradeproxy import ProxySettings
+from upgradeproxy.core import _splice as splice
+from upgradeproxy.core._side import Side
 
 pytestmark = [
     pytest.mark.loopback,

@@ -44,10 +44,10 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from upgradeproxy import BackendAddress, ProxyFactory, ProxySettings, parse_backend
-from upgradeproxy.address import describe_tls_failure
-from upgradeproxy.service import build_factory
-from upgradeproxy.tap import Options
-from upgradeproxy.tlsaccept import HandshakeFailures, NoApplicationProtocol, choose_protocols_on
+from upgradeproxy.cli.service import build_factory
+from upgradeproxy.cli.tap import Options
+from upgradeproxy.core.address import describe_tls_failure
+from upgradeproxy.core.tls import HandshakeFailures, NoApplicationProtocol, choose_protocols_on
 
 pytestmark = [
     pytest.mark.loopback,

@@ -114,6 +114,7 @@ def test_a_tcp_server_endpoint_gives_what_it_listens_on() -> None:
     assert _twisted.tcp_server_parts(everywhere).interface == "::"  # type: ignore[arg-type]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # trustme and Twisted, not ours
 def test_an_ssl_endpoint_gives_its_tls_options(tmp_path: Path) -> None:
     import trustme
 

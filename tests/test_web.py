@@ -159,8 +159,8 @@ async def test_over_loopback_a_frame_sent_with_the_handshake_is_echoed() -> None
 def test_the_resource_starts_its_proxy_so_health_checks_run_and_stops_it_at_shutdown() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
-    from upgradeproxy.balancer import BackendGroup, HealthCheck, Policy
-    from upgradeproxy.routing import Route
+    from upgradeproxy.core.balancer import BackendGroup, HealthCheck, Policy
+    from upgradeproxy.core.routing import Route
 
     clock = MemoryReactorClock()
     endpoint = ScriptedBackendEndpoint()

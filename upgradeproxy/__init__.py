@@ -11,42 +11,42 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .accesslog import AccessLog
-    from .address import BackendAddress, BadBackend, parse_backend
-    from .backend import BackendSettings
-    from .balancer import BackendGroup, HealthCheck, Policy
-    from .factory import ProxyFactory
+    from .core._backend import BackendSettings
+    from .core.accesslog import AccessLog
+    from .core.address import BackendAddress, BadBackend, parse_backend
+    from .core.balancer import BackendGroup, HealthCheck, Policy
+    from .core.factory import ProxyFactory
+    from .core.proxy import Proxy, ProxySettings
+    from .core.routing import Route
     from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
-    from .proxy import Proxy, ProxySettings
     from .registry import ValidatorPlugin
-    from .routing import Route
     from .validators import AllowValidator, OriginValidator, RFC9110Validator, WebSocketValidator
     from .web import ProxyResource
 
 #: Where each public name lives (relative to this package).
 _PUBLIC = {
-    "AccessLog": ".accesslog",
+    "AccessLog": ".core.accesslog",
     "AllowValidator": ".validators",
-    "BackendAddress": ".address",
-    "BackendGroup": ".balancer",
-    "BackendSettings": ".backend",
-    "BadBackend": ".address",
-    "HealthCheck": ".balancer",
+    "BackendAddress": ".core.address",
+    "BackendGroup": ".core.balancer",
+    "BackendSettings": ".core._backend",
+    "BadBackend": ".core.address",
+    "HealthCheck": ".core.balancer",
     "IUpgradeValidator": ".interfaces",
     "IValidatorPlugin": ".interfaces",
     "OriginValidator": ".validators",
-    "Policy": ".balancer",
-    "Proxy": ".proxy",
-    "ProxyFactory": ".factory",
+    "Policy": ".core.balancer",
+    "Proxy": ".core.proxy",
+    "ProxyFactory": ".core.factory",
     "ProxyResource": ".web",
-    "ProxySettings": ".proxy",
+    "ProxySettings": ".core.proxy",
     "RFC9110Validator": ".validators",
     "Refusal": ".interfaces",
-    "Route": ".routing",
+    "Route": ".core.routing",
     "UpgradeAttempt": ".interfaces",
     "ValidatorPlugin": ".registry",
     "WebSocketValidator": ".validators",
-    "parse_backend": ".address",
+    "parse_backend": ".core.address",
 }
 
 __all__ = [

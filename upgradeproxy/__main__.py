@@ -12,7 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, check
+from . import __version__
+from .cli import check
 
 DESCRIPTION = """\
 Tools for running upgradeproxy, the HTTP/1.1 reverse proxy that gets protocol

@@ -55,7 +55,7 @@ class UpgradeAttempt:
     backend: str = ""
     #: The client's address, as in the logs.
     client: str = ""
-    #: The name of the route serving the request (see :mod:`upgradeproxy.routing`).
+    #: The name of the route serving the request (see :mod:`upgradeproxy.core.routing`).
     route: str = ""
 
     @cached_property

@@ -35,10 +35,10 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .address import BackendAddress
-from .factory import ProxyFactory
+from .core.address import BackendAddress
+from .core.factory import ProxyFactory
+from .core.proxy import ProxySettings
 from .interfaces import IUpgradeValidator
-from .proxy import ProxySettings
 
 
 class MemoryTransport(StringTransportWithDisconnection):

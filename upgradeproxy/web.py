@@ -20,8 +20,8 @@ interim responses (they are dropped). For a proxy without those limits,
 listen with :class:`~upgradeproxy.ProxyFactory` instead.
 
 Everything else is the listening proxy's: the resource drives each request
-through the same :class:`~upgradeproxy.exchange.Exchange` (routes, limits,
-validators, retries, access records), and its :class:`~upgradeproxy.proxy.Proxy`
+through the same :class:`~upgradeproxy.core._exchange.Exchange` (routes, limits,
+validators, retries, access records), and its :class:`~upgradeproxy.core.proxy.Proxy`
 runs its health checks from the moment the resource is made until the
 reactor stops.
 """
@@ -36,18 +36,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ._twisted import detach
-from .accesslog import AccessLog
-from .address import BackendAddress
-from .backend import BackendConnection
-from .exchange import Exchange
-from .handover import Handover
+from .core._backend import BackendConnection
+from .core._exchange import Exchange
+from .core._handover import Handover
+from .core._rewrite import VIA, ClientHop, error_body
+from .core._side import Side
+from .core._tunnel import Tunnel
+from .core.accesslog import AccessLog
+from .core.address import BackendAddress
+from .core.proxy import Proxy, ProxySettings
+from .core.routing import Route
 from .http1 import BodyKind, Framing, Headers, RequestHead, ResponseHead
 from .interfaces import IUpgradeValidator
-from .proxy import Proxy, ProxySettings
-from .rewrite import VIA, ClientHop, error_body
-from .routing import Route
-from .side import Side
-from .tunnel import Tunnel
 
 #: Request fields that twisted.web consumed: it has decoded the body already.
 _FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
@@ -56,7 +56,7 @@ _FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
 class ProxyResource(Resource):
     """A twisted.web resource that proxies everything under it.
 
-    The arguments are those of :class:`~upgradeproxy.proxy.Proxy` (one
+    The arguments are those of :class:`~upgradeproxy.core.proxy.Proxy` (one
     ``backend`` with its ``validators``, or ``routes``); give ``proxy``
     instead to share one with a listening factory.
     """

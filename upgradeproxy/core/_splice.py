@@ -35,10 +35,10 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._twisted import take_pending_output, writes_open
+from .._twisted import take_pending_output, writes_open
 
 if TYPE_CHECKING:
-    from .side import Side
+    from ._side import Side
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 

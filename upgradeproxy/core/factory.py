@@ -1,4 +1,4 @@
-"""The listening door: a Twisted server factory around a :class:`~upgradeproxy.proxy.Proxy`."""
+"""The listening door: a Twisted server factory around a :class:`~upgradeproxy.core.proxy.Proxy`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
+from ..interfaces import IUpgradeValidator
+from ._client import ClientConnection
 from .accesslog import AccessLog
 from .address import BackendAddress
-from .client import ClientConnection
-from .interfaces import IUpgradeValidator
 from .proxy import Proxy, ProxySettings
 from .routing import Route
-from .tlsaccept import APPLICATION_PROTOCOLS
+from .tls import APPLICATION_PROTOCOLS
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -34,7 +34,7 @@ class ProxyFactory(ServerFactory):
         factory = ProxyFactory(backend)
         endpoints.serverFromString(reactor, "tcp:8080").listen(factory)
 
-    The arguments are those of :class:`~upgradeproxy.proxy.Proxy`, which the
+    The arguments are those of :class:`~upgradeproxy.core.proxy.Proxy`, which the
     factory builds and keeps as :attr:`proxy` (give ``proxy`` instead to
     listen with one you built). The proxy starts with the factory (its
     health checks run) and stops with it.

@@ -28,10 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._twisted import send_now, tcp_client_parts
-from .failures import describe_close
-from .flow import no_delay
-from .http1 import (
+from .._twisted import send_now, tcp_client_parts
+from ..http1 import (
     BodyDecoder,
     BodyKind,
     Framing,
@@ -41,8 +39,10 @@ from .http1 import (
     response_framing,
     response_keeps_alive,
 )
-from .side import Side
-from .tunnel import Tunnel
+from ._failures import describe_close
+from ._flow import no_delay
+from ._side import Side
+from ._tunnel import Tunnel
 
 
 @dataclass(frozen=True, slots=True)

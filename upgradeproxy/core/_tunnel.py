@@ -23,10 +23,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-from .failures import describe_close
-from .flow import unregister_producer
-from .side import Side
-from .splice import SplicePump, can_splice
+from ._failures import describe_close
+from ._flow import unregister_producer
+from ._side import Side
+from ._splice import SplicePump, can_splice
 
 #: The idle check runs this often, as a share of the idle timeout.
 _IDLE_CHECK = 0.25
@@ -112,7 +112,7 @@ class Tunnel:
 
     @property
     def spliced(self) -> bool:
-        """True when the kernel moves this tunnel's bytes (see :mod:`upgradeproxy.splice`)."""
+        """True when the kernel moves this tunnel's bytes (see :mod:`upgradeproxy.core._splice`)."""
         return self._pump is not None
 
     def transport(self, side: Side) -> ITransport:

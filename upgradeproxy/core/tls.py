@@ -40,7 +40,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._twisted import tls_server_options
+from .._twisted import tls_server_options
 from .address import openssl_reasons
 
 log = Logger()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 
-from ._twisted import endpoint_port, tcp_server_parts
+from .._twisted import endpoint_port, tcp_server_parts
 
 #: How to write a server endpoint, for messages.
 ENDPOINT_USAGE = "write a Twisted server endpoint, such as tcp:8080 or tcp:8080:interface=127.0.0.1"

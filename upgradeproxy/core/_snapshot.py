@@ -2,7 +2,7 @@
 
 :class:`ProxyStats` holds the counters since the start; :func:`take_snapshot`
 turns them and the live tunnels and backends into the JSON-ready dictionary
-that :mod:`upgradeproxy.metrics` and :mod:`upgradeproxy.status` read (with
+that :mod:`upgradeproxy.ops.metrics` and :mod:`upgradeproxy.ops.status` read (with
 ``--workers``, each worker's snapshot crosses a pipe as JSON).
 """
 
@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._side import Side
+from ._tunnel import Tunnel
 from .balancer import Backend
 from .routing import Route
-from .side import Side
-from .tunnel import Tunnel
 
 #: Refusals kept for the status page.
 RECENT_REFUSALS = 100

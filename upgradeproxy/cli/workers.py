@@ -3,7 +3,7 @@
 The parent process opens one listening socket per worker and address, all
 bound to the same address with ``SO_REUSEPORT`` (the kernel then spreads new
 connections evenly over them), starts each worker with
-``python -m upgradeproxy.workers`` and hands it its sockets and the
+``python -m upgradeproxy.cli.workers`` and hands it its sockets and the
 configuration, already checked (workers do not read the command line). The parent
 serves nothing itself: it re-emits its workers' log events (they write them
 to it as JSON lines, tagged with their PID), restarts a worker that dies, and
@@ -32,8 +32,8 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from ..core.accesslog import NAMESPACE
 from ._endpoints import ListenAddress
-from .accesslog import NAMESPACE
 from .service import StartFailed
 
 log = Logger()
@@ -55,7 +55,7 @@ def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[so
 
     All sockets of one address share it with ``SO_REUSEPORT``; port 0 is
     resolved once, by the first, and reused by the others. An address that
-    cannot be bound raises :class:`~upgradeproxy.service.StartFailed`.
+    cannot be bound raises :class:`~upgradeproxy.cli.service.StartFailed`.
     """
     per_worker: list[list[socket.socket]] = [[] for _ in range(count)]
     for address in addresses:
@@ -144,7 +144,7 @@ class WorkerPool(Service):
         cannot_start: Callable[[str], None],
     ) -> None:
         """``config`` gives the configuration a worker is started with, as
-        :func:`~upgradeproxy.config.dump_config` writes it; ``snapshots`` is a
+        :func:`~upgradeproxy.cli.config.dump_config` writes it; ``snapshots`` is a
         directory where workers write their state for metrics; ``cannot_start``
         is called with one line when a worker cannot start."""
         self._reactor = reactor
@@ -163,7 +163,7 @@ class WorkerPool(Service):
 
     def _spawn(self, slot: int) -> None:
         fds = [sock.fileno() for sock in self._sockets[slot]]
-        argv = [sys.executable, "-m", "upgradeproxy.workers"]
+        argv = [sys.executable, "-m", "upgradeproxy.cli.workers"]
         for fd, sock in zip(fds, self._sockets[slot], strict=True):
             argv += ["--fd", f"{fd}:{int(sock.family)}"]
         if self._snapshots is not None:
@@ -258,11 +258,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor, stdio
 
+    from ..ops.metrics import SnapshotWriter
     from .config import undump_config
-    from .metrics import SnapshotWriter
     from .service import build_factory, open_access_log
 
-    parser = argparse.ArgumentParser(prog="python -m upgradeproxy.workers")
+    parser = argparse.ArgumentParser(prog="python -m upgradeproxy.cli.workers")
     parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
     parser.add_argument("--snapshots", help="directory to write this worker's state to")
     parser.add_argument("--slot", default="0", help="this worker's number")

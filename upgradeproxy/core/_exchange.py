@@ -5,11 +5,11 @@ An :class:`Exchange` applies the proxy's rules to one request: admission
 connection fails before any byte was sent, the request body limit, the
 backend's answer (interim, final or ``101``), the switch decision, and the
 access record. It is the backend connection's
-:class:`~upgradeproxy.backend.ResponseSink`.
+:class:`~upgradeproxy.core._backend.ResponseSink`.
 
 It never touches the client's wire. It talks to its front door through the
 small :class:`ClientSide` interface: the HTTP/1.1 connection
-(:mod:`upgradeproxy.client`) and the twisted.web resource
+(:mod:`upgradeproxy.core._client`) and the twisted.web resource
 (:mod:`upgradeproxy.web`) each implement it, and each turns the exchange's
 calls into bytes or twisted.web calls of its own.
 """
@@ -22,17 +22,7 @@ from typing import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .accesslog import RequestRecord
-from .backend import BackendConnection, BackendFailure
-from .balancer import (
-    Backend,
-    FailedConnection,
-    connect_advice,
-    describe_connect_failure,
-    unreachable_answer,
-)
-from .handover import Handover
-from .http1 import (
+from ..http1 import (
     LAST_CHUNK,
     BodyKind,
     Framing,
@@ -43,11 +33,21 @@ from .http1 import (
     is_upgrade_request,
     request_framing,
 )
-from .interfaces import Refusal, UpgradeAttempt
+from ..interfaces import Refusal, UpgradeAttempt
+from ._backend import BackendConnection, BackendFailure
+from ._handover import Handover
+from ._rewrite import ClientHop, request_for_backend, split_target, without_h2c
+from ._tunnel import Tunnel
+from .accesslog import RequestRecord
+from .balancer import (
+    Backend,
+    FailedConnection,
+    connect_advice,
+    describe_connect_failure,
+    unreachable_answer,
+)
 from .proxy import Proxy
-from .rewrite import ClientHop, request_for_backend, split_target, without_h2c
 from .routing import Route, host_name
-from .tunnel import Tunnel
 
 log = Logger()
 

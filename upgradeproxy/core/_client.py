@@ -10,7 +10,7 @@ response) or the first bytes of a switched protocol (when it answers
 ``101``), which are replayed into the backend in the same reactor turn as
 the switch.
 
-The rules of each request live in its :class:`~upgradeproxy.exchange.Exchange`;
+The rules of each request live in its :class:`~upgradeproxy.core._exchange.Exchange`;
 this module only carries them out on an HTTP/1.1 connection.
 """
 
@@ -30,12 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._twisted import send_now
-from .backend import BackendConnection
-from .exchange import Exchange, log_error_response
-from .flow import ReadGate, no_delay, unregister_producer
-from .handover import Handover
-from .http1 import (
+from .._twisted import send_now
+from ..http1 import (
     LAST_CHUNK,
     BodyDecoder,
     BodyKind,
@@ -46,16 +42,20 @@ from .http1 import (
     encode_chunk,
     request_keeps_alive,
 )
-from .proxy import Proxy
-from .rewrite import (
+from ._backend import BackendConnection
+from ._exchange import Exchange, log_error_response
+from ._flow import ReadGate, no_delay, unregister_producer
+from ._handover import Handover
+from ._rewrite import (
     ClientHop,
     error_body,
     error_response,
     interim_for_client,
     response_for_client,
 )
-from .side import Side
-from .tunnel import Tunnel
+from ._side import Side
+from ._tunnel import Tunnel
+from .proxy import Proxy
 
 # Reasons for which the client's reads are paused.
 _BACKEND_FULL = "backend send buffer full"

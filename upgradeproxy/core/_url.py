@@ -1,7 +1,7 @@
 """Splitting an ``http://``-like URL into what a connection needs.
 
-``--backend`` URLs (:mod:`upgradeproxy.address`) and ``upgradeproxy check``
-URLs (:mod:`upgradeproxy.check`) share these checks; each caller turns a
+``--backend`` URLs (:mod:`upgradeproxy.core.address`) and ``upgradeproxy check``
+URLs (:mod:`upgradeproxy.cli.check`) share these checks; each caller turns a
 :class:`BadUrl` into its own message, with its own advice on what to write.
 """
 

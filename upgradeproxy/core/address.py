@@ -38,7 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._twisted import client_endpoint_location
+from .._twisted import client_endpoint_location
 from ._url import BadUrl, HttpUrl, UrlProblem, split_http_url
 
 _USAGE = (

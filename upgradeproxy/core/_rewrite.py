@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
-from .http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
+from ..http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
 
 VIA = b"1.1 upgradeproxy"
 

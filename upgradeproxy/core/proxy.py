@@ -4,9 +4,9 @@ It owns the routes, the validator chains, admission and limits, the
 registries of client connections and tunnels, the moment of a switch
 (:meth:`Proxy.start_tunnel`), graceful shutdown and the snapshot that
 metrics and the status page read. It never reads or writes a client
-connection: the front doors (:mod:`upgradeproxy.client`,
+connection: the front doors (:mod:`upgradeproxy.core._client`,
 :mod:`upgradeproxy.web`) do, each through an
-:class:`~upgradeproxy.exchange.Exchange` per request.
+:class:`~upgradeproxy.core._exchange.Exchange` per request.
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from ..http1 import RequestHead
+from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
+from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
+from ._backend import BackendConnection, BackendPool, BackendSettings
+from ._handover import Handover
+from ._rewrite import switch_for_client
+from ._side import Side
+from ._snapshot import ProxyStats, take_snapshot
+from ._tunnel import Tunnel, TunnelStats
 from .accesslog import AccessLog, RequestRecord, TunnelRecord
 from .address import BackendAddress, describe_endpoint
-from .backend import BackendConnection, BackendPool, BackendSettings
 from .balancer import Backend, BackendGroup, Policy
-from .handover import Handover
-from .http1 import RequestHead
-from .interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
-from .rewrite import switch_for_client
 from .routing import Route, Router
-from .side import Side
-from .snapshot import ProxyStats, take_snapshot
-from .tlsaccept import HandshakeFailures
-from .tunnel import Tunnel, TunnelStats
-from .validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
+from .tls import HandshakeFailures
 
 #: Seconds given to connections still closing after the shutdown grace period.
 CLOSE_MARGIN = 2.0
@@ -316,7 +316,7 @@ class Proxy:
         ``101`` to the client, then ``early_data`` (what the backend sent
         right behind its ``101`` head), then replay the client's held bytes
         (``client.held``, which nobody parsed) into the backend, then hand
-        both connections to a :class:`~upgradeproxy.tunnel.Tunnel`.
+        both connections to a :class:`~upgradeproxy.core._tunnel.Tunnel`.
         ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
         client connection's events to the tunnel; it is called before the
         tunnel starts, because starting may already end it (a client that

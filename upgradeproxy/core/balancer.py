@@ -42,10 +42,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..http1 import HeadReader, ProtocolError
+from ._backend import SPEAKS_HTTP2, BackendPool, BackendSettings, speaks_http2
+from ._failures import describe_close
 from .address import BackendAddress, describe_tls_failure
-from .backend import SPEAKS_HTTP2, BackendPool, BackendSettings, speaks_http2
-from .failures import describe_close
-from .http1 import HeadReader, ProtocolError
 
 
 class Policy(enum.Enum):
@@ -74,7 +74,7 @@ class HealthCheck:
 def describe_connect_failure(reason: Failure) -> str:
     """Why a connection attempt failed, in a few words ("Connection refused").
 
-    A TLS failure says what to change (see :func:`~upgradeproxy.address.describe_tls_failure`).
+    A TLS failure says what to change (see :func:`~upgradeproxy.core.address.describe_tls_failure`).
     """
     tls = describe_tls_failure(reason)
     if tls is not None:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import TextIO
 from urllib.parse import quote, urljoin
 
-from ._url import BadUrl, UrlProblem, split_http_url
-from .http1 import (
+from ..core._url import BadUrl, UrlProblem, split_http_url
+from ..http1 import (
     BodyKind,
     Headers,
     ProtocolError,
@@ -42,9 +42,9 @@ from .http1 import (
     parse_response_head,
     response_framing,
 )
-from .interfaces import Refusal, UpgradeAttempt
-from .registry import DEFAULT_CHAIN
-from .validators import (
+from ..interfaces import Refusal, UpgradeAttempt
+from ..registry import DEFAULT_CHAIN
+from ..validators import (
     RFC9110_RULES,
     WEBSOCKET_RULES,
     Rule,

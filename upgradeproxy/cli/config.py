@@ -3,7 +3,7 @@
 Every value here is already checked and resolved: a route carries its own
 timeouts and limits, with the file's top-level values filled in where the
 route says nothing. Nothing in this module opens a socket or starts a timer;
-the twistd glue (:mod:`upgradeproxy.tap`) turns a :class:`ProxyConfig` into
+the twistd glue (:mod:`upgradeproxy.cli.tap`) turns a :class:`ProxyConfig` into
 running services.
 
 The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
@@ -82,13 +82,13 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from ..core.address import BadBackend, parse_backend
+from ..core.balancer import HealthCheck, Policy
+from ..interfaces import IValidatorPlugin
+from ..registry import DEFAULT_CHAIN, BadValidator, build_chain, installed_validators
 from . import _values
 from ._endpoints import ENDPOINT_USAGE, NotAnEndpoint, check_server_endpoint
 from ._tomllines import BARE_KEY, KeyLines, Path
-from .address import BadBackend, parse_backend
-from .balancer import HealthCheck, Policy
-from .interfaces import IValidatorPlugin
-from .registry import DEFAULT_CHAIN, BadValidator, build_chain, installed_validators
 
 #: Loopback, like everything else unless another interface is named: a proxy
 #: is put in front of the world on purpose, never by default.
@@ -147,7 +147,7 @@ class ProxyConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     #: Server endpoint for Prometheus metrics and the status page; None: off.
     metrics: str | None = None
-    #: Worker processes (see :mod:`upgradeproxy.workers`).
+    #: Worker processes (see :mod:`upgradeproxy.cli.workers`).
     workers: int = 1
     access_log: AccessLogConfig = AccessLogConfig()
     #: Seconds a client may take to send a request head (408 after).
@@ -423,7 +423,7 @@ class _Table:
 
 
 def _checked(parse: Callable[[Any], Any]) -> _Convert:
-    """A converter from one of :mod:`upgradeproxy._values`' parsers."""
+    """A converter from one of :mod:`upgradeproxy.cli._values`' parsers."""
 
     def convert(value: Any, context: _Context) -> Any:
         try:

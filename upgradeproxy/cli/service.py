@@ -1,4 +1,4 @@
-"""From a :class:`~upgradeproxy.config.ProxyConfig` to running Twisted services.
+"""From a :class:`~upgradeproxy.cli.config.ProxyConfig` to running Twisted services.
 
 :func:`build_factory` builds the routes, backend groups and validators a
 configuration describes; :class:`ProxyService` listens with the factory and,
@@ -23,16 +23,16 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReact
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .accesslog import AccessLog, access_log_to
-from .address import BackendAddress, parse_backend
-from .backend import BackendSettings
-from .balancer import BackendGroup
+from ..core._backend import BackendSettings
+from ..core.accesslog import AccessLog, access_log_to
+from ..core.address import BackendAddress, parse_backend
+from ..core.balancer import BackendGroup
+from ..core.factory import ProxyFactory
+from ..core.proxy import ProxySettings
+from ..core.routing import Route
+from ..core.tls import choose_protocols_on
+from ..registry import build_chain
 from .config import ProxyConfig, RouteConfig
-from .factory import ProxyFactory
-from .proxy import ProxySettings
-from .registry import build_chain
-from .routing import Route
-from .tlsaccept import choose_protocols_on
 
 log = Logger()
 
@@ -199,7 +199,7 @@ class ProxyService(MultiService):
 
     The addresses are bound when the service is made (see :func:`listen_now`).
     Stopping (SIGTERM or SIGINT under twistd) closes the listeners first,
-    then waits for :meth:`~upgradeproxy.proxy.Proxy.drain`, so the
+    then waits for :meth:`~upgradeproxy.core.proxy.Proxy.drain`, so the
     process exits within the grace period plus a short margin.
     """
 
@@ -235,7 +235,7 @@ def metrics_service(
     description: str, reactor: Any, source: Callable[[], list[tuple[str | None, dict[str, Any]]]]
 ) -> Service:
     """A service serving metrics and the status page on ``description``, bound at once."""
-    from .metrics import metrics_site
+    from ..ops.metrics import metrics_site
 
     return _Listening(listen_now(reactor, description, metrics_site(source)))
 

@@ -1,6 +1,6 @@
 """Where each key of a TOML document is written: the line numbers tomllib does not give.
 
-:mod:`upgradeproxy.config` names the line of every mistake it reports; this
+:mod:`upgradeproxy.cli.config` names the line of every mistake it reports; this
 module finds those lines. It reads only documents that tomllib accepted.
 """
 

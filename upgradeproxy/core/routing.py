@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..http1 import RequestHead
+from ..interfaces import IUpgradeValidator
+from ._rewrite import split_target
 from .balancer import BackendGroup
-from .http1 import RequestHead
-from .interfaces import IUpgradeValidator
-from .rewrite import split_target
 
 
 @dataclass(eq=False, slots=True)

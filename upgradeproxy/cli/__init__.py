@@ -1,0 +1,2 @@
+"""The command line: twistd options, the configuration file, the services it starts,
+``--workers``, and the ``upgradeproxy check`` tool."""
