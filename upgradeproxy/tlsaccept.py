@@ -17,12 +17,13 @@ which names the offer and reaches ``connectionLost`` as the reason.
 per client address per interval.
 
 This is the one place that relies on details of Twisted's TLS rather than
-its interfaces (the Twisted versions it was checked against are pinned in
-pyproject.toml, and ``tests/test_tls.py`` fails loudly when they change):
+its interfaces, checked against the releases in :data:`TWISTED_RANGE` (as
+pinned in pyproject.toml); :func:`endpoint_certificate_options` checks them
+and ``tests/test_tls.py`` fails loudly when they change:
 
 * ``SSL4ServerEndpoint._sslContextFactory``: the ``CertificateOptions`` an
   ``ssl:`` endpoint string was parsed into, whose ``getContext()`` is the
-  cached context its connections use (checked by :func:`choose_protocols_on`);
+  cached context its connections use;
 * ``TLSMemoryBIOProtocol`` makes itself the app data of its OpenSSL
   connection, as Twisted's own ALPN callback also assumes.
 """
@@ -96,8 +97,31 @@ def select_protocol(connection: SSL.Connection, offered: list[bytes]) -> bytes:
     raise NoApplicationProtocol(offered, spoken)
 
 
+#: The Twisted releases the details above were checked against (as pinned in pyproject.toml).
+TWISTED_RANGE = ">=26.10,<27"
+_CHECKED_FROM, _CHECKED_BEFORE = (26, 10), (27, 0)  # TWISTED_RANGE as releases
+
+
 class UnsupportedTwisted(RuntimeError):
     """Twisted's TLS endpoint changed in a way :func:`choose_protocols_on` cannot work with."""
+
+
+def endpoint_certificate_options(endpoint: SSL4ServerEndpoint) -> object:
+    """The context factory an ``ssl:`` server endpoint listens with (a private attribute).
+
+    Raises :class:`UnsupportedTwisted` outside :data:`TWISTED_RANGE` or when
+    the attribute is gone.
+    """
+    import twisted
+
+    release = tuple(int(part) for part in twisted.__version__.split(".")[:2])
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if not _CHECKED_FROM <= release < _CHECKED_BEFORE or options is None:
+        raise UnsupportedTwisted(
+            f"upgradeproxy's ALPN selection was checked with Twisted {TWISTED_RANGE}, "
+            f"not {twisted.__version__}, whose ssl: endpoint it cannot reach into"
+        )
+    return options
 
 
 def choose_protocols_on(endpoint: IStreamServerEndpoint) -> None:
@@ -110,14 +134,7 @@ def choose_protocols_on(endpoint: IStreamServerEndpoint) -> None:
     """
     if not isinstance(endpoint, SSL4ServerEndpoint):
         return
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if options is None:
-        import twisted
-
-        raise UnsupportedTwisted(
-            f"upgradeproxy's ALPN selection does not support Twisted {twisted.__version__}: "
-            "its ssl: endpoint has no _sslContextFactory"
-        )
+    options = endpoint_certificate_options(endpoint)
     if isinstance(options, CertificateOptions):
         # Cached: the context the endpoint's connections are made with.
         options.getContext().set_alpn_select_callback(select_protocol)
@@ -141,6 +158,10 @@ def describe_handshake_failure(reason: Failure) -> str | None:
     said = ", ".join(reasons) or "no reason given"
     if "http request" in reasons:
         return "it sent plain HTTP to a TLS port: it should use https://"
+    if "unsupported protocol" in reasons:
+        return f"it offered only TLS versions this proxy does not accept ({said})"
+    if "wrong version number" in reasons:
+        return f"it did not start a TLS handshake ({said})"
     if any(r.startswith(("sslv3 alert", "tlsv1 alert")) for r in reasons):
         return f"the client refused the handshake ({said})"
     return f"TLS failed ({said})"
