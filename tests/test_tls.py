@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
+from e2e_support import ssl_listen_description
 from loopback import (
     HOST,
     TIMEOUT,
@@ -113,14 +114,9 @@ async def ports(loopback: Loopback) -> AsyncIterator[list[IListeningPort]]:
     )
 
 
-def _escape(path: Path) -> str:
-    return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-
 def ssl_listen(pems: Pems, port: int = 0) -> str:
     """An ``ssl:`` server endpoint on 127.0.0.1 with ``pems``' certificate."""
-    key, cert = _escape(pems.key), _escape(pems.cert)
-    return f"ssl:{port}:interface={HOST}:privateKey={key}:certKey={cert}"
+    return ssl_listen_description(pems.key, pems.cert, port)
 
 
 async def listen(ports: list[IListeningPort], factory: Factory, pems: Pems | None) -> int:
