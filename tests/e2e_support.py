@@ -3,8 +3,8 @@
 - :func:`demo_behind_proxy`: the demo backend and a proxy in front of it, both
   on 127.0.0.1 in the test's reactor, and both cleaned up afterwards -- the
   backend's listener is stopped only once every connection to it has closed.
-  With a :class:`ServerCertificate` the proxy listens on an ``ssl:`` endpoint,
-  as ``--listen`` sets it up.
+  With a :class:`ServerCertificate` the proxy listens on an ``ssl:`` endpoint
+  in the :class:`~upgradeproxy.service.ProxyService` that ``--listen`` makes.
 - :func:`run_bounded`: run an external program (curl, chromium, node) in its
   own process group, killing the whole group by its id on a timeout and
   whatever is left of it afterwards.
@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import trustme
-from loopback import HOST, TIMEOUT, Loopback, Proxy, eventually
+from loopback import HOST, TIMEOUT, Loopback, Proxy, eventually, free_port
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from upgradeproxy import ProxyFactory
-from upgradeproxy.core.tls import choose_protocols_on
+from upgradeproxy.cli.service import ProxyService
 from upgradeproxy.demo import DemoBackendFactory, DemoBackendProtocol
 
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -73,26 +73,31 @@ class ServerCertificate:
         issued.cert_chain_pems[0].write_to_path(str(self.cert))
         issued.private_key_pem.write_to_path(str(self.key))
 
-    def listen_description(self) -> str:
-        """An ``ssl:`` server endpoint on 127.0.0.1 with this certificate (any port)."""
-
-        def escape(path: Path) -> str:
-            return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-        return f"ssl:0:interface={HOST}:privateKey={escape(self.key)}:certKey={escape(self.cert)}"
+    def listen_description(self, port: int) -> str:
+        """An ``ssl:`` server endpoint on 127.0.0.1 with this certificate."""
+        return ssl_listen_description(self.key, self.cert, port)
 
 
-async def _listen_tls(
+def ssl_listen_description(key: Path, cert: Path, port: int = 0) -> str:
+    """An ``ssl:`` server endpoint on 127.0.0.1 with the key and certificate in these files."""
+
+    def escape(path: Path) -> str:
+        return str(path).replace("\\", "\\\\").replace(":", "\\:")
+
+    return f"ssl:{port}:interface={HOST}:privateKey={escape(key)}:certKey={escape(cert)}"
+
+
+def _listen_tls(
     loopback: Loopback, backend_port: int, tls: ServerCertificate, **proxy_kwargs: Any
-) -> tuple[Proxy, IListeningPort]:
-    """A proxy to ``backend_port`` listening with TLS, set up as ``--listen ssl:...`` is."""
+) -> tuple[Proxy, ProxyService]:
+    """A proxy to ``backend_port`` listening with TLS, in the service ``--listen ssl:...`` makes."""
     factory = ProxyFactory(TCP4ClientEndpoint(reactor, HOST, backend_port), **proxy_kwargs)
-    endpoint = serverFromString(reactor, tls.listen_description())
-    choose_protocols_on(endpoint)
-    port = await endpoint.listen(factory)
-    proxy = Proxy(factory, port.getHost().port)
+    port = free_port()
+    service = ProxyService(factory, [tls.listen_description(port)], reactor=reactor, grace=0)
+    service.startService()  # an ssl: endpoint listens at once, or raises
+    proxy = Proxy(factory, port)
     loopback.proxies.append(proxy)
-    return proxy, port
+    return proxy, service
 
 
 @contextlib.asynccontextmanager
@@ -110,16 +115,16 @@ async def demo_behind_proxy(
     """
     demo = TrackedDemoBackend()
     port: IListeningPort = reactor.listenTCP(0, demo, interface=HOST)
-    tls_port: IListeningPort | None = None
+    service: ProxyService | None = None
     try:
         if tls is None:
             yield loopback.proxy(port.getHost().port, **proxy_kwargs)
         else:
-            proxy, tls_port = await _listen_tls(loopback, port.getHost().port, tls, **proxy_kwargs)
+            proxy, service = _listen_tls(loopback, port.getHost().port, tls, **proxy_kwargs)
             yield proxy
     finally:
-        if tls_port is not None:
-            await tls_port.stopListening()
+        if service is not None:
+            await service.stopService()
         for proxy in loopback.proxies:
             proxy.factory.proxy.pool.close_idle()
         try:

@@ -11,14 +11,17 @@ Python's ``ssl`` module, driven in a thread like :class:`loopback.Client`.
 
 from __future__ import annotations
 
+import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 import trustme
+from e2e_support import ssl_listen_description
 from loopback import (
     HOST,
     TIMEOUT,
@@ -31,6 +34,7 @@ from loopback import (
     Response,
     echo_app,
     eventually,
+    free_port,
     upgrade_request,
     wait,
 )
@@ -44,7 +48,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from upgradeproxy import BackendAddress, ProxyFactory, ProxySettings, parse_backend
-from upgradeproxy.cli.service import build_factory
+from upgradeproxy.cli.service import ProxyService, build_factory
 from upgradeproxy.cli.tap import Options
 from upgradeproxy.core.address import describe_tls_failure
 from upgradeproxy.core.tls import HandshakeFailures, NoApplicationProtocol, choose_protocols_on
@@ -53,6 +57,8 @@ pytestmark = [
     pytest.mark.loopback,
     # Twisted's ssl: server endpoint still hands pyOpenSSL objects to OpenSSL.
     pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning"),
+    # A client that offers only TLS 1.0 and 1.1, on purpose.
+    pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning"),
 ]
 
 PAYLOAD = bytes(range(256)) * 4
@@ -103,18 +109,14 @@ async def ports(loopback: Loopback) -> AsyncIterator[list[IListeningPort]]:
     )
 
 
-def _escape(path: Path) -> str:
-    return str(path).replace("\\", "\\\\").replace(":", "\\:")
+def ssl_listen(pems: Pems, port: int = 0) -> str:
+    """An ``ssl:`` server endpoint on 127.0.0.1 with ``pems``' certificate."""
+    return ssl_listen_description(pems.key, pems.cert, port)
 
 
 async def listen(ports: list[IListeningPort], factory: Factory, pems: Pems | None) -> int:
     """Listen on 127.0.0.1 with TLS (``ssl:``) when ``pems`` is given, else plain TCP."""
-    if pems is None:
-        description = f"tcp:0:interface={HOST}"
-    else:
-        description = (
-            f"ssl:0:interface={HOST}:privateKey={_escape(pems.key)}:certKey={_escape(pems.cert)}"
-        )
+    description = f"tcp:0:interface={HOST}" if pems is None else ssl_listen(pems)
     endpoint = serverFromString(reactor, description)
     choose_protocols_on(endpoint)
     port = await endpoint.listen(factory)
@@ -278,7 +280,7 @@ async def test_a_client_offering_h2_and_http_1_1_over_alpn_gets_http_1_1(
     await check_tunnel(loopback, proxy, client, backend)
 
 
-def handshake_lines(events: list[dict[str, object]]) -> list[str]:
+def handshake_lines(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in events if "TLS handshake with client" in formatEvent(e)]
 
 
@@ -291,12 +293,33 @@ def connect_and_fail(port: int, ca: trustme.CA | None, alpn: list[str] | None) -
 
 def send_plain_http(port: int) -> bytes:
     """Send a plain HTTP request to a TLS port; what came back before the close."""
+    return send_bytes(port, GET)
+
+
+def send_bytes(port: int, data: bytes) -> bytes:
+    """Send ``data`` to a port and read until it closes."""
     client = Client(port)
     try:
-        client.sendall(GET)
+        client.sendall(data)
         return client.recv_to_eof()
     finally:
         client.sock.close()
+
+
+def connect_with_tls_1_1(port: int) -> str:
+    """Offer only TLS 1.0 and 1.1 (which Twisted's defaults refuse); what the client was told."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # or OpenSSL 3 will not even offer them
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with (
+        socket.create_connection((HOST, port), timeout=TIMEOUT) as sock,
+        pytest.raises(ssl.SSLError) as raised,
+    ):
+        context.wrap_socket(sock)
+    return str(raised.value)
 
 
 @pytest_twisted.ensureDeferred
@@ -319,27 +342,64 @@ async def test_a_client_offering_only_h2_is_refused_with_no_application_protocol
     await eventually(lambda: not proxy.factory.proxy.connections, what="the connection to end")
 
 
-@pytest.mark.parametrize(
-    ("case", "logged"),
-    [
-        ("unknown-ca", "the client refused the handshake (tlsv1 alert unknown ca)"),
-        ("plain-http", "it sent plain HTTP to a TLS port: it should use https://"),
-    ],
-)
+@pytest_twisted.ensureDeferred
+async def test_listen_endpoints_of_the_service_choose_http_1_1_and_refuse_only_h2(
+    loopback: Loopback, pems: Pems, ca: trustme.CA
+) -> None:
+    """``--listen ssl:...`` as twistd runs it: through :class:`ProxyService`."""
+    backend = loopback.backend(echo_app)
+    factory = ProxyFactory(plain_backend(backend))
+    port = free_port()
+    service = ProxyService(factory, [ssl_listen(pems, port)], reactor=reactor, grace=0)
+    service.startService()
+    try:
+        loopback.proxies.append(Proxy(factory, port))
+        client = await tls_client(loopback, port, ca, ["h2", "http/1.1"])
+        assert client.sock.selected_alpn_protocol() == "http/1.1"  # type: ignore[attr-defined]
+        reply = await get(loopback, client)
+        assert (reply.status, reply.body) == (200, b"you asked for /hello")
+
+        told = await loopback.run(connect_and_fail, port, ca, ["h2"])
+        assert "alert no application protocol" in told, told
+    finally:
+        await service.stopService()
+
+
+FAILED_HANDSHAKES = {
+    # The client trusts only the system's CAs.
+    "unknown-ca": (
+        lambda port: connect_and_fail(port, None, None),
+        "the client refused the handshake (tlsv1 alert unknown ca)",
+    ),
+    "old-tls-version": (
+        connect_with_tls_1_1,
+        "it offered only TLS versions this proxy does not accept (unsupported protocol)",
+    ),
+    "plain-http": (
+        send_plain_http,
+        "it sent plain HTTP to a TLS port: it should use https://",
+    ),
+    "not-tls": (
+        lambda port: send_bytes(port, b"SSH-2.0-OpenSSH_9.6\r\n"),
+        "it did not start a TLS handshake (wrong version number)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAILED_HANDSHAKES)
 @pytest_twisted.ensureDeferred
 async def test_every_failed_client_handshake_is_logged(
-    loopback: Loopback, ports: list[IListeningPort], pems: Pems, case: str, logged: str
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, case: str
 ) -> None:
+    client, logged = FAILED_HANDSHAKES[case]
     backend = loopback.backend(echo_app)
     proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
 
     with capturedLogs() as events:
-        if case == "plain-http":
-            await loopback.run(send_plain_http, proxy.port)
-        else:  # the client trusts only the system's CAs
-            await loopback.run(connect_and_fail, proxy.port, None, None)
+        await loopback.run(client, proxy.port)
         await eventually(lambda: bool(handshake_lines(events)), what="the handshake's log line")
     assert handshake_lines(events) == [f"TLS handshake with client {HOST} failed: {logged}"]
+    assert [e["log_level"] for e in events if handshake_lines([e])] == [LogLevel.info]
 
 
 # -- the handshake failure log's rate limit ----------------------------------------------------

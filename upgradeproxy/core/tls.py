@@ -127,6 +127,10 @@ def describe_handshake_failure(reason: Failure) -> str | None:
     said = ", ".join(reasons) or "no reason given"
     if "http request" in reasons:
         return "it sent plain HTTP to a TLS port: it should use https://"
+    if "unsupported protocol" in reasons:
+        return f"it offered only TLS versions this proxy does not accept ({said})"
+    if "wrong version number" in reasons:
+        return f"it did not start a TLS handshake ({said})"
     if any(r.startswith(("sslv3 alert", "tlsv1 alert")) for r in reasons):
         return f"the client refused the handshake ({said})"
     return f"TLS failed ({said})"
