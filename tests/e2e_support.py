@@ -18,20 +18,27 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 from loopback import HOST, TIMEOUT, Loopback, Proxy, eventually, free_port
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import connectionDone
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
 
 from upgradeproxy import ProxyFactory
 from upgradeproxy.cli.service import ProxyService
@@ -242,3 +249,243 @@ class BackgroundProcess:
         for reader in self._readers:
             reader.join(TIMEOUT)
         return self.stderr
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+START_TIMEOUT = 30.0
+
+
+RESULT_TIMEOUT = 30.0
+
+
+# What the page says about itself: its self-test result and the log it keeps.
+PAGE_STATE = """JSON.stringify({
+  href: location.href,
+  title: document.title,
+  result: document.getElementById("result")?.textContent ?? null,
+  resultClass: document.getElementById("result")?.className ?? null,
+  log: document.getElementById("log")?.textContent ?? null,
+})"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    for name in CHROMIUM_NAMES:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    pytest.skip("chromium is not installed (see .ci/install-e2e)")
+
+
+@contextlib.contextmanager
+def headless_chromium(
+    chromium: str, url: str, workdir: Path, options: Sequence[str] = ()
+) -> Iterator[int]:
+    """Chromium showing ``url``; yields its DevTools port, and kills it on the way out."""
+    profile = workdir / "profile"
+    log = (workdir / "chromium.log").open("wb")
+    args = [
+        chromium,
+        "--headless",
+        "--no-sandbox",  # the tests may run as root
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--no-proxy-server",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        *options,
+        url,
+    ]
+    process = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        yield devtools_port(process, profile / "DevToolsActivePort", workdir / "chromium.log")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+            log.close()
+
+
+def devtools_port(process: subprocess.Popen[bytes], active_port: Path, log: Path) -> int:
+    """The port chromium's DevTools listen on, from the file it writes when ready."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"chromium exited ({process.returncode}): {tail(log)}")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int(active_port.read_text().splitlines()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"chromium's DevTools did not start in {START_TIMEOUT}s: {tail(log)}")
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+def page_target(devtools: int) -> str:
+    """The DevTools WebSocket URL of the page chromium opened."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{devtools}/json/list", timeout=5) as response:
+        targets = json.load(response)
+    pages = [t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page"]
+    assert len(pages) == 1, targets
+    return str(pages[0])
+
+
+def evaluate(cdp: ClientConnection, call_id: int, expression: str) -> Any:
+    """Run ``Runtime.evaluate`` in the page; ``None`` if the page was between documents."""
+    cdp.send(
+        json.dumps(
+            {
+                "id": call_id,
+                "method": "Runtime.evaluate",
+                "params": {"expression": expression, "returnByValue": True},
+            }
+        )
+    )
+    while True:
+        message = json.loads(cdp.recv(timeout=10))
+        if message.get("id") == call_id:
+            break
+    result = message.get("result", {})
+    if "error" in message or "exceptionDetails" in result:
+        return None
+    return result.get("result", {}).get("value")
+
+
+def self_test_outcome(
+    chromium: str, url: str, workdir: Path, options: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Load ``url`` and wait until the page's self-test has a result; return the page's state.
+
+    ``options`` go to chromium's command line.
+    """
+    with headless_chromium(chromium, url, workdir, options) as devtools:
+        target = page_target(devtools)
+        with ws_connect(target, proxy=None, max_size=None, ping_interval=None) as cdp:
+            deadline = time.monotonic() + RESULT_TIMEOUT
+            state: dict[str, Any] = {}
+            call_id = 0
+            while time.monotonic() < deadline:
+                call_id += 1
+                value = evaluate(cdp, call_id, PAGE_STATE)
+                if value is not None:
+                    state = json.loads(value)
+                    if state["href"] == url and state["result"] not in (None, "running…"):
+                        return state
+                time.sleep(0.05)
+    raise AssertionError(f"no self-test result after {RESULT_TIMEOUT}s; the page said {state}")
+
+
+RESPONSE_TIMEOUT = 5.0
+
+
+# One line per transfer on stdout: new connections made, status, body size.
+WRITE_OUT = "%{num_connects} %{http_code} %{size_download}\\n"
+
+
+@pytest.fixture(scope="module")
+def curl() -> str:
+    path = shutil.which("curl")
+    if path is None:
+        pytest.skip("curl is not installed (see .ci/install-e2e)")
+    return path
+
+
+def transfer(url: str, *options: str | Path) -> list[str]:
+    """One transfer's arguments: verbose, no proxy from the environment, bounded."""
+    return [
+        "--silent",
+        "--show-error",
+        "--verbose",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "20",
+        "--write-out",
+        WRITE_OUT,
+        *map(str, options),
+        url,
+    ]
+
+
+async def run_curl(curl: str, *transfers: list[str]) -> tuple[list[str], str]:
+    """Run the transfers in one curl invocation (so it may reuse its connection).
+
+    Returns the write-out lines (one per transfer) and the verbose log.
+    """
+    args = [curl]
+    for i, t in enumerate(transfers):
+        args += ["--next", *t] if i else t
+    result: subprocess.CompletedProcess[bytes] = await deferToThread(run_bounded, args, 30)
+    log = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, f"curl exited with {result.returncode}:\n{log}"
+    return result.stdout.decode().splitlines(), log
+
+
+NPM_TIMEOUT = 120
+
+
+# Fewer and shorter retries than npm's default (a minute or more with no registry).
+NPM_RETRIES = [
+    "--fetch-retries=2",
+    "--fetch-retry-mintimeout=2000",
+    "--fetch-retry-maxtimeout=10000",
+]
+
+
+def _installed_ws_version() -> str | None:
+    try:
+        package = json.loads((E2E_DIR / "node_modules" / "ws" / "package.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(package.get("version"))
+
+
+def npm_error(stderr: str) -> str:
+    """The lines of npm's error output that say what went wrong (not the stack)."""
+    lines = [
+        line.removeprefix("npm error").strip()
+        for line in stderr.splitlines()
+        if line.startswith("npm error") and not line.removeprefix("npm error").startswith("  ")
+    ]
+    return "; ".join(lines[:4]) or stderr.strip()[-300:]
+
+
+@pytest.fixture(scope="session")
+def node() -> Path:
+    """The node executable, with ``ws`` installed in ``tests/e2e/node_modules``."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not installed (see .ci/install-e2e)")
+    pinned = json.loads((E2E_DIR / "package.json").read_text())["dependencies"]["ws"]
+    if _installed_ws_version() != pinned:
+        try:
+            result = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", *NPM_RETRIES],
+                cwd=E2E_DIR,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"npm ci in tests/e2e took more than {NPM_TIMEOUT}s")
+        if result.returncode != 0:
+            pytest.skip(f"npm ci in tests/e2e failed: {npm_error(result.stderr)}")
+        assert _installed_ws_version() == pinned, "npm ci did not install the pinned ws"
+    return Path(node)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from e2e_support import demo_behind_proxy, run_bounded
+from e2e_support import RESPONSE_TIMEOUT, demo_behind_proxy, run_curl, transfer
 from loopback import Loopback, Proxy, free_port
-from twisted.internet.threads import deferToThread
 
 from upgradeproxy import ProxySettings
 from upgradeproxy.core._backend import BackendSettings
@@ -31,20 +28,9 @@ from upgradeproxy.demo import PAGE
 
 pytestmark = pytest.mark.loopback
 
-RESPONSE_TIMEOUT = 5.0
-# One line per transfer on stdout: new connections made, status, body size.
-WRITE_OUT = "%{num_connects} %{http_code} %{size_download}\\n"
 EXPECT = ["Expect: 100-continue", "Expect:"]
 EXPECT_IDS = ["expect-100-continue", "no-expect"]
 UPLOAD_SIZE = 2 * 2**20 + 17
-
-
-@pytest.fixture(scope="module")
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.skip("curl is not installed (see .ci/install-e2e)")
-    return path
 
 
 @pytest_twisted.async_yield_fixture
@@ -53,37 +39,6 @@ async def demo_proxy(loopback: Loopback) -> AsyncIterator[Proxy]:
     settings = ProxySettings(backend=BackendSettings(response_timeout=RESPONSE_TIMEOUT))
     async with demo_behind_proxy(loopback, settings=settings) as proxy:
         yield proxy
-
-
-def transfer(url: str, *options: str | Path) -> list[str]:
-    """One transfer's arguments: verbose, no proxy from the environment, bounded."""
-    return [
-        "--silent",
-        "--show-error",
-        "--verbose",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "20",
-        "--write-out",
-        WRITE_OUT,
-        *map(str, options),
-        url,
-    ]
-
-
-async def run_curl(curl: str, *transfers: list[str]) -> tuple[list[str], str]:
-    """Run the transfers in one curl invocation (so it may reuse its connection).
-
-    Returns the write-out lines (one per transfer) and the verbose log.
-    """
-    args = [curl]
-    for i, t in enumerate(transfers):
-        args += ["--next", *t] if i else t
-    result: subprocess.CompletedProcess[bytes] = await deferToThread(run_bounded, args, 30)
-    log = result.stderr.decode(errors="replace")
-    assert result.returncode == 0, f"curl exited with {result.returncode}:\n{log}"
-    return result.stdout.decode().splitlines(), log
 
 
 def request_headers(log: str) -> list[str]:

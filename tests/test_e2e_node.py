@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,56 +29,7 @@ from websockets.sync.client import connect as ws_connect
 
 pytestmark = pytest.mark.loopback
 
-NPM_TIMEOUT = 120
-# Fewer and shorter retries than npm's default (a minute or more with no registry).
-NPM_RETRIES = [
-    "--fetch-retries=2",
-    "--fetch-retry-mintimeout=2000",
-    "--fetch-retry-maxtimeout=10000",
-]
 NODE_PING = "ping from node"
-
-
-def _installed_ws_version() -> str | None:
-    try:
-        package = json.loads((E2E_DIR / "node_modules" / "ws" / "package.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return str(package.get("version"))
-
-
-def npm_error(stderr: str) -> str:
-    """The lines of npm's error output that say what went wrong (not the stack)."""
-    lines = [
-        line.removeprefix("npm error").strip()
-        for line in stderr.splitlines()
-        if line.startswith("npm error") and not line.removeprefix("npm error").startswith("  ")
-    ]
-    return "; ".join(lines[:4]) or stderr.strip()[-300:]
-
-
-@pytest.fixture(scope="session")
-def node() -> Path:
-    """The node executable, with ``ws`` installed in ``tests/e2e/node_modules``."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are not installed (see .ci/install-e2e)")
-    pinned = json.loads((E2E_DIR / "package.json").read_text())["dependencies"]["ws"]
-    if _installed_ws_version() != pinned:
-        try:
-            result = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund", *NPM_RETRIES],
-                cwd=E2E_DIR,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"npm ci in tests/e2e took more than {NPM_TIMEOUT}s")
-        if result.returncode != 0:
-            pytest.skip(f"npm ci in tests/e2e failed: {npm_error(result.stderr)}")
-        assert _installed_ws_version() == pinned, "npm ci did not install the pinned ws"
-    return Path(node)
 
 
 @pytest_twisted.async_yield_fixture

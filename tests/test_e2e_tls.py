@@ -15,11 +15,18 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from e2e_support import E2E_DIR, ServerCertificate, demo_behind_proxy, run_bounded
+from e2e_support import (
+    E2E_DIR,
+    RESULT_TIMEOUT,
+    START_TIMEOUT,
+    ServerCertificate,
+    demo_behind_proxy,
+    run_bounded,
+    run_curl,
+    self_test_outcome,
+    transfer,
+)
 from loopback import Loopback, Proxy, eventually
-from test_e2e_browser import RESULT_TIMEOUT, START_TIMEOUT, chromium, self_test_outcome
-from test_e2e_curl import curl, run_curl, transfer
-from test_e2e_node import node
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
@@ -30,8 +37,6 @@ pytestmark = [
     # Twisted's ssl: server endpoint still hands pyOpenSSL objects to OpenSSL.
     pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning"),
 ]
-
-__all__ = ["chromium", "curl", "node"]  # fixtures, shared with their own modules
 
 
 @pytest.fixture

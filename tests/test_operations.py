@@ -471,3 +471,16 @@ def test_a_plain_tcp_connection_that_fails_fails_the_attempt() -> None:
     (failure,) = failures
     assert failure.check(error.TimeoutError)
     assert describe_connect_failure(failure) == "no connection within the connect timeout"
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_after_a_refused_switch_the_bytes_behind_the_request_are_not_read_as_a_request(
+    door: str,
+) -> None:
+    c = Cluster(door=door)
+    client = c.client()
+    client.send(UPGRADE + b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")
+    c.last("a").send(SWITCH.replace(b"Connection: Upgrade\r\n", b""))
+    assert status_of(client.received) == 502
+    assert client.closed or client.transport.disconnecting
+    assert client.received.count(b"HTTP/1.1 ") == 1

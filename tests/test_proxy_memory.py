@@ -683,3 +683,54 @@ def test_after_an_error_the_proxy_reads_on_for_error_linger_seconds_then_closes(
     assert transport.connected
     h.clock.advance(0.2)
     assert not transport.connected
+
+
+def _tcp_client(h: ProxyHarness) -> tuple[object, object]:
+    """A client connection on a transport that says it is TCP, so that errors linger."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.interfaces import ITCPTransport
+    from zope.interface import alsoProvides
+
+    from upgradeproxy.testing import MemoryTransport
+
+    client = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 1))
+    transport = MemoryTransport(peerAddress=IPv4Address("TCP", "192.0.2.8", 1))
+    transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+    alsoProvides(transport, ITCPTransport)
+    transport.protocol = client
+    client.makeConnection(transport)
+    return client, transport
+
+
+def test_a_response_that_overtakes_its_body_leaves_its_backend_connection_out_of_the_pool() -> None:
+    h = ProxyHarness()
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n123")
+    first = h.backend
+    first.send(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert first.closed, "the backend still waits for 7 bytes of body"
+    from upgradeproxy.testing import connect_client
+
+    client, _ = connect_client(h.factory, port=50001)  # another client of the same proxy
+    client.dataReceived(GET)
+    assert len(h.endpoint.connections) == 2, "a new connection, not the one with half a body"
+    assert not first.received.endswith(GET)
+
+
+def test_a_drain_closes_a_connection_lingering_after_an_error_at_once() -> None:
+    h = ProxyHarness()
+    client, transport = _tcp_client(h)
+    client.dataReceived(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n")  # type: ignore[attr-defined]
+    assert transport.value().startswith(b"HTTP/1.1 501 ")  # type: ignore[attr-defined]
+    assert transport.connected  # type: ignore[attr-defined]
+    h.client_transport.loseConnection()
+    fired: list[object] = []
+    h.factory.proxy.drain(30).addCallback(fired.append)
+    assert not transport.connected and fired  # type: ignore[attr-defined]
+
+
+def test_a_refused_head_gets_one_answer_even_when_its_timer_runs_out_during_the_linger() -> None:
+    h = ProxyHarness(settings=ProxySettings(request_head_timeout=1, error_linger=5))
+    client, transport = _tcp_client(h)
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n")  # type: ignore[attr-defined]
+    h.clock.advance(1.5)
+    assert transport.value().count(b"HTTP/1.1 ") == 1  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from loopback import (
     free_port,
     upgrade_request,
 )
-from test_twistd_plugin import TWISTD, Running, check_get, processes, run, start
+from twistd_support import TWISTD, Running, check_get, run, start
 from twisted.internet import reactor
 
 pytestmark = pytest.mark.loopback

@@ -324,3 +324,18 @@ def test_a_426_reaches_the_client_with_the_protocol_it_requires() -> None:
     assert received.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert b"\r\nUpgrade: websocket\r\n" in received
     assert b"\r\nConnection: upgrade\r\n" in received
+
+
+def test_a_426_through_the_resource_keeps_the_protocol_it_requires_too() -> None:
+    from support import MountedProxy
+
+    m = MountedProxy()
+    m.send(b"GET /app/ws HTTP/1.1\r\nHost: a\r\n\r\n")
+    m.backend.send(
+        b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    (head,) = m.heads()
+    assert head.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in head
+    assert b"upgrade" in head.lower().partition(b"\r\nconnection: ")[2].split(b"\r\n")[0]

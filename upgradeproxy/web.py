@@ -187,6 +187,10 @@ class _WebClientSide:
         for name, value in head.headers.end_to_end().without((b"via",)):
             headers.addRawHeader(name, value)
         headers.setRawHeaders(b"via", [b", ".join([*head.headers.get_all(b"via"), VIA])])
+        required = head.headers.get_all(b"upgrade") if head.status == 426 else []
+        if required:  # what a 426 requires, a connection option (RFC 9110 §15.5.22, §7.8)
+            headers.setRawHeaders(b"upgrade", required)
+            headers.setRawHeaders(b"connection", [b"upgrade"])
         backend = exchange.backend
         if framing.kind is not BodyKind.NONE and backend is not None:
             request.registerProducer(backend.transport, True)
@@ -212,7 +216,12 @@ class _WebClientSide:
         body = error_body(reason)
         if request.method != b"HEAD":
             request.write(body)
+        channel = request.channel  # finishing lets go of it
         self._finish()
+        # As on the listening door, nothing more is read after an error: what
+        # the client sent behind a refused upgrade is not a next request.
+        if channel is not None:
+            channel.loseConnection()
         return 0 if request.method == b"HEAD" else len(body)
 
     def cut_short(self) -> None:

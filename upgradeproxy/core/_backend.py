@@ -139,6 +139,8 @@ class BackendConnection(Protocol):
         self._method = b""
         self._decoder: BodyDecoder | None = None
         self._keep_alive = False
+        # A request body is still to come: the connection must not be reused.
+        self._body_pending = False
         self._timer: IDelayedCall | None = None
         self._tunnel: Tunnel | None = None
         self.reused = False
@@ -154,10 +156,17 @@ class BackendConnection(Protocol):
         """True while the connection is open and carries no exchange."""
         return self._state is _State.IDLE
 
-    def send_request(self, head: bytes, method: bytes, sink: ResponseSink) -> None:
-        """Write a request head and start waiting for the response head."""
+    def send_request(
+        self, head: bytes, method: bytes, sink: ResponseSink, *, body: bool = False
+    ) -> None:
+        """Write a request head and start waiting for the response head.
+
+        ``body`` says a request body follows (:meth:`send_body`, then
+        :meth:`end_body`): until it has ended, the connection is never reused.
+        """
         self._sink = sink
         self._method = method
+        self._body_pending = body
         self._state = _State.HEAD
         self._received = False
         self._start_timer()
@@ -165,6 +174,10 @@ class BackendConnection(Protocol):
 
     def send_body(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def end_body(self) -> None:
+        """The request body is complete."""
+        self._body_pending = False
 
     def enter_tunnel(self, tunnel: Tunnel) -> None:
         """From now on every byte goes to ``tunnel``, unparsed."""
@@ -322,7 +335,14 @@ class BackendConnection(Protocol):
         sink = self._sink
         self._sink = None
         self._decoder = None
-        if self._keep_alive and not self._buf and self._state is not _State.CLOSED:
+        # A response that overtook its request body leaves the backend
+        # waiting for the rest: the next request on it would be read as body.
+        if (
+            self._keep_alive
+            and not self._buf
+            and not self._body_pending
+            and self._state is not _State.CLOSED
+        ):
             self._state = _State.IDLE
             self.pool.release(self)
         else:

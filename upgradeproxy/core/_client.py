@@ -381,8 +381,8 @@ class ClientConnection(Protocol):
 
     def drain(self) -> None:
         """The proxy is shutting down: close now if idle, else after the response."""
-        if self._phase is Phase.HEAD:
-            self._close()
+        if self._phase in (Phase.HEAD, Phase.CLOSING):
+            self._close()  # idle, or lingering after an error: nothing is lost
         elif self._phase is Phase.EXCHANGE:
             self._keep_alive = False
         # A tunnel gets its grace period from the proxy itself.
@@ -395,6 +395,7 @@ class ClientConnection(Protocol):
 
     def _refuse_connection(self, status: int, reason: str) -> None:
         """Refuse what came before any request could be read (a bad head, a limit)."""
+        self._stop_head_timer()
         log_error_response(status, self.address, reason)
         self.refuse(None, status, reason)
 

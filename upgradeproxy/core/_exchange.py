@@ -257,7 +257,9 @@ class Exchange:
         if not backend.reused:
             self.route.group.connect_succeeded(upstream)
         self.backend = backend
-        backend.send_request(self.forwarded.serialize(), self.request.method, self)
+        backend.send_request(
+            self.forwarded.serialize(), self.request.method, self, body=not self.body_done
+        )
         if not self.body_done:
             self._client.body_wanted(self, backend)
 
@@ -338,6 +340,7 @@ class Exchange:
         assert backend is not None
         if self.framing.kind is BodyKind.CHUNKED:
             backend.send_body(LAST_CHUNK)
+        backend.end_body()
         self.body_done = True
 
     def refuse_large_body(self, limit: int) -> None:
