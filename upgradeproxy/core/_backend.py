@@ -145,7 +145,10 @@ class BackendConnection(Protocol):
         self._tunnel: Tunnel | None = None
         self.reused = False
         self._received = False
-        self._heads = HeadReader.responses(self._settings.max_response_head)
+        # Let go of at the switch: an idle tunnel keeps only what it uses.
+        self._heads: HeadReader[ResponseHead] | None = HeadReader.responses(
+            self._settings.max_response_head
+        )
         # Set while a TLS connection waits for its handshake (see TLSBackendConnection).
         self._handshake: Deferred[BackendConnection] | None = None
 
@@ -184,6 +187,7 @@ class BackendConnection(Protocol):
         self._state = _State.TUNNEL
         self._tunnel = tunnel
         self._sink = None
+        self._heads = self._decoder = None
 
     def abandon(self) -> None:
         """The exchange is over on the client's side: drop this connection."""
@@ -295,7 +299,9 @@ class BackendConnection(Protocol):
     def _parse_head(self) -> bool:
         """Parse one response head; False when more bytes are needed or all is done."""
         try:
-            head = self._heads.read(self._buf)
+            heads = self._heads
+            assert heads is not None, "no head is read after a switch"
+            head = heads.read(self._buf)
         except ProtocolError as e:
             reason = self._head_failure(f"malformed response from the backend: {e.reason}")
             self._fail(BackendFailure(502, reason))

@@ -38,6 +38,7 @@ from ..http1 import (
     Framing,
     HeadReader,
     ProtocolError,
+    RequestHead,
     ResponseHead,
     encode_chunk,
     request_keeps_alive,
@@ -101,7 +102,10 @@ class ClientConnection(Protocol):
         # True while the head timer measures an idle keep-alive connection.
         self._idle = False
         self._linger: IDelayedCall | None = None
-        self._heads = HeadReader.requests(self._settings.max_request_head)
+        # Let go of at the switch: an idle tunnel keeps only what it uses.
+        self._heads: HeadReader[RequestHead] | None = HeadReader.requests(
+            self._settings.max_request_head
+        )
         self.address = "unknown"
         # True from a TLS connection's start to the end of its handshake.
         self._handshaking = False
@@ -182,7 +186,9 @@ class ClientConnection(Protocol):
     def _read_head(self) -> Exchange | None:
         """Parse a request head from the buffer and start its exchange."""
         try:
-            head = self._heads.read(self._buf)
+            heads = self._heads
+            assert heads is not None, "no head is read after a switch"
+            head = heads.read(self._buf)
         except ProtocolError as e:
             self._refuse_connection(e.status, e.reason)
             return None
@@ -339,6 +345,7 @@ class ClientConnection(Protocol):
     def hand_over(self) -> Handover:
         held = bytes(self._buf)
         self._buf.clear()
+        self._heads = self._decoder = None
         self._gate.resume_all()
         self._exchange = None
         self.uncork()  # a 1xx relayed before the switch goes first
