@@ -228,7 +228,9 @@ def test_every_route_option_beside_a_file_is_named(
 def test_check_of_the_demo_names_its_backend(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parsed("--demo", "--check")
-    assert "least-conn over the built-in demo backend" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "least-conn over the built-in demo backend" in out
+    assert "1 route, 1 backend" in out
 
 
 def test_everything_listens_on_loopback_unless_told_otherwise(config_file: str) -> None:

@@ -271,7 +271,8 @@ def describe_config(config: ProxyConfig) -> str:
     its proxy-wide settings; then one line per route, with its validators
     (arguments included), timeouts, limits and health check.
     """
-    backends = sum(len(route.backends) for route in config.routes)
+    # A route with no backends listed is the built-in demo's, which is one.
+    backends = sum(len(route.backends) or 1 for route in config.routes)
     summary = [
         f"listening on {', '.join(config.listen)}",
         f"{_count(len(config.routes), 'route')}, {_count(backends, 'backend')}",
