@@ -806,7 +806,7 @@ def test_the_example_file_loads_and_describes_itself() -> None:
     config = load_config(str(EXAMPLE))
     assert describe_config(config) == "\n".join(
         [
-            f"{EXAMPLE}: OK: listening on tcp:8080; 2 routes, 5 backends; "
+            f"{EXAMPLE}: OK: listening on tcp:8080:interface=127.0.0.1; 2 routes, 5 backends; "
             "metrics on tcp:9100:interface=127.0.0.1",
             "  access log (text) to standard output; client head timeout 60 s; keep-alive "
             "timeout 60 s; shutdown grace 30 s; max connections 10000; max tunnels 10000",
