@@ -27,7 +27,12 @@ from twisted.internet.error import (
     getConnectError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -766,21 +771,29 @@ class FixedResponseFactory(Factory):
         return FixedResponse(self)
 
 
-@pytest.mark.loopback
-@pytest_twisted.ensureDeferred
-async def test_health_checks_against_a_real_server_on_loopback() -> None:
-    server = FixedResponseFactory()
+def _checked_on_loopback(
+    server: FixedResponseFactory, interval: float
+) -> tuple[IListeningPort, BackendGroup]:
+    """``server`` listening on loopback, and a group health-checking it every ``interval``."""
     port = reactor.listenTCP(0, server, interface=HOST)
     number = port.getHost().port  # type: ignore[attr-defined]
-    listening = True
     endpoint = TCP4ClientEndpoint(reactor, HOST, number, timeout=2)
     group = BackendGroup(
         [BackendAddress(endpoint, b"", f"{HOST}:{number}")],
         policy=Policy.LEAST_CONN,
         clock=reactor,
         settings=BackendSettings(),
-        health=HealthCheck(path="/healthz", interval=0.1, timeout=2.0),
+        health=HealthCheck(path="/healthz", interval=interval, timeout=2.0),
     )
+    return port, group
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_health_checks_against_a_real_server_on_loopback() -> None:
+    server = FixedResponseFactory()
+    port, group = _checked_on_loopback(server, interval=0.1)
+    listening = True
     backend = group.backends[0]
     group.start()
     try:
@@ -804,16 +817,7 @@ async def test_health_checks_against_a_real_server_on_loopback() -> None:
 async def test_health_checks_log_nothing_per_probe() -> None:
     server = FixedResponseFactory()
     server.response = OK
-    port = reactor.listenTCP(0, server, interface=HOST)
-    number = port.getHost().port  # type: ignore[attr-defined]
-    endpoint = TCP4ClientEndpoint(reactor, HOST, number, timeout=2)
-    group = BackendGroup(
-        [BackendAddress(endpoint, b"", f"{HOST}:{number}")],
-        policy=Policy.LEAST_CONN,
-        clock=reactor,
-        settings=BackendSettings(),
-        health=HealthCheck(path="/healthz", interval=0.05, timeout=2.0),
-    )
+    port, group = _checked_on_loopback(server, interval=0.05)
     try:
         with capturedLogs() as events:
             group.start()

@@ -114,7 +114,7 @@ def log_error_response(status: int, client: str, reason: str) -> None:
     level("{status} to {client}: {reason}", status=status, client=client, reason=reason)
 
 
-def no_route_reason(head: RequestHead) -> str:
+def _no_route_reason(head: RequestHead) -> str:
     """Why no route serves ``head``, naming its host and path."""
     path, authority = split_target(head.target)
     host = host_name(authority or head.headers.get(b"host")) or "(none)"
@@ -196,7 +196,9 @@ class Exchange:
         The front door keeps the exchange, then calls :meth:`connect`.
         """
         if head.method == b"CONNECT":
-            refuse(proxy, client, head, None, 501, "CONNECT is not supported by this reverse proxy")
+            refuse_request(
+                proxy, client, head, None, 501, "CONNECT is not supported by this reverse proxy"
+            )
             return None
         if not proxy.settings.forward_h2c:
             head = without_h2c(head)
@@ -205,14 +207,14 @@ class Exchange:
             upgrade = is_upgrade_request(head)
             route = proxy.router.route_for(head)
         except ProtocolError as e:
-            refuse(proxy, client, None, None, e.status, e.reason)
+            refuse_request(proxy, client, None, None, e.status, e.reason)
             return None
         if route is None:
-            refuse(proxy, client, head, None, 404, no_route_reason(head))
+            refuse_request(proxy, client, head, None, 404, _no_route_reason(head))
             return None
-        refusal = _admission_refusal(proxy, client, head, route, framing, upgrade)
+        refusal = _admission_refusal(proxy, route, framing, upgrade)
         if refusal is not None:
-            refuse(proxy, client, head, route, refusal.status, refusal.reason)
+            refuse_request(proxy, client, head, route, refusal.status, refusal.reason)
             return None
         upstream = route.group.choose(client.address)
         try:
@@ -221,7 +223,7 @@ class Exchange:
                 prefix=upstream.address.prefix,
             )  # fmt: skip
         except ProtocolError as e:
-            refuse(proxy, client, head, route, e.status, e.reason)
+            refuse_request(proxy, client, head, route, e.status, e.reason)
             return None
         if upgrade:
             attempt = UpgradeAttempt(
@@ -229,7 +231,7 @@ class Exchange:
             )
             refusal = proxy.check_request(attempt, route)
             if refusal is not None:
-                refuse(proxy, client, head, route, refusal.status, refusal.reason)
+                refuse_request(proxy, client, head, route, refusal.status, refusal.reason)
                 return None
         return cls(proxy, client, head, forwarded, framing, upgrade, route, upstream)
 
@@ -324,7 +326,8 @@ class Exchange:
             self._body_bytes += sum(map(len, chunks))
             if self._body_bytes > limit:
                 self.abandon_backend()
-                self.refuse_large_body(limit)
+                refusal = _body_over_limit(self._proxy, limit)
+                self.refuse(refusal.status, refusal.reason)
                 return False
         if self.framing.kind is BodyKind.CHUNKED:
             for chunk in chunks:
@@ -342,10 +345,6 @@ class Exchange:
             backend.send_body(LAST_CHUNK)
         backend.end_body()
         self.body_done = True
-
-    def refuse_large_body(self, limit: int) -> None:
-        self._proxy.stats.limit_rejections["max_request_body"] += 1
-        self.refuse(413, f"the request body is larger than this route's limit of {limit} bytes")
 
     # -- the backend's answer (ResponseSink) -----------------------------------------------
 
@@ -485,26 +484,26 @@ class Exchange:
 
 
 def _admission_refusal(
-    proxy: Proxy,
-    client: ClientSide,
-    head: RequestHead,
-    route: Route,
-    framing: Framing,
-    upgrade: bool,
+    proxy: Proxy, route: Route, framing: Framing, upgrade: bool
 ) -> Refusal | None:
-    """The limit that turns ``head`` away before any backend is contacted, if any."""
+    """The limit that turns a request away before any backend is contacted, if any."""
     if upgrade:
         why = proxy.tunnel_refusal()
         if why is not None:
             return Refusal(why, 503)
     limit = route.max_request_body
     if limit is not None and framing.kind is BodyKind.LENGTH and framing.length > limit:
-        proxy.stats.limit_rejections["max_request_body"] += 1
-        return Refusal(f"the request body is larger than this route's limit of {limit} bytes", 413)
+        return _body_over_limit(proxy, limit)
     return None
 
 
-def refuse(
+def _body_over_limit(proxy: Proxy, limit: int) -> Refusal:
+    """The 413 for a body over the route's limit (declared, or found while it streams), counted."""
+    proxy.stats.limit_rejections["max_request_body"] += 1
+    return Refusal(f"the request body is larger than this route's limit of {limit} bytes", 413)
+
+
+def refuse_request(
     proxy: Proxy,
     client: ClientSide,
     request: RequestHead | None,
