@@ -75,7 +75,7 @@ def keep_alive_gets(count: int) -> Callable[[], None]:
 
 
 def handshakes(count: int) -> Callable[[], None]:
-    """``count`` upgrades, each on new connections: request, ``101``, one message each way, close."""
+    """``count`` upgrades on new connections: request, ``101``, a message each way, close."""
     factory, endpoint = _factory()
 
     def one(port: int) -> None:
