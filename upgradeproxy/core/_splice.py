@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._twisted import take_pending_output, writes_open
+from .._twisted import hand_over_reads, take_pending_output, writes_open
 
 if TYPE_CHECKING:
     from ._side import Side
@@ -208,8 +208,9 @@ class SplicePump:
         }
         self._to = {}
         for side, transport in self._transports.items():
-            transport.stopReading()
             transport.stopWriting()
+            if not hand_over_reads(reactor, transport, self._sockets[side]):
+                transport.stopReading()
             # Bytes already buffered for ``side`` go out first.
             self._to[side] = _Direction(
                 side.peer, self._sockets[side.peer], self._sockets[side],
@@ -363,12 +364,24 @@ class SplicePump:
             self._reactor.removeReader(sock)
             self._reactor.removeWriter(sock)
         owed = {side: direction.leftover() for side, direction in self._to.items()}
+        done = []
         for side, transport in self._transports.items():
             if side is failed:
                 continue
             if owed[side]:
                 transport.write(owed[side])
-            transport.loseConnection()
+                transport.loseConnection()
+            else:
+                done.append(transport)
+        # A socket with nothing left to send is closed now, as Twisted itself
+        # closes one whose writes are shut down: loseConnection would register
+        # it for writing only to find nothing to write on the next turn. Each
+        # is marked as closing first, so that the first one's connectionLost
+        # does not start a loseConnection on the other.
+        for transport in done:
+            transport.disconnecting = True
+        for transport in done:
+            transport.connectionLost(Failure(error.ConnectionDone()))
         if failed is not None:
             self._transports[failed].connectionLost(Failure(error.ConnectionLost(why)))
 

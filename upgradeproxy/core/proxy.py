@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from .._twisted import send_now
 from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
@@ -325,7 +326,7 @@ class Proxy:
         response = attempt.response
         assert response is not None and backend.transport is not None
         transport = client.transport
-        transport.write(switch_for_client(response).serialize())
+        send_now(transport, switch_for_client(response).serialize())
         protocol = b", ".join(attempt.selected).decode("latin-1")
         target = attempt.request.target.decode("latin-1")
         clock = self.clock
