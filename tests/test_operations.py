@@ -473,6 +473,24 @@ def test_a_plain_tcp_connection_that_fails_fails_the_attempt() -> None:
     assert describe_connect_failure(failure) == "no connection within the connect timeout"
 
 
+def test_a_plain_tcp_connection_is_opened_with_callbacks_and_no_deferred() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(TCP4ClientEndpoint(reactor, "192.0.2.1", 9000), reactor, BackendSettings())
+    ready: list[BackendConnection] = []
+    failed: list[Failure] = []
+    pool.open(ready.append, failed.append)
+    pool.open(ready.append, failed.append)
+    (_, _, made, _, _), (_, _, refused, _, _) = reactor.tcpClients
+    protocol = made.buildProtocol(None)
+    assert ready == [] and failed == []
+    protocol.makeConnection(StringTransport())
+    assert ready == [protocol]
+    refused.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+    (failure,) = failed
+    assert failure.check(error.ConnectionRefusedError)
+    assert ready == [protocol], "each attempt reports once"
+
+
 @pytest.mark.parametrize("door", DOORS)
 def test_after_a_refused_switch_the_bytes_behind_the_request_are_not_read_as_a_request(
     door: str,

@@ -477,12 +477,29 @@ class BackendPool:
     def connect(self) -> Deferred[BackendConnection]:
         """A new connection, ready for a request once it fires."""
         if self._direct is not None:
-            return self._direct.connect(self)
+            connected: Deferred[BackendConnection] = Deferred()
+            self._direct.connect(self, connected.callback, connected.errback)
+            return connected
         # The factory builds only BackendConnection protocols.
         connecting: Deferred[TLSBackendConnection] = self.endpoint.connect(self._factory)  # type: ignore[assignment]
         if self.tls:
             return connecting.addCallback(TLSBackendConnection.wait_for_handshake)
         return connecting  # type: ignore[return-value]
+
+    def open(
+        self,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
+        """Make a new connection: ``ready`` is called with it, or ``failed`` with why not.
+
+        Where the backend is plain TCP this costs no Deferred: an upgrade
+        makes a connection every time, and the proxy asks this, not :meth:`connect`.
+        """
+        if self._direct is not None:
+            self._direct.connect(self, ready, failed)
+        else:
+            self.connect().addCallbacks(ready, failed)
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""
@@ -528,24 +545,32 @@ class _DirectTCP:
             return None
         return cls(parts.reactor, parts.host, parts.port, parts.timeout, parts.bind)
 
-    def connect(self, pool: BackendPool) -> Deferred[BackendConnection]:
-        factory = _DirectConnection(pool)
-        ready = factory.ready
-        assert ready is not None
+    def connect(
+        self,
+        pool: BackendPool,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
+        factory = _DirectConnection(pool, ready, failed)
         self._reactor.connectTCP(
             self._host, self._port, factory, timeout=self._timeout, bindAddress=self._bind
         )
-        return ready
 
 
 class _DirectConnection(ClientFactory):
-    """One connection attempt; ``ready`` fires with the protocol, or with why it failed."""
+    """One connection attempt: calls ``ready`` with the protocol, or ``failed`` with why not."""
 
     noisy = False
 
-    def __init__(self, pool: BackendPool) -> None:
-        self.ready: Deferred[BackendConnection] | None = Deferred()
+    def __init__(
+        self,
+        pool: BackendPool,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
         self._pool = pool
+        self._ready: Callable[[BackendConnection], object] | None = ready
+        self._failed: Callable[[Failure], object] | None = failed
 
     def buildProtocol(self, addr: object) -> BackendConnection:
         connection = BackendConnection(self._pool)
@@ -555,14 +580,16 @@ class _DirectConnection(ClientFactory):
     def _connected(self, connection: BackendConnection) -> None:
         # The connector keeps this factory for the connection's life: keep
         # nothing more in it than needed.
-        ready, self.ready = self.ready, None
+        ready = self._ready
+        self._ready = self._failed = None
         assert ready is not None
-        ready.callback(connection)
+        ready(connection)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        ready, self.ready = self.ready, None
-        if ready is not None:
-            ready.errback(reason)
+        failed = self._failed
+        self._ready = self._failed = None
+        if failed is not None:
+            failed(reason)
 
 
 @dataclass(frozen=True, slots=True)
