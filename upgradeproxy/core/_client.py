@@ -99,6 +99,9 @@ class ClientConnection(Protocol):
         # What the backend's answer wrote to the client in one read, sent as
         # one write when that read is done (see cork).
         self._out: list[bytes] | None = None
+        # The backend transport to register as this one's producer when the
+        # held writes go out, if the response body goes on past that read.
+        self._body_source: object | None = None
         # True while the head timer measures an idle keep-alive connection.
         self._idle = False
         self._linger: IDelayedCall | None = None
@@ -274,6 +277,10 @@ class ClientConnection(Protocol):
     def uncork(self) -> None:
         """Send what was held, at once (see :func:`~upgradeproxy._twisted.send_now`)."""
         out, self._out = self._out, None
+        source = self._body_source
+        if source is not None:
+            self._body_source = None
+            self.transport.registerProducer(source, True)  # type: ignore[union-attr]
         if out:
             send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]
 
@@ -305,7 +312,12 @@ class ClientConnection(Protocol):
         if kind is not BodyKind.NONE:
             backend = exchange.backend
             assert backend is not None
-            self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
+            if self._out is None:
+                self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
+            else:
+                # Registered when this read's writes go out (uncork), unless the
+                # whole body came in the same read: it then needs no flow control.
+                self._body_source = backend.transport
 
     def send_body(self, data: bytes) -> None:
         self._send(encode_chunk(data) if self._chunked_response else data)
@@ -313,11 +325,14 @@ class ClientConnection(Protocol):
     def send_end(self, exchange: Exchange) -> None:
         if self._chunked_response:
             self._send(LAST_CHUNK)
-        unregister_producer(self.transport)
-        backend = exchange.backend
-        if backend is not None and backend.transport is not None:
-            # It may have been paused as this transport's producer.
-            backend.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._body_source is not None:
+            self._body_source = None  # never registered: nothing to undo
+        else:
+            unregister_producer(self.transport)
+            backend = exchange.backend
+            if backend is not None and backend.transport is not None:
+                # It may have been paused as this transport's producer.
+                backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._exchange = None
         if not self._keep_alive or self._read_eof or self._proxy.draining:
             self._close()
@@ -330,7 +345,7 @@ class ClientConnection(Protocol):
     def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
         request = exchange.request if exchange is not None else None
         self._exchange = None
-        unregister_producer(self.transport)
+        self._stop_body_flow()
         head_only = request is not None and request.method == b"HEAD"
         self.uncork()
         self.transport.write(error_response(status, reason, head_only=head_only))  # type: ignore[union-attr]
@@ -339,8 +354,13 @@ class ClientConnection(Protocol):
 
     def cut_short(self) -> None:
         self._exchange = None
-        unregister_producer(self.transport)
+        self._stop_body_flow()
         self._close()
+
+    def _stop_body_flow(self) -> None:
+        """The response body stops: the backend is no longer this transport's producer."""
+        self._body_source = None
+        unregister_producer(self.transport)
 
     def hand_over(self) -> Handover:
         held = bytes(self._buf)
