@@ -202,7 +202,8 @@ class ClientConnection(Protocol):
                 self._idle = False
                 self._head_timer.reset(self._settings.request_head_timeout)
             return None
-        self._stop_head_timer()
+        # The head timer is left to run: it does nothing outside the HEAD
+        # phase, and is set again for the next head (see _wait_for_head).
         exchange = Exchange.start(self._proxy, self, head)
         if exchange is None:
             return None
@@ -363,6 +364,7 @@ class ClientConnection(Protocol):
         unregister_producer(self.transport)
 
     def hand_over(self) -> Handover:
+        self._stop_head_timer()
         held = bytes(self._buf)
         self._buf.clear()
         self._heads = self._decoder = None
@@ -380,7 +382,13 @@ class ClientConnection(Protocol):
 
     def _wait_for_head(self, timeout: float, *, idle: bool = False) -> None:
         self._idle = idle
-        self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
+        timer = self._head_timer
+        if timer is not None and timer.active():
+            # The timer of the last head, still running: moving it costs far
+            # less than cancelling it on every request and making another.
+            timer.reset(timeout)
+        else:
+            self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None and self._head_timer.active():
@@ -389,6 +397,8 @@ class ClientConnection(Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._phase is not Phase.HEAD:
+            return  # a request was in flight, or the connection is closing
         if self._buf:
             self._refuse_connection(
                 408,
