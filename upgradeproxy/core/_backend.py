@@ -141,6 +141,8 @@ class BackendConnection(Protocol):
         self._keep_alive = False
         # A request body is still to come: the connection must not be reused.
         self._body_pending = False
+        # One timer for the connection's life: the response head's timeout
+        # while a request waits, the idle timeout while pooled (see _time_up).
         self._timer: IDelayedCall | None = None
         self._tunnel: Tunnel | None = None
         self.reused = False
@@ -172,7 +174,7 @@ class BackendConnection(Protocol):
         self._body_pending = body
         self._state = _State.HEAD
         self._received = False
-        self._start_timer()
+        self._set_timer(self._settings.response_timeout)
         send_now(self.transport, head)  # type: ignore[arg-type]
 
     def send_body(self, data: bytes) -> None:
@@ -318,10 +320,11 @@ class BackendConnection(Protocol):
             sink.switch_protocols(head, early)
             return False
         if head.status < 200:
-            self._start_timer()
+            self._set_timer(self._settings.response_timeout)
             sink.interim_response(head)
             return True
-        self._cancel_timer()
+        # The timer runs on, doing nothing while the body comes: the pool sets
+        # it again for the idle timeout, or the connection's end cancels it.
         try:
             framing = response_framing(head, self._method)
         except ProtocolError as e:
@@ -366,18 +369,33 @@ class BackendConnection(Protocol):
         if sink is not None:
             sink.backend_failed(failure)
 
-    def _start_timer(self) -> None:
-        self._cancel_timer()
-        timeout = self._settings.response_timeout
-        self._timer = self.pool.clock.callLater(timeout, self._timed_out, timeout)
+    def close_if_idle_for(self, seconds: float) -> None:
+        """Close this pooled connection if it is still idle ``seconds`` from now."""
+        self._set_timer(seconds)
+
+    def _set_timer(self, seconds: float) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            # Moving the running timer costs far less than cancelling it and
+            # making another, twice per request.
+            timer.reset(seconds)
+        else:
+            self._timer = self.pool.clock.callLater(seconds, self._time_up)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, timeout: float) -> None:
+    def _time_up(self) -> None:
         self._timer = None
+        if self._state is _State.HEAD:
+            self._timed_out()
+        elif self._state is _State.IDLE:
+            self.pool.idle_too_long(self)
+
+    def _timed_out(self) -> None:
+        timeout = self._settings.response_timeout
         if speaks_http2(self._buf):
             failure = BackendFailure(502, SPEAKS_HTTP2)
         else:
@@ -447,7 +465,6 @@ class BackendPool:
         self.clock = clock
         self.settings = settings
         self._idle: list[BackendConnection] = []
-        self._idle_timers: dict[BackendConnection, IDelayedCall] = {}
         self._factory = _BackendConnectionFactory(self)
         self._direct = _DirectTCP.of(endpoint)
 
@@ -468,7 +485,6 @@ class BackendPool:
         """
         while self._idle:
             connection = self._idle.pop()
-            self._idle_timers.pop(connection).cancel()
             if connection.is_idle:
                 connection.reused = True
                 return connection
@@ -507,17 +523,16 @@ class BackendPool:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._idle.append(connection)
-        self._idle_timers[connection] = self.clock.callLater(
-            self.settings.idle_timeout,
-            connection.transport.loseConnection,  # type: ignore[union-attr]
-        )
+        connection.close_if_idle_for(self.settings.idle_timeout)
+
+    def idle_too_long(self, connection: BackendConnection) -> None:
+        """``connection``'s idle timeout ran out: close it, unless it was taken meanwhile."""
+        if connection in self._idle:
+            connection.transport.loseConnection()  # type: ignore[union-attr]
 
     def forget(self, connection: BackendConnection) -> None:
         """``connection`` closed; never hand it out again."""
-        timer = self._idle_timers.pop(connection, None)
-        if timer is not None:
-            if timer.active():
-                timer.cancel()
+        if connection in self._idle:
             self._idle.remove(connection)
 
     def close_idle(self) -> None:
