@@ -958,7 +958,7 @@ def test_a_reload_keeps_the_health_of_backends_that_stay_and_moves_the_checks() 
     before.endpoints[1].answer = OK
     proxy = Proxy(routes=[Route("api", before.group, ())], clock=before.clock)
     proxy.start()
-    a, b = before.a, before.b
+    a = before.a
     assert not a.healthy and a.last_error.startswith("health check could not connect")
     # The same name for a (at a new endpoint), b gone, c new.
     endpoints = [FakeEndpoint(), FakeEndpoint()]

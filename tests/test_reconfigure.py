@@ -1,4 +1,4 @@
-"""Proxy.reconfigure, in memory: new requests follow the new configuration; nothing in flight moves."""
+"""Proxy.reconfigure in memory: new requests take the new configuration; nothing in flight moves."""
 
 from __future__ import annotations
 

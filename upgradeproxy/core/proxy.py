@@ -117,11 +117,8 @@ class Reconfigured:
 
     def describe(self) -> str:
         """One line for the log."""
-        parts = [
-            f"{label} {', '.join(names)}"
-            for label, names in (("added", self.added), ("kept", self.kept), ("removed", self.removed))
-            if names
-        ]
+        changes = (("added", self.added), ("kept", self.kept), ("removed", self.removed))
+        parts = [f"{label} {', '.join(names)}" for label, names in changes if names]
         return "backends " + "; ".join(parts) if parts else "no backends"
 
 
