@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,10 @@ def load(port: int, stop: threading.Event, progress: list[int]) -> tuple[int, li
     return done, errors
 
 
+def more_than(progress: list[int], count: int) -> Callable[[], bool]:
+    return lambda: progress[0] >= count
+
+
 @pytest_twisted.ensureDeferred
 async def test_twenty_reloads_under_load_lose_no_request(
     loopback: Loopback, processes: list[Running], tmp_path: Path
@@ -251,8 +256,7 @@ async def test_twenty_reloads_under_load_lose_no_request(
         write_config(config, [port], metrics, *([two] if count % 2 else [one]))
         running.process.send_signal(signal.SIGHUP)
         await reloaded(running, count)
-        served = progress[0]
-        await eventually(lambda: progress[0] >= served + 20, what="requests between reloads")
+        await eventually(more_than(progress, progress[0] + 20), what="requests between reloads")
     stop.set()
     done, errors = await loading
     assert errors == [], f"{len(errors)} of {done} requests failed: {errors[:5]}\n{running.log}"
