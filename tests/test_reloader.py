@@ -52,7 +52,10 @@ def test_a_correct_file_is_applied() -> None:
     h = Harness(lambda: new)
     ok, lines = h.reload()
     assert ok and h.applied == [new] and h.refused == 0
-    assert lines == ["SIGHUP: reloading proxy.toml", "reloaded proxy.toml"]
+    assert lines[0] == "SIGHUP: reloading proxy.toml"
+    assert lines[1].startswith("proxy.toml: OK: listening on ")
+    assert "shutdown grace 5 s" in lines[1]
+    assert lines[2:] == ["reloaded proxy.toml"]
 
 
 def test_every_mistake_is_logged_as_check_prints_it_and_nothing_is_applied() -> None:
@@ -108,6 +111,7 @@ def test_sighup_reloads_at_the_reactor_s_next_turn() -> None:
     called: list[Callable[[], object]] = []
     reactor.callFromThread = lambda f, *a: called.append(f)  # type: ignore[method-assign]
     before = signal.getsignal(signal.SIGHUP)
+    h.reloader.install()
     h.reloader.startService()
     try:
         os.kill(os.getpid(), signal.SIGHUP)

@@ -22,7 +22,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from .config import ConfigError, ProxyConfig
+from .config import ConfigError, ProxyConfig, describe_config
 
 log = Logger()
 
@@ -79,8 +79,14 @@ class Reloader(Service):
         self._refused = refused
         self._previous: Any = None
 
-    def startService(self) -> None:
-        super().startService()
+    def install(self) -> None:
+        """Reload on SIGHUP from now on, until the service stops.
+
+        Called when the service is made, not when it starts: the proxy
+        listens before the reactor runs, and a SIGHUP in between must not
+        end the process (its default action). A reload signalled then waits
+        for the reactor to run.
+        """
         self._previous = signal.signal(signal.SIGHUP, self._signalled)
 
     def stopService(self) -> None:
@@ -113,6 +119,7 @@ class Reloader(Service):
             count = len(e.problems)
             return self._failed(source, "1 mistake" if count == 1 else f"{count} mistakes")
         config = kept_for_restart(running, config)
+        log.info("{description}", description=describe_config(config))
         try:
             self._apply(config)
         except Exception as e:

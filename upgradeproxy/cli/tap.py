@@ -533,13 +533,15 @@ def _make_service(
         service.close_listeners(new.listen)
         service.grace = new.shutdown_grace
 
-    Reloader(
+    reloader = Reloader(
         reactor,
         read,
         running=lambda: configured.config,
         apply=apply,
         refused=configured.proxy.reconfigure_failed,
-    ).setServiceParent(top)
+    )
+    reloader.install()
+    reloader.setServiceParent(top)
     if config.metrics:
         metrics_service(config.metrics, reactor, local_snapshots(factory)).setServiceParent(top)
     return top
@@ -576,9 +578,11 @@ def _workers_service(
         running[0] = new
         pool.reload(_worker_config(new, demo))
 
-    Reloader(
+    reloader = Reloader(
         reactor, read, running=lambda: running[0], apply=apply, refused=pool.reload_failed
-    ).setServiceParent(top)
+    )
+    reloader.install()
+    reloader.setServiceParent(top)
     if config.metrics and snapshots is not None:
         directory = snapshots
 
