@@ -422,7 +422,6 @@ class BackendGroup:
             old = same.pop(0)
             old.pool.retire()
             old.address, old.pool, old._hash_key = new.address, new.pool, new._hash_key
-            old._clock = self._clock
             backends.append(old)
             taken.append(old)
         self.backends = tuple(backends)
