@@ -105,17 +105,22 @@ def test_settings_of_the_process_are_kept_until_a_restart() -> None:
     assert kept_for_restart(with_workers, replace(new, workers=2)).listen == RUNNING.listen
 
 
-def test_sighup_reloads_at_the_reactor_s_next_turn() -> None:
+def test_sighup_reloads_at_the_reactor_s_next_turn_and_is_ignored_once_stopping() -> None:
     h = Harness(lambda: RUNNING)
     reactor = h.reloader._reactor
     called: list[Callable[[], object]] = []
     reactor.callFromThread = lambda f, *a: called.append(f)  # type: ignore[method-assign]
     before = signal.getsignal(signal.SIGHUP)
     h.reloader.install()
-    h.reloader.startService()
     try:
         os.kill(os.getpid(), signal.SIGHUP)
-    finally:
+        assert called == [h.reloader.reload], "even before the service starts"
+        h.reloader.startService()
         h.reloader.stopService()
-    assert called == [h.reloader.reload]
-    assert signal.getsignal(signal.SIGHUP) is before, "the handler before is put back"
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) == h.reloader._signalled, "not fatal at the end"
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    ok, lines = h.reload()
+    assert not ok and h.applied == [] and h.refused == 0
+    assert lines == ["SIGHUP: ignored, the proxy is shutting down"]

@@ -77,23 +77,22 @@ class Reloader(Service):
         self._running = running
         self._apply = apply
         self._refused = refused
-        self._previous: Any = None
+        self._stopped = False
 
     def install(self) -> None:
-        """Reload on SIGHUP from now on, until the service stops.
+        """Reload on SIGHUP from now on.
 
         Called when the service is made, not when it starts: the proxy
         listens before the reactor runs, and a SIGHUP in between must not
-        end the process (its default action). A reload signalled then waits
-        for the reactor to run.
+        end the process (its default action); a reload signalled then waits
+        for the reactor to run. The handler stays to the end: a SIGHUP during
+        the graceful shutdown is ignored, not fatal.
         """
-        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        signal.signal(signal.SIGHUP, self._signalled)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        self._stopped = True
 
     def _signalled(self, number: int, frame: object) -> None:
         # The handler runs between two bytecodes of whatever was running:
@@ -102,6 +101,9 @@ class Reloader(Service):
 
     def reload(self) -> bool:
         """Read, check and apply the configuration file; True when it was applied."""
+        if self._stopped:
+            log.info("SIGHUP: ignored, the proxy is shutting down")
+            return False
         if self._read is None:
             log.info(
                 "SIGHUP: the configuration comes from the command line alone (no --config), "

@@ -335,7 +335,10 @@ class ProxyService(MultiService):
         """Stop listening on every endpoint not in ``keep``; their connections stay open."""
         for description in [d for d in self._listeners if d not in keep]:
             listener = self._listeners.pop(description)
-            listener.disownServiceParent()
+            running = listener.running
+            listener.disownServiceParent()  # which stops it, if it runs
+            if not running:
+                listener.stopService()
             log.info(
                 "no longer listening on {endpoint}; its open connections stay",
                 endpoint=description,

@@ -516,7 +516,10 @@ class BackendPool:
         Connections in a tunnel are not the pool's any more; they live on.
         """
         self._retired = True
-        self.close_idle()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._idle_timers.pop(connection).cancel()
+            connection.transport.loseConnection()  # type: ignore[union-attr]
 
 
 class _DirectTCP:

@@ -316,10 +316,12 @@ class Proxy:
         """
         self.stats.reload_failed()
 
-    @property
     def draining_backends(self) -> list[tuple[str, Backend]]:
-        """Backends a reconfiguration removed that requests or tunnels still use."""
-        for backend in [b for b, _ in self._retired.items() if not b.active]:
+        """Backends a reconfiguration removed that requests or tunnels still use, by route.
+
+        Those no request or tunnel uses any more are forgotten here.
+        """
+        for backend in [b for b in self._retired if not b.active]:
             del self._retired[backend]
         return [(route, backend) for backend, route in self._retired.items()]
 
@@ -622,7 +624,7 @@ class Proxy:
         settings = self.settings
         return take_snapshot(
             self.stats, len(self.connections), self.tunnels, self.router.routes,
-            self.draining_backends, settings.max_connections, settings.max_tunnels,
+            self.draining_backends(), settings.max_connections, settings.max_tunnels,
             self.clock.seconds(),
         )  # fmt: skip
 
