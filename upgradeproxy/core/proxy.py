@@ -14,7 +14,7 @@ connection: the front doors (:mod:`upgradeproxy.core._client`,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -264,8 +264,7 @@ class Proxy:
         was refused when it was built.
         """
         old = self._configuration
-        if configuration is old:
-            return Reconfigured((), tuple(_names(old.routes)), ())
+        self.draining_backends()  # forgets those that have drained
         previous = {route.name: route for route in old.routes}
         added: list[str] = []
         kept: list[str] = []
@@ -305,8 +304,7 @@ class Proxy:
         for backend in backends:
             names.append(f"{route}/{backend.name}")
             backend.pool.retire()
-            if backend.active:
-                self._retired[backend] = route
+            self._retired[backend] = route
 
     def reconfigure_failed(self) -> None:
         """Count a reconfiguration that was refused before it reached the proxy.
@@ -627,7 +625,3 @@ class Proxy:
             self.draining_backends(), settings.max_connections, settings.max_tunnels,
             self.clock.seconds(),
         )  # fmt: skip
-
-
-def _names(routes: Iterable[Route]) -> Iterator[str]:
-    return (f"{route.name}/{b.name}" for route in routes for b in route.group.backends)
