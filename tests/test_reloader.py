@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
+import pytest
+from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy.cli._reloader import Reloader, kept_for_restart
 from upgradeproxy.cli.config import ConfigError, ProxyConfig, RouteConfig
+from upgradeproxy.cli.service import ConfiguredProxy, ProxyService, StartFailed
 
 RUNNING = ProxyConfig(
     routes=(RouteConfig("app", (), "/", ("http://127.0.0.1:9000",)),),
@@ -124,3 +128,33 @@ def test_sighup_reloads_at_the_reactor_s_next_turn_and_is_ignored_once_stopping(
     ok, lines = h.reload()
     assert not ok and h.applied == [] and h.refused == 0
     assert lines == ["SIGHUP: ignored, the proxy is shutting down"]
+
+
+# -- applying, in a single process ----------------------------------------------------------
+
+
+def test_a_listener_that_cannot_be_bound_fails_the_reload_and_changes_nothing() -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+    config = replace(RUNNING, listen=("tcp:0:interface=127.0.0.1",), metrics=None)
+    configured = ConfiguredProxy(config, reactor)
+    service = ProxyService(configured.factory, config.listen, reactor=reactor, grace=0)
+    new_route = replace(RUNNING.routes[0], backends=("http://127.0.0.1:9001",))
+    new = replace(config, listen=("tcp:0:interface=127.0.0.2", taken), routes=(new_route,))
+    before = configured.proxy.configuration
+    try:
+        with pytest.raises(StartFailed, match=f"cannot listen on {taken}: "):
+            configured.apply(new, before=lambda: service.open_listeners(new.listen))
+        assert configured.proxy.configuration is before and configured.config is config
+        assert list(service._listeners) == list(config.listen), "the one opened is closed again"
+        configured.apply(replace(new, listen=config.listen))
+        assert configured.proxy.configuration is not before
+        assert [b.name for b in configured.proxy.router.routes[0].group.backends] == [
+            "127.0.0.1:9001"
+        ]
+    finally:
+        service.close_listeners([])
+        busy.close()
+        configured.proxy.stop()

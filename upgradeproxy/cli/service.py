@@ -308,11 +308,6 @@ class ProxyService(MultiService):
         self._listeners[description] = _Listening(listening)
         self._listeners[description].setServiceParent(self)
 
-    @property
-    def listening_on(self) -> tuple[str, ...]:
-        """The endpoints listened on, as written in the configuration."""
-        return tuple(self._listeners)
-
     def open_listeners(self, listen: Sequence[str]) -> None:
         """Listen on the endpoints of ``listen`` not listened on yet (a reload).
 
@@ -326,7 +321,8 @@ class ProxyService(MultiService):
                     self._listen(description, failed_later=_log_late_listen_failure)
                     opened.append(description)
         except StartFailed:
-            self.close_listeners([d for d in self._listeners if d not in opened])
+            for description in opened:
+                self._stop_listening(description)
             raise
         for description in opened:
             log.info("listening on {endpoint}", endpoint=description)
@@ -334,15 +330,18 @@ class ProxyService(MultiService):
     def close_listeners(self, keep: Sequence[str]) -> None:
         """Stop listening on every endpoint not in ``keep``; their connections stay open."""
         for description in [d for d in self._listeners if d not in keep]:
-            listener = self._listeners.pop(description)
-            running = listener.running
-            listener.disownServiceParent()  # which stops it, if it runs
-            if not running:
-                listener.stopService()
+            self._stop_listening(description)
             log.info(
                 "no longer listening on {endpoint}; its open connections stay",
                 endpoint=description,
             )
+
+    def _stop_listening(self, description: str) -> None:
+        listener = self._listeners.pop(description)
+        running = listener.running
+        listener.disownServiceParent()  # which stops it, if it runs
+        if not running:
+            listener.stopService()
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[Any] = Deferred.fromCoroutine(self._stop())
