@@ -7,6 +7,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
@@ -14,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy.cli._reloader import Reloader, kept_for_restart
-from upgradeproxy.cli.config import ConfigError, ProxyConfig, RouteConfig
+from upgradeproxy.cli.config import AccessLogConfig, ConfigError, ProxyConfig, RouteConfig
 from upgradeproxy.cli.service import ConfiguredProxy, ProxyService, StartFailed
 
 RUNNING = ProxyConfig(
@@ -158,3 +159,17 @@ def test_a_listener_that_cannot_be_bound_fails_the_reload_and_changes_nothing() 
         service.close_listeners([])
         busy.close()
         configured.proxy.stop()
+
+
+def test_a_reload_opens_the_access_log_again_so_that_it_follows_log_rotation(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "access.log"
+    config = replace(RUNNING, access_log=AccessLogConfig(path=str(log)), metrics=None)
+    configured = ConfiguredProxy(config, reactor)
+    record = configured.proxy.access_log
+    log.rename(log.with_name("access.log.1"))
+    configured.apply(config)
+    assert configured.proxy.access_log is not record
+    assert log.exists(), "a new file where the old one was"
+    configured.close()
