@@ -15,8 +15,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy.cli._reloader import Reloader, kept_for_restart
-from upgradeproxy.cli.config import AccessLogConfig, ConfigError, ProxyConfig, RouteConfig
+from upgradeproxy.cli.config import (
+    AccessLogConfig,
+    ConfigError,
+    ProxyConfig,
+    RouteConfig,
+    dump_config,
+)
 from upgradeproxy.cli.service import ConfiguredProxy, ProxyService, StartFailed
+from upgradeproxy.cli.workers import RELOAD, RELOAD_FAILED, _FromParent
 
 RUNNING = ProxyConfig(
     routes=(RouteConfig("app", (), "/", ("http://127.0.0.1:9000",)),),
@@ -172,4 +179,30 @@ def test_a_reload_opens_the_access_log_again_so_that_it_follows_log_rotation(
     configured.apply(config)
     assert configured.proxy.access_log is not record
     assert log.exists(), "a new file where the old one was"
+    configured.close()
+
+
+# -- in a worker --------------------------------------------------------------------------
+
+
+def test_a_worker_applies_what_its_parent_sends_and_counts_what_it_cannot(
+    tmp_path: Path,
+) -> None:
+    config = replace(RUNNING, metrics=None)
+    configured = ConfiguredProxy(config, reactor)
+    parent = _FromParent(configured)
+    moved = replace(config, routes=(replace(RUNNING.routes[0], backends=("http://[::1]:9",)),))
+    parent.lineReceived(RELOAD + dump_config(moved).encode())
+    assert configured.config == moved
+    assert configured.proxy.snapshot()["config"]["reloads"] == {"ok": 1, "failed": 0}
+    parent.lineReceived(RELOAD_FAILED)
+    assert configured.proxy.snapshot()["config"]["last_reload_ok"] is False
+    gone = replace(moved, access_log=AccessLogConfig(path=str(tmp_path / "gone" / "access.log")))
+    before = configured.proxy.configuration
+    with capturedLogs() as events:
+        parent.lineReceived(RELOAD + dump_config(gone).encode())
+    assert configured.proxy.configuration is before and configured.config == moved
+    assert configured.proxy.snapshot()["config"]["reloads"] == {"ok": 1, "failed": 2}
+    (line,) = [formatEvent(e) for e in events]
+    assert line.startswith("reload failed in this worker (") and "keeps its configuration" in line
     configured.close()
