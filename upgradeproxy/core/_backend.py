@@ -550,7 +550,6 @@ class BackendPool:
         self._retired = True
         idle, self._idle = self._idle, []
         for connection in idle:
-            self._idle_timers.pop(connection).cancel()
             connection.transport.loseConnection()  # type: ignore[union-attr]
 
 
