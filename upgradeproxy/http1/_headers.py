@@ -129,9 +129,12 @@ class Headers:
         listed = self._split(b"connection", True)
         return self.without(HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP)
 
-    def serialize_into(self, out: list[bytes]) -> None:
-        for name, value in self.fields:
-            out.append(name + b": " + value + b"\r\n")
+    def serialize(self) -> bytes:
+        """The field lines as HTTP/1.1 bytes, each ending with CRLF."""
+        if not self.fields:
+            return b""
+        # Joined in C, whatever the number of fields.
+        return b"\r\n".join(map(b": ".join, self.fields)) + b"\r\n"
 
 
 def _list_elements(values: list[bytes] | tuple[()], lower: bool) -> tuple[bytes, ...]:

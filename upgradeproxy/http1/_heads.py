@@ -36,10 +36,9 @@ class RequestHead:
 
     def serialize(self) -> bytes:
         """The head as HTTP/1.1 bytes, ending with the empty line."""
-        out = [b"%s %s HTTP/%d.%d\r\n" % (self.method, self.target, *self.version)]
-        self.headers.serialize_into(out)
-        out.append(b"\r\n")
-        return b"".join(out)
+        return b"%s %s HTTP/%d.%d\r\n%s\r\n" % (
+            self.method, self.target, *self.version, self.headers.serialize(),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +52,9 @@ class ResponseHead:
 
     def serialize(self) -> bytes:
         """The head as bytes, ending with the empty line."""
-        out = [b"HTTP/%d.%d %d %s\r\n" % (*self.version, self.status, self.reason)]
-        self.headers.serialize_into(out)
-        out.append(b"\r\n")
-        return b"".join(out)
+        return b"HTTP/%d.%d %d %s\r\n%s\r\n" % (
+            *self.version, self.status, self.reason, self.headers.serialize(),
+        )  # fmt: skip
 
 
 def _locate_head(buf: bytes | bytearray, start: int, max_size: int, checked: int) -> int:
