@@ -139,6 +139,8 @@ class Headers:
 
 def _list_elements(values: list[bytes] | tuple[()], lower: bool) -> tuple[bytes, ...]:
     """The non-empty elements of comma-separated list field ``values`` (RFC 9110 §5.6.1)."""
+    if not values:
+        return ()
     if len(values) == 1 and b"," not in values[0]:
         # The common case, one value naming one element, without the loops.
         element = values[0].strip(b" \t")
