@@ -3,8 +3,10 @@ graceful shutdown, the access log and the state behind the metrics."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -442,6 +444,22 @@ def test_an_access_log_file_has_timestamped_text_lines(tmp_path: Path) -> None:
     stamp, _, rest = line.partition(" ")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
     assert rest.startswith('192.0.2.7 "GET /page HTTP/1.1" 200 5 ')
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_access_lines_to_standard_output_are_written_out_at_once(
+    format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Into a pipe, standard output is block-buffered: a line must not wait
+    # there for the buffer to fill, nor a file's line be flushed twice.
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8"))
+    log, stream = access_log_to("-", format)
+    assert stream is sys.stdout
+    c = Cluster(access_log=log)
+    c.client().send(GET)
+    c.last("a").send(OK)
+    assert b"/page" in raw.getvalue() and raw.getvalue().endswith(b"\n")
 
 
 # -- connecting to backends ----------------------------------------------------------
