@@ -81,6 +81,10 @@ class ClientConnection(Protocol):
     """One HTTP/1.1 connection from a client."""
 
     log = Logger()
+    # The backend transport to register as this one's producer when the held
+    # writes go out, if the response body goes on past that read. A class
+    # default: a connection that only ever switches never stores one.
+    _body_source: object | None = None
 
     def __init__(self, proxy: Proxy) -> None:
         self._proxy = proxy
@@ -99,9 +103,6 @@ class ClientConnection(Protocol):
         # What the backend's answer wrote to the client in one read, sent as
         # one write when that read is done (see cork).
         self._out: list[bytes] | None = None
-        # The backend transport to register as this one's producer when the
-        # held writes go out, if the response body goes on past that read.
-        self._body_source: object | None = None
         # True while the head timer measures an idle keep-alive connection.
         self._idle = False
         self._linger: IDelayedCall | None = None
