@@ -179,7 +179,7 @@ def test_http_workers_pins_nothing_and_passes_workers_to_upgradeproxy(
     assert workers.runs_on("upgradeproxy") and not workers.runs_on("nginx")
     unpinned = workers.context(ctx)
     assert (unpinned.load_cpu, unpinned.proxy_cpu, unpinned.workers) == (None, None, 1)
-    assert chosen["http"].context(ctx) == ctx
+    assert chosen["http"].context(ctx) == replace(ctx, keep_alive=True)
 
     def argv(context: targets.Context) -> list[str]:
         return targets.UpgradeProxy().prepare(context, 8080, 9000, tmp_path).argv
