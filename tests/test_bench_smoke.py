@@ -277,6 +277,7 @@ def test_each_proxy_has_a_one_worker_and_an_all_cores_configuration(
         return _launch(by_name["proxy.py"], context, tmp_path / "proxy.py").argv
 
     assert proxy_py(one)[-4:] == ["--num-acceptors", "1", "--num-workers", "1"]
+    assert proxy_py(one)[-6:-4] == ["--timeout", "3600"]  # idle tunnels stay open
     assert "--num-acceptors" not in proxy_py(every)
     mitmproxy = _launch(by_name["mitmproxy"], every, tmp_path / "mitmproxy").argv
     assert mitmproxy[1:3] == ["--mode", "reverse:http://127.0.0.1:9000"]

@@ -26,7 +26,9 @@ and everything else runs.
   connection), the mode in which they work; everything else runs in its
   default mode. One acceptor and one worker process (``--num-acceptors 1
   --num-workers 1``) except in the all-cores configuration, where it starts
-  its default of one of each per CPU. It logs at its default level (INFO:
+  its default of one of each per CPU. ``--timeout 3600``: its default closes a
+  connection idle for 10 s, idle tunnels included (nginx and HAProxy are given
+  an hour too). It logs at its default level (INFO:
   one line per request, as nginx and upgradeproxy write an access log).
 """
 
@@ -204,6 +206,10 @@ class ProxyPy(PythonPeer):
             "--disable-http-proxy",
             "--plugins",
             "benchroute.BackendRoute",
+            # Its idle-connection timeout, 10 s by default, would close idle
+            # tunnels; an hour, as nginx and HAProxy are given.
+            "--timeout",
+            "3600",
         ]
         if not ctx.all_cores:
             argv += ["--num-acceptors", "1", "--num-workers", "1"]

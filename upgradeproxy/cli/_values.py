@@ -84,7 +84,7 @@ def count_or_off(value: Any) -> int | None:
 
 
 def usable_cpus() -> int:
-    """How many CPUs this process may run on: its affinity (taskset, a cpuset), not the machine's."""
+    """The CPUs this process may run on: its affinity (taskset, a cpuset), not the machine's."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
