@@ -108,7 +108,10 @@ def test_a_slow_rate_says_how_long_to_wait() -> None:
 def test_a_refused_attempt_is_not_charged_in_any_scope() -> None:
     table = ClientTable()
     proxy, route = ("", "192.0.2.7"), ("chat", "192.0.2.7")
-    scopes = [(proxy, ClientLimits(upgrade_rate=1, upgrade_burst=5)), (route, ClientLimits(tunnels=1))]
+    scopes = [
+        (proxy, ClientLimits(upgrade_rate=1, upgrade_burst=5)),
+        (route, ClientLimits(tunnels=1)),
+    ]
     assert table.admit_upgrade(scopes, 0.0) is None
     refused = table.admit_upgrade(scopes, 0.0)
     assert refused is not None and refused[0] == route

@@ -59,7 +59,9 @@ class ClientLimits:
     def enforced(self) -> bool:
         """True when any limit is set."""
         return (
-            self.connections is not None or self.tunnels is not None or self.upgrade_rate is not None
+            self.connections is not None
+            or self.tunnels is not None
+            or self.upgrade_rate is not None
         )
 
     @property
