@@ -71,7 +71,10 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "reason": "Origin https://evil.example is not allowed",
             },
         ],
-        "limit_rejections": [{"limit": "max_connections", "count": 4}],
+        "limit_rejections": [
+            {"limit": "max_connections", "count": 4},
+            {"limit": "client_upgrade_rate", "count": 3},
+        ],
         "tunnels": [
             {
                 "protocol": "websocket",
@@ -117,7 +120,14 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "last_error": "connection refused",
             },
         ],
-        "limits": {"max_connections": 1000, "max_tunnels": None},
+        "limits": {
+            "max_connections": 1000,
+            "max_tunnels": None,
+            "client_connections": 50,
+            "client_tunnels": None,
+            "client_upgrade_rate": 2.5,
+        },
+        "client_entries": 12,
     }
     snapshot.update(changes)
     return snapshot
@@ -165,6 +175,7 @@ def test_collector_reports_every_metric_of_one_process() -> None:
             stage="response",
         ): 1,
         key("upgradeproxy_limit_rejections_total", limit="max_connections"): 4,
+        key("upgradeproxy_limit_rejections_total", limit="client_upgrade_rate"): 3,
         key("upgradeproxy_tunnels_active", protocol="websocket"): 2,
         key("upgradeproxy_tunnels_active", protocol="proxmox-backup-protocol-v1"): 0,
         key("upgradeproxy_tunnels_total", protocol="websocket"): 7,
@@ -180,6 +191,9 @@ def test_collector_reports_every_metric_of_one_process() -> None:
         key("upgradeproxy_client_connections_open"): 3,
         key("upgradeproxy_client_connections_total"): 17,
         key("upgradeproxy_limit", name="max_connections"): 1000,
+        key("upgradeproxy_limit", name="client_connections"): 50,
+        key("upgradeproxy_limit", name="client_upgrade_rate"): 2.5,
+        key("upgradeproxy_client_limit_entries"): 12,
         key("upgradeproxy_started_time_seconds"): NOW - 600,
     }
 
@@ -202,6 +216,7 @@ def test_collector_declares_counters_and_gauges() -> None:
         "upgradeproxy_client_connections_open": "gauge",
         "upgradeproxy_client_connections": "counter",
         "upgradeproxy_limit": "gauge",
+        "upgradeproxy_client_limit_entries": "gauge",
         "upgradeproxy_started_time_seconds": "gauge",
     }
 
@@ -222,6 +237,8 @@ def test_collector_labels_every_series_with_its_worker() -> None:
     assert limits == {
         frozenset({("worker", "0"), ("name", "max_tunnels")}): 50,
         frozenset({("worker", "1"), ("name", "max_connections")}): 1000,
+        frozenset({("worker", "1"), ("name", "client_connections")}): 50,
+        frozenset({("worker", "1"), ("name", "client_upgrade_rate")}): 2.5,
     }
 
 
