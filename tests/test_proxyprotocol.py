@@ -163,7 +163,7 @@ def test_an_untrusted_source_is_a_direct_client_and_its_header_is_not_accepted()
 def test_local_and_unknown_headers_use_the_balancers_address() -> None:
     c, factory = behind_balancer()
     for header in (encode("v2", None, None), b"PROXY UNKNOWN\r\n"):
-        protocol, transport = connect(factory)
+        protocol, _transport = connect(factory)
         protocol.dataReceived(header + GET)
         c.last("a").send(OK)
         assert records(c)[-1].client == BALANCER
@@ -180,7 +180,7 @@ def test_ipv6_clients_and_mapped_trusted_addresses() -> None:
 
 def test_per_client_limits_count_the_real_clients() -> None:
     settings = ProxySettings(client_limits=ClientLimits(connections=1))
-    c, factory = behind_balancer(settings)
+    _c, factory = behind_balancer(settings)
     first, _ = connect(factory, port=1)
     first.dataReceived(V1)
     other, other_transport = connect(factory, port=2)
@@ -211,4 +211,3 @@ def test_validators_see_the_real_client() -> None:
     protocol, _ = connect(factory)
     protocol.dataReceived(V1 + UPGRADE)
     assert seen == ["198.51.100.7"]
-

@@ -13,22 +13,28 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from .._twisted import tcp_server_parts, tls_server_options
 from ..core._backend import BackendSettings
+from ..core._clientlimits import ClientLimits
 from ..core.accesslog import AccessLog, access_log_to
 from ..core.address import BackendAddress, parse_backend
 from ..core.balancer import BackendGroup
 from ..core.factory import ProxyFactory
 from ..core.proxy import ProxySettings
+from ..core.proxyprotocol import ProxyProtocolFactory, parse_network
 from ..core.routing import Route
 from ..core.tls import choose_protocols_on
 from ..registry import build_chain
@@ -47,6 +53,42 @@ def settings_for(config: ProxyConfig) -> ProxySettings:
         max_tunnels=config.max_tunnels,
         forward_h2c=config.forward_h2c,
         splice=config.splice,
+        client_limits=ClientLimits(
+            config.client_connections,
+            config.client_tunnels,
+            config.client_upgrade_rate,
+            config.client_upgrade_burst,
+        ),
+        client_ipv6_prefix=config.client_ipv6_prefix,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One endpoint to listen on, and whether its trusted clients send a PROXY header."""
+
+    description: str
+    proxy_protocol: bool = False
+
+
+def listeners(config: ProxyConfig) -> list[Listener]:
+    """Every endpoint ``config`` listens on: ``listen``, then ``[proxy_protocol] listen``."""
+    return [Listener(d) for d in config.listen] + [
+        Listener(d, proxy_protocol=True) for d in config.proxy_protocol_listen
+    ]
+
+
+def factory_for(
+    listener: Listener, config: ProxyConfig, reactor: IReactorTime, factory: IProtocolFactory
+) -> IProtocolFactory:
+    """``factory``, behind a PROXY protocol reader when ``listener`` expects the header."""
+    if not listener.proxy_protocol:
+        return factory
+    return ProxyProtocolFactory(
+        factory,
+        [parse_network(network) for network in config.trusted_proxies],
+        timeout=config.proxy_protocol_timeout,
+        clock=reactor,
     )
 
 
@@ -74,6 +116,11 @@ def build_route(
         health=route.health,
         route=route.name,
     )
+    client_limits = ClientLimits(
+        tunnels=route.route_client_tunnels,
+        upgrade_rate=route.route_client_upgrade_rate,
+        upgrade_burst=route.route_client_upgrade_burst,
+    )
     return Route(
         route.name,
         group,
@@ -83,6 +130,7 @@ def build_route(
         max_request_body=route.max_request_body,
         tunnel_idle_timeout=route.tunnel_idle_timeout,
         tunnel_lifetime=route.tunnel_lifetime,
+        client_limits=client_limits if client_limits.enforced else None,
     )
 
 
@@ -122,9 +170,17 @@ class StartFailed(Exception):
 
 
 def listen_now(
-    reactor: Any, description: str, factory: IProtocolFactory
+    reactor: Any,
+    description: str,
+    factory: IProtocolFactory,
+    *,
+    wrap: Callable[[IProtocolFactory], IProtocolFactory] | None = None,
 ) -> Deferred[IListeningPort]:
     """Listen on the endpoint ``description`` at once.
+
+    ``wrap`` puts a factory under everything the endpoint itself adds (a
+    PROXY protocol reader comes before TLS on the wire): an ``ssl:``
+    endpoint then listens as plain TCP with the TLS layer above ``wrap``.
 
     The endpoints that ship with Twisted bind before they return: a failure
     among them raises :class:`StartFailed` naming the endpoint and the
@@ -133,6 +189,9 @@ def listen_now(
     """
     endpoint = serverFromString(reactor, description)
     choose_protocols_on(endpoint)
+    if wrap is not None:
+        endpoint, factory = beneath_tls(reactor, endpoint, factory)
+        factory = wrap(factory)
     listening = endpoint.listen(factory)
     failed: list[Failure] = []
     listening.addErrback(failed.append)
@@ -141,6 +200,22 @@ def listen_now(
     if not listening.called:
         listening.addErrback(lambda reason: fail_while_running(_cannot_listen(description, reason)))
     return listening
+
+
+def beneath_tls(
+    reactor: Any, endpoint: Any, factory: IProtocolFactory
+) -> tuple[Any, IProtocolFactory]:
+    """For an ``ssl:`` endpoint: its TCP endpoint, and ``factory`` with its TLS around it.
+
+    So that something can be put between the socket and TLS. Other endpoints
+    are returned as they are.
+    """
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return endpoint, factory
+    parts = tcp_server_parts(endpoint)
+    options: Any = tls_server_options(endpoint)
+    tls = TLSMemoryBIOFactory(options, False, factory)
+    return TCP4ServerEndpoint(reactor, parts.port, parts.backlog, parts.interface), tls
 
 
 def _cannot_listen(description: str, reason: Failure) -> str:
@@ -206,19 +281,27 @@ class ProxyService(MultiService):
     def __init__(
         self,
         factory: ProxyFactory,
-        listen: Sequence[str],
+        listen: Sequence[str | Listener],
         *,
         reactor: Any,
         grace: float,
         on_stopped: Callable[[], None] | None = None,
+        config: ProxyConfig | None = None,
     ) -> None:
+        """``listen`` holds endpoint strings, or the listeners of ``config``."""
         super().__init__()
         self.factory = factory
         self.grace = grace
         self._reactor = reactor
         self._on_stopped = on_stopped
-        for description in listen:
-            _Listening(listen_now(reactor, description, factory)).setServiceParent(self)
+        for item in listen:
+            listener = item if isinstance(item, Listener) else Listener(item)
+            wrap = None
+            if listener.proxy_protocol:
+                assert config is not None, "a PROXY protocol listener comes from a configuration"
+                wrap = partial(factory_for, listener, config, reactor)
+            listening = listen_now(reactor, listener.description, factory, wrap=wrap)
+            _Listening(listening).setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[Any] = Deferred.fromCoroutine(self._stop())

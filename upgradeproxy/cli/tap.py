@@ -21,6 +21,7 @@ from zope.interface import implementer
 from .. import __version__
 from ..core.accesslog import FORMATS
 from ..core.address import BackendAddress, BadBackend, parse_backend
+from ..core.proxyprotocol import parse_network
 from ..ops.metrics import read_snapshots
 from ..registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
 from . import _values
@@ -47,6 +48,7 @@ from .service import (
     StartFailed,
     build_factory,
     fail_while_running,
+    listeners,
     local_snapshots,
     metrics_service,
     open_access_log,
@@ -138,6 +140,44 @@ _SETTINGS = {
         _values.count_or_off,
         None,
         "Tunnels open at once; beyond, new upgrades get 503 (0: no limit)",
+    ),
+    "max-client-connections": _Setting(
+        "client_connections",
+        _values.count_or_off,
+        None,
+        "Connections one client address may have open; beyond, 503, and at twice as "
+        "many, new ones are closed unanswered (0: no limit)",
+    ),
+    "max-client-tunnels": _Setting(
+        "client_tunnels",
+        _values.count_or_off,
+        None,
+        "Tunnels one client address may have open; beyond, new upgrades get 429 (0: no limit)",
+    ),
+    "client-upgrade-rate": _Setting(
+        "client_upgrade_rate",
+        _values.rate_or_off,
+        None,
+        "Upgrade attempts per second one client address may make; beyond, 429 (0: no limit)",
+    ),
+    "client-upgrade-burst": _Setting(
+        "client_upgrade_burst",
+        _values.count_or_off,
+        None,
+        "Upgrade attempts one client address may make at once, under --client-upgrade-rate "
+        "(0: the rate rounded up)",
+    ),
+    "client-ipv6-prefix": _Setting(
+        "client_ipv6_prefix",
+        _values.ipv6_prefix,
+        None,
+        "Leading bits of an IPv6 address that make one client for the per-client limits",
+    ),
+    "send-proxy": _Setting(
+        "send_proxy",
+        _values.proxy_protocol_version,
+        "send_proxy in a [[route]]",
+        "Send a PROXY protocol header, v1 or v2, first on every backend connection",
     ),
     "shutdown-grace": _Setting(
         "shutdown_grace",
@@ -240,6 +280,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["validators"] = []
+        self["proxy_protocol_listen"] = []
+        self["trusted_proxies"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
@@ -268,6 +310,19 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_proxy_protocol_listen(self, endpoint: str) -> None:
+        """Also listen on this endpoint, for a load balancer that sends a PROXY protocol
+        header (v1 or v2) from a --trusted-proxy network (repeatable)."""
+        self["proxy_protocol_listen"].append(endpoint)
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """A network (CIDR) whose connections to --proxy-protocol-listen endpoints must
+        start with a PROXY protocol header (repeatable)."""
+        try:
+            self["trusted_proxies"].append(str(parse_network(network)))
+        except ValueError as e:
+            _exit_usage(f"--trusted-proxy {e}")
+
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
@@ -279,6 +334,8 @@ class Options(usage.Options):
         check = bool(self["check"])
         for description in config.listen:
             _check_endpoint(reactor, description, "--listen", port_range=check)
+        for description in config.proxy_protocol_listen:
+            _check_endpoint(reactor, description, "--proxy-protocol-listen", port_range=check)
         if config.metrics is not None:
             _check_endpoint(reactor, config.metrics, "--metrics", port_range=check)
         if self["check"]:
@@ -287,7 +344,9 @@ class Options(usage.Options):
         self["proxy_config"] = config
         if config.workers > 1:
             try:
-                self["listen_addresses"] = [listen_address(reactor, d) for d in config.listen]
+                self["listen_addresses"] = [
+                    listen_address(reactor, listener.description) for listener in listeners(config)
+                ]
             except WorkersUnsupported as e:
                 _exit_usage(str(e))
 
@@ -336,6 +395,10 @@ class Options(usage.Options):
             changes["forward_h2c"] = True
         if self["no-splice"]:
             changes["splice"] = False
+        if self["proxy_protocol_listen"]:
+            changes["proxy_protocol_listen"] = tuple(self["proxy_protocol_listen"])
+        if self["trusted_proxies"]:
+            changes["trusted_proxies"] = tuple(self["trusted_proxies"])
         access = config.access_log
         if self["access-log-format"] is not None:
             if self["access-log-format"] not in FORMATS:
@@ -350,7 +413,20 @@ class Options(usage.Options):
             except ValueError as e:
                 _exit_usage(f"--access-log: {e}")
         changes["access_log"] = access
-        return replace(config, **changes)
+        config = replace(config, **changes)
+        if config.client_upgrade_burst is not None and config.client_upgrade_rate is None:
+            _exit_usage("--client-upgrade-burst needs --client-upgrade-rate (attempts per second)")
+        if config.proxy_protocol_listen and not config.trusted_proxies:
+            _exit_usage(
+                "--proxy-protocol-listen needs --trusted-proxy NETWORK: the networks your load "
+                "balancers connect from (for example --trusted-proxy 10.0.0.0/8)"
+            )
+        if config.trusted_proxies and not config.proxy_protocol_listen:
+            _exit_usage(
+                "--trusted-proxy needs --proxy-protocol-listen ENDPOINT: where the load "
+                "balancers connect to"
+            )
+        return config
 
     def _from_flags(self, settings: dict[str, Any]) -> ProxyConfig:
         if self["demo"] and self["backend"]:
@@ -520,8 +596,9 @@ def _make_service(
     factory = build_factory(config, reactor, access_log=access_log, backends=backends)
     on_stopped = stream.close if stream is not None and stream is not sys.stdout else None
     ProxyService(
-        factory, config.listen, reactor=reactor, grace=config.shutdown_grace, on_stopped=on_stopped
-    ).setServiceParent(top)
+        factory, listeners(config), reactor=reactor, grace=config.shutdown_grace,
+        on_stopped=on_stopped, config=config,
+    ).setServiceParent(top)  # fmt: skip
     if config.metrics:
         metrics_service(config.metrics, reactor, local_snapshots(factory)).setServiceParent(top)
     return top

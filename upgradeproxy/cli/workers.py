@@ -28,7 +28,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessTerminated, ReactorNotRunning
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from ..ops.metrics import SnapshotWriter
     from .config import undump_config
-    from .service import build_factory, open_access_log
+    from .service import build_factory, factory_for, listeners, open_access_log
 
     parser = argparse.ArgumentParser(prog="python -m upgradeproxy.cli.workers")
     parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
@@ -276,7 +276,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         access_log, stream = open_access_log(config)
         factory = build_factory(config, reactor, access_log=access_log)
         factory.doStart()
-        ports = [_adopt(reactor, spec, factory) for spec in args.fd]
+        # The parent passes one socket per listener, in the order of listeners().
+        ports = [
+            _adopt(reactor, spec, factory_for(listener, config, reactor, factory))
+            for spec, listener in zip(args.fd, listeners(config), strict=True)
+        ]
     except Exception as e:  # whatever it is, restarting would meet it again
         log.critical("{why}", why=str(e) or repr(e))
         sys.stdout.flush()
@@ -329,7 +333,7 @@ def _log_to_parent() -> None:
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
 
 
-def _adopt(reactor: Any, spec: str, factory: protocol.ServerFactory) -> Any:
+def _adopt(reactor: Any, spec: str, factory: IProtocolFactory) -> Any:
     """Serve on the listening socket the parent passed as ``FD:FAMILY``."""
     fd, family = (int(part) for part in spec.split(":"))
     try:

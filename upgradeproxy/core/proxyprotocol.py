@@ -38,7 +38,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,7 +55,7 @@ log = Logger()
 
 
 def parse_network(text: str) -> Network:
-    """``10.0.0.0/8``, ``2001:db8::/32`` or one address; :class:`ValueError` saying what to write."""
+    """``10.0.0.0/8``, ``2001:db8::/32`` or one address; else :class:`ValueError` saying why."""
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
@@ -65,7 +65,8 @@ def parse_network(text: str) -> Network:
         ) from None
 
 
-class ProxyProtocolFactory(Factory):
+@implementer(IProtocolFactory)
+class ProxyProtocolFactory:
     """Reads a PROXY protocol header from trusted sources, then hands over to ``wrapped``.
 
     ``trusted`` are the networks the load balancers connect from;
@@ -170,8 +171,9 @@ class HeaderReceiver(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._inner = inner
+        assert self.transport is not None
         inner.makeConnection(self.transport)
-        if rest and self.transport.connected:  # type: ignore[union-attr]
+        if rest and self._inner is not None:  # it may have closed at once
             inner.dataReceived(rest)
 
     def readConnectionLost(self) -> None:
