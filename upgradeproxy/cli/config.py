@@ -974,6 +974,18 @@ def _route(
     if "backends" not in table:
         problems.append(((), 'no backends; add backends = ["http://HOST:PORT"]'))
     problems += _backend_problems(table.get("backends"), {**_ROUTE_FIELDS, **fields}, context)
+    backends = table.get("backends")
+    if fields.get("send_proxy") and isinstance(backends, list):
+        tls = [b for b in backends if isinstance(b, str) and b.startswith("https://")]
+        if tls:
+            problems.append(
+                (
+                    ("send_proxy",),
+                    f"cannot be used with https:// backends ({', '.join(tls)}): the header "
+                    "would go before the TLS handshake, which this proxy does not do; use "
+                    "http:// backends, or leave send_proxy out",
+                )
+            )
     return fields, problems
 
 

@@ -115,6 +115,7 @@ def build_route(
         fail_timeout=route.fail_timeout,
         health=route.health,
         route=route.name,
+        send_proxy=route.send_proxy,
     )
     client_limits = ClientLimits(
         tunnels=route.route_client_tunnels,
