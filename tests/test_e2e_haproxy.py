@@ -1,0 +1,165 @@
+"""HAProxy in front, speaking the PROXY protocol v2 (``send-proxy-v2``), over loopback.
+
+The client connects from 127.0.0.2 to HAProxy, which connects from 127.0.0.1
+to the proxy's PROXY protocol listener (made by the real ``ProxyService``):
+the access log, ``X-Forwarded-For`` and the tunnel must name 127.0.0.2, and a
+WebSocket tunnel through it must echo, spliced.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from loopback import HOST, TIMEOUT, Loopback, echo_app, eventually, free_port, upgrade_request
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from upgradeproxy import ProxyFactory
+from upgradeproxy.cli.config import ProxyConfig
+from upgradeproxy.cli.service import ProxyService, listeners
+from upgradeproxy.core._splice import AVAILABLE as SPLICE
+from upgradeproxy.core.accesslog import AccessLog, RequestRecord, TunnelRecord
+
+pytestmark = pytest.mark.loopback
+
+CLIENT = "127.0.0.2"
+FRAME = b"\x81\x05hello"  # an unmasked text frame: the echo backend does not care
+
+
+class Records(AccessLog):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[Any] = []
+
+    def emit(self, record: Any) -> None:
+        self.records.append(record)
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind {host}:{front}
+    default_backend proxy
+backend proxy
+    server upgradeproxy {host}:{proxy} send-proxy-v2
+"""
+
+
+def start_haproxy(haproxy: str, workdir: Path, front: int, proxy: int) -> subprocess.Popen[bytes]:
+    config = workdir / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(host=HOST, front=front, proxy=proxy))
+    check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, timeout=10)
+    assert check.returncode == 0, check.stderr.decode()
+    return subprocess.Popen(
+        [haproxy, "-db", "-f", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def connect_from_client(port: int) -> socket.socket:
+    """A socket from 127.0.0.2 to HAProxy, retried while HAProxy starts."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        sock = socket.socket()
+        sock.settimeout(TIMEOUT)
+        sock.bind((CLIENT, 0))
+        try:
+            sock.connect((HOST, port))
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def read_until(sock: socket.socket, marker: bytes, have: bytes = b"") -> bytes:
+    data = have
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"EOF before {marker!r}; received {data!r}")
+        data += chunk
+    return data
+
+
+def plain_get(port: int) -> bytes:
+    with connect_from_client(port) as sock:
+        sock.sendall(b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        return read_until(sock, b"you asked for /page")
+
+
+def open_websocket(port: int) -> tuple[socket.socket, bytes]:
+    """Upgrade, with a first frame in the same packet; returns the socket and what came back."""
+    sock = connect_from_client(port)
+    sock.sendall(upgrade_request() + FRAME)
+    received = read_until(sock, FRAME)
+    return sock, received
+
+
+def echo_again(sock: socket.socket) -> bytes:
+    sock.sendall(b"\x81\x03bye")
+    data = read_until(sock, b"bye")
+    sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_send_proxy_v2(
+    haproxy: str, loopback: Loopback, tmp_path: Path
+) -> None:
+    backend = loopback.backend(echo_app)
+    records = Records()
+    factory = ProxyFactory(
+        TCP4ClientEndpoint(reactor, HOST, backend.port_number), access_log=records
+    )
+    proxy_port, front = free_port(), free_port()
+    listen = f"tcp:{proxy_port}:interface={HOST}"
+    config = ProxyConfig(
+        routes=(), listen=(), proxy_protocol_listen=(listen,), trusted_proxies=(f"{HOST}/32",)
+    )
+    service = ProxyService(factory, listeners(config), reactor=reactor, grace=0, config=config)
+    service.startService()
+    process = start_haproxy(haproxy, tmp_path, front, proxy_port)
+    try:
+        page = await loopback.run(plain_get, front, timeout=2 * TIMEOUT)
+        assert page.startswith(b"HTTP/1.1 200 ")
+        assert b"X-Forwarded-For: 127.0.0.2\r\n" in backend.connections[0].received
+        await eventually(lambda: any(isinstance(r, RequestRecord) for r in records.records))
+        request = next(r for r in records.records if isinstance(r, RequestRecord))
+        assert request.client == CLIENT
+
+        sock, received = await loopback.run(open_websocket, front)
+        assert received.startswith(b"HTTP/1.1 101 ")
+        tunnel = next(iter(factory.proxy.tunnels))
+        assert tunnel.stats.client == CLIENT
+        assert tunnel.spliced == SPLICE, "the header reader leaves the socket to splice(2)"
+        assert (await loopback.run(echo_again, sock)).endswith(b"\x81\x03bye")
+        await eventually(lambda: any(isinstance(r, TunnelRecord) for r in records.records))
+        ended = next(r for r in records.records if isinstance(r, TunnelRecord))
+        assert ended.client == CLIENT and ended.client_to_backend == len(FRAME) + 5
+    finally:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=TIMEOUT)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        await service.stopService()
+    assert b"ALERT" not in output, output.decode(errors="replace")
