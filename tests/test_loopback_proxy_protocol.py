@@ -1,0 +1,101 @@
+"""The PROXY protocol over real loopback sockets: a header split across packets, a
+tunnel that is spliced and half-closes behind it, and the header sent to a backend."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from loopback import (
+    HOST,
+    Loopback,
+    LoopbackBackendConnection,
+    echo_app,
+    eventually,
+    switching_response,
+    upgrade_request,
+)
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from upgradeproxy import BackendSettings, ProxyFactory
+from upgradeproxy.core._proxyheader import encode, parse
+from upgradeproxy.core._splice import AVAILABLE as SPLICE
+from upgradeproxy.core.address import BackendAddress
+from upgradeproxy.core.balancer import BackendGroup, Policy
+from upgradeproxy.core.proxyprotocol import ProxyProtocolFactory, parse_network
+from upgradeproxy.core.routing import Route
+from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
+
+pytestmark = pytest.mark.loopback
+
+FRAME = b"\x81\x05hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_split_header_then_a_spliced_tunnel_that_half_closes(loopback: Loopback) -> None:
+    backend = loopback.backend(echo_app)
+    backend.on_eof = lambda conn: None  # keep its side open: a half-close
+    proxy = ProxyFactory(TCP4ClientEndpoint(reactor, HOST, backend.port_number))
+    listening = loopback.listen(proxy, ProxyProtocolFactory(proxy, [parse_network(HOST)]))
+    client = loopback.client(listening.port)
+    header = b"PROXY TCP4 198.51.100.7 203.0.113.1 51234 443\r\n"
+    client.send_once(header[:9])
+    await eventually(lambda: len(proxy.proxy.connections) == 0, what="nothing yet")
+    client.send_once(header[9:] + upgrade_request() + FRAME)
+    head = await loopback.run(client.recv_head)
+    assert head.status == 101
+    assert await loopback.run(client.recv_exactly, len(FRAME)) == FRAME
+    tunnel = next(iter(proxy.proxy.tunnels))
+    assert tunnel.stats.client == "198.51.100.7"
+    assert tunnel.spliced == SPLICE
+    connection = backend.connections[0]
+    assert b"X-Forwarded-For: 198.51.100.7\r\n" in connection.received
+    client.shutdown_write()
+    await connection.eof
+    assert connection.half_closed, "the client's EOF reached the backend as a half-close"
+    assert connection.transport is not None
+    connection.transport.write(b"after")
+    assert await loopback.run(client.recv_exactly, 5) == b"after"
+
+
+def behind_a_header(conn: LoopbackBackendConnection, data: bytes) -> None:
+    """A script: a WebSocket echo that reads (and keeps) a v2 PROXY header first."""
+    assert conn.transport is not None
+    if conn.state.get("tunnel"):
+        conn.transport.write(data)
+        return
+    header = parse(bytes(conn.received))
+    if header is None:
+        return
+    # The v2 signature itself starts with CRLF CRLF.
+    end = conn.received.find(b"\r\n\r\n", header.length)
+    if end < 0:
+        return
+    conn.state["tunnel"] = True
+    head = bytes(conn.received[header.length : end + 4])
+    conn.transport.write(switching_response(head) + bytes(conn.received[end + 4 :]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_backend_receives_the_header_then_the_request(loopback: Loopback) -> None:
+    backend = loopback.backend(behind_a_header)
+    group = BackendGroup(
+        [BackendAddress(TCP4ClientEndpoint(reactor, HOST, backend.port_number), b"", "echo")],
+        policy=Policy.LEAST_CONN, clock=reactor, settings=BackendSettings(), send_proxy="v2",
+    )  # fmt: skip
+    route = Route("r", group, (RFC9110Validator(), WebSocketValidator()))
+    proxy = ProxyFactory(routes=[route])
+    listening = loopback.listen(proxy)
+    client = loopback.client(listening.port)
+    client.send_once(upgrade_request() + FRAME)
+    assert (await loopback.run(client.recv_head)).status == 101
+    assert await loopback.run(client.recv_exactly, len(FRAME)) == FRAME
+    host, port = client.sock.getsockname()
+    expected = encode(
+        "v2", IPv4Address("TCP", host, port), IPv4Address("TCP", HOST, listening.port)
+    )
+    received = bytes(backend.connections[0].received)
+    assert received.startswith(expected + b"GET /socket HTTP/1.1\r\n")
+    assert received.endswith(b"\r\n\r\n" + FRAME)
+    assert received.count(expected) == 1
