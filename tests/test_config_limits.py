@@ -236,3 +236,26 @@ def test_the_client_options_apply_over_a_file(tmp_path: object) -> None:
     path.write_text("[limits]\nclient_tunnels = 9\n" + ROUTE)
     config = parsed("--config", str(path), "--max-client-connections", "4")
     assert (config.client_connections, config.client_tunnels) == (4, 9)
+
+
+def test_the_example_shows_the_keys_commented_out_and_they_load(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from upgradeproxy.cli.config import load_config
+
+    example = Path(__file__).parent.parent / "examples" / "upgradeproxy.toml"
+    text = example.read_text()
+    for line in (
+        "# [proxy_protocol]\n",
+        '# listen = ["tcp:8081:interface=10.0.0.5"]\n',
+        '# trusted_proxies = ["10.0.0.0/8"]\n',
+        "# header_timeout = 5 ",
+        '# send_proxy = "v2"\n',
+    ):
+        assert text.count(line) == 1, line
+        text = text.replace(line, line[2:])
+    copy = Path(str(tmp_path)) / "upgradeproxy.toml"
+    copy.write_text(text)
+    config = load_config(str(copy))
+    assert config.proxy_protocol_listen == ("tcp:8081:interface=10.0.0.5",)
+    assert config.routes[0].send_proxy == "v2"
