@@ -15,6 +15,7 @@ from upgradeproxy.core._clientlimits import ClientLimits
 from upgradeproxy.core._proxyheader import encode
 from upgradeproxy.core._side import Side
 from upgradeproxy.core.accesslog import AccessLog, RequestRecord
+from upgradeproxy.core.balancer import Policy
 from upgradeproxy.core.proxyprotocol import ProxyProtocolFactory, parse_network
 from upgradeproxy.testing import connect_client
 
@@ -211,3 +212,25 @@ def test_validators_see_the_real_client() -> None:
     protocol, _ = connect(factory)
     protocol.dataReceived(V1 + UPGRADE)
     assert seen == ["198.51.100.7"]
+
+
+def test_client_hash_balances_on_the_real_client() -> None:
+    cluster = Cluster(
+        {"r": {"backends": ["a", "b", "c", "d"], "policy": Policy.CLIENT_HASH}},
+        access_log=Records(),
+    )
+    factory = ProxyProtocolFactory(
+        cluster.factory, [parse_network("10.0.0.0/8")], clock=cluster.clock
+    )
+    group = cluster.proxy.router.routes[0].group
+    chosen = set()
+    for n in range(8):
+        client = IPv4Address("TCP", f"198.51.100.{n}", 1000 + n)
+        protocol, _transport = connect(factory, port=40000 + n)
+        protocol.dataReceived(encode("v2", client, FRONT) + GET)
+        expected = group.choose(client.host).name
+        chosen.add(expected)
+        assert cluster.count(expected) >= 1
+        cluster.last(expected).send(OK)
+        assert records(cluster)[-1].backend == expected
+    assert len(chosen) > 1, "the clients behind one balancer are spread, not all on one backend"
