@@ -3,14 +3,21 @@ tunnel that is spliced and half-closes behind it, and the header sent to a backe
 
 from __future__ import annotations
 
+import socket
+import ssl
+from pathlib import Path
+
 import pytest
 import pytest_twisted
+from e2e_support import ServerCertificate
 from loopback import (
     HOST,
+    TIMEOUT,
     Loopback,
     LoopbackBackendConnection,
     echo_app,
     eventually,
+    free_port,
     switching_response,
     upgrade_request,
 )
@@ -19,6 +26,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from upgradeproxy import BackendSettings, ProxyFactory
+from upgradeproxy.cli.config import ProxyConfig
+from upgradeproxy.cli.service import ProxyService, listeners
 from upgradeproxy.core._proxyheader import encode, parse
 from upgradeproxy.core._splice import AVAILABLE as SPLICE
 from upgradeproxy.core.address import BackendAddress
@@ -99,3 +108,43 @@ async def test_the_backend_receives_the_header_then_the_request(loopback: Loopba
     assert received.startswith(expected + b"GET /socket HTTP/1.1\r\n")
     assert received.endswith(b"\r\n\r\n" + FRAME)
     assert received.count(expected) == 1
+
+
+def _tls_get_after_a_header(port: int, ca: str, header: bytes) -> bytes:
+    """Send ``header`` in the clear, then GET over TLS with ALPN, as behind a TCP balancer."""
+    context = ssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((HOST, port), timeout=TIMEOUT) as raw:
+        raw.sendall(header)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+            tls.sendall(b"GET /page HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ssl_listener_reads_the_header_before_the_tls_handshake(
+    loopback: Loopback, tmp_path: Path
+) -> None:
+    backend = loopback.backend(echo_app)
+    certificate = ServerCertificate(tmp_path / "tls")
+    proxy = ProxyFactory(TCP4ClientEndpoint(reactor, HOST, backend.port_number))
+    listen = certificate.listen_description(free_port())
+    config = ProxyConfig(
+        routes=(), listen=(), proxy_protocol_listen=(listen,), trusted_proxies=(HOST,)
+    )
+    service = ProxyService(proxy, listeners(config), reactor=reactor, grace=0, config=config)
+    service.startService()
+    try:
+        port = int(listen.split(":")[1])
+        header = b"PROXY TCP4 198.51.100.7 203.0.113.1 51234 443\r\n"
+        answer = await loopback.run(_tls_get_after_a_header, port, str(certificate.ca), header)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"you asked for /page")
+        received = bytes(backend.connections[0].received)
+        assert b"X-Forwarded-For: 198.51.100.7\r\n" in received
+        assert b"X-Forwarded-Proto: https\r\n" in received
+    finally:
+        await service.stopService()
