@@ -27,6 +27,7 @@ refused because others flooded the table).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -72,8 +73,13 @@ class ClientLimits:
         return float(max(1, math.ceil(self.upgrade_rate or 1)))
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str, ipv6_prefix: int = 64) -> str:
-    """Who ``address`` is for the limits: the IPv4 address, or the IPv6 network."""
+    """Who ``address`` is for the limits: the IPv4 address, or the IPv6 network.
+
+    Cached: parsing an address costs more than the rest of a limit check,
+    and a client asks for each of its connections and upgrades.
+    """
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

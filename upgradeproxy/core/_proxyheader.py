@@ -28,9 +28,12 @@ numbers below are its.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import socket
 import struct
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -183,10 +186,10 @@ def _parse_v2(data: bytes | bytearray) -> ProxyHeader | None:
             f"its PROXY protocol v2 header is too short for its addresses ({length - 16} bytes)"
         )
     source, destination, source_port, destination_port = block.unpack_from(data, 16)
-    kind = IPv4Address if family == _TCP4 else IPv6Address
+    kind, af = (IPv4Address, socket.AF_INET) if family == _TCP4 else (IPv6Address, socket.AF_INET6)
     return ProxyHeader(
-        kind("TCP", str(ipaddress.ip_address(source)), source_port),
-        kind("TCP", str(ipaddress.ip_address(destination)), destination_port),
+        kind("TCP", socket.inet_ntop(af, source), source_port),
+        kind("TCP", socket.inet_ntop(af, destination), destination_port),
         length,
         2,
     )
@@ -214,10 +217,19 @@ def _same_family(source: Address, destination: Address) -> tuple[_IP, _IP]:
 def encode(version: str, source: object | None, destination: object | None) -> bytes:
     """The header to send first to a backend for a client at ``source``.
 
+    Cached for addresses that can be (Twisted's are immutable and hashable):
+    a keep-alive client connection asks for its header on every request.
+
     ``version`` is ``"v1"`` or ``"v2"``. Without a TCP ``source`` and
     ``destination`` (a UNIX socket's client, the proxy's own health check),
     the header says so: ``PROXY UNKNOWN`` in v1, the ``LOCAL`` command in v2.
     """
+    if isinstance(source, Hashable) and isinstance(destination, Hashable):
+        return _cached(version, source, destination)
+    return _encode(version, source, destination)
+
+
+def _encode(version: str, source: object | None, destination: object | None) -> bytes:
     if isinstance(source, ProxiedAddress):
         source = source.source
     if not isinstance(source, Address) or not isinstance(destination, Address):
@@ -230,6 +242,9 @@ def encode(version: str, source: object | None, destination: object | None) -> b
     family = _TCP4 if a.version == 4 else _TCP6
     block = _ADDRESS_BLOCK[family].pack(a.packed, b.packed, source.port, destination.port)
     return _v2(_PROXY, family, block)
+
+
+_cached = functools.lru_cache(maxsize=4096)(_encode)
 
 
 def _v2(command: int, family: int, block: bytes) -> bytes:

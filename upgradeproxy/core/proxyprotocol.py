@@ -27,6 +27,7 @@ is wrapped at all.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -93,6 +94,8 @@ class ProxyProtocolFactory:
         self.timeout = timeout
         self.clock = clock
         self._failures = LogWindows()
+        # The balancers are a few addresses that connect over and over.
+        self._trusted_host = functools.lru_cache(maxsize=1024)(self._host_is_trusted)
 
     def doStart(self) -> None:
         self.wrapped.doStart()
@@ -103,8 +106,9 @@ class ProxyProtocolFactory:
     def is_trusted(self, address: object) -> bool:
         """True when ``address`` (a listening socket's peer) is in a trusted network."""
         host = getattr(address, "host", None)
-        if not isinstance(host, str):
-            return False
+        return isinstance(host, str) and self._trusted_host(host)
+
+    def _host_is_trusted(self, host: str) -> bool:
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
