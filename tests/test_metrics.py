@@ -469,6 +469,15 @@ def test_status_page_shows_backend_health() -> None:
     ) in text
 
 
+def test_status_page_shows_what_the_limits_turned_away_summed_over_workers() -> None:
+    text = page([("0", make_snapshot()), ("1", make_snapshot(client_entries=3))])
+    assert "<tr><td>client_upgrade_rate</td><td>6</td></tr>" in text
+    assert "<tr><td>max_connections</td><td>8</td></tr>" in text
+    assert "15 client addresses tracked by per-client limits" in text
+    quiet = page([(None, make_snapshot(limit_rejections=[]))])
+    assert "Nothing turned away by a limit." in quiet
+
+
 def test_status_page_lists_refusals_of_the_last_15_minutes() -> None:
     text = page([(None, make_snapshot())])
     assert (

@@ -1,8 +1,8 @@
 """The status page: one small HTML view of the proxy's snapshots, for people.
 
-It shows a summary, the live tunnels, the backends' health and the upgrades
-refused in the last 15 minutes. It is plain HTML with inline CSS, reloading
-itself every few seconds; no script.
+It shows a summary, the live tunnels, the backends' health, what the limits
+turned away, and the upgrades refused in the last 15 minutes. It is plain
+HTML with inline CSS, reloading itself every few seconds; no script.
 
 Every string that comes from a snapshot is HTML-escaped: clients choose
 request targets, and refusal reasons can quote their headers.
@@ -188,6 +188,18 @@ def _backends(snapshots: _Snapshots, by_worker: bool) -> str:
     return _table(headings, rows, "No backends.")
 
 
+def _limits(snapshots: _Snapshots) -> str:
+    """What the limits turned away since the start, summed over the workers."""
+    totals: dict[str, int] = {}
+    for _, snapshot in snapshots:
+        for entry in snapshot["limit_rejections"]:
+            totals[entry["limit"]] = totals.get(entry["limit"], 0) + entry["count"]
+    tracked = sum(snapshot["client_entries"] for _, snapshot in snapshots)
+    rows = (_Row((limit, f"{count:,}")) for limit, count in sorted(totals.items()))
+    table = _table(["limit", "turned away"], rows, "Nothing turned away by a limit.")
+    return table + f'<p class="note">{tracked:,} client addresses tracked by per-client limits</p>'
+
+
 def _refusals(snapshots: _Snapshots, now: float, by_worker: bool) -> str:
     recent = sorted(
         (
@@ -232,6 +244,8 @@ def render_status(snapshots: _Snapshots, now: float) -> bytes:
             _tunnels(snapshots, now, by_worker),
             "<h2>Backends</h2>",
             _backends(snapshots, by_worker),
+            "<h2>Turned away by limits, since the start</h2>",
+            _limits(snapshots),
             "<h2>Upgrades refused in the last 15 minutes, newest first</h2>",
             _refusals(snapshots, now, by_worker),
             f"<footer>Drawn at {_clock_time(now)}; reloads every {REFRESH} s. "
