@@ -84,6 +84,18 @@ def test_a_pooled_connection_serves_only_the_client_connection_it_names() -> Non
     assert pool.idle_count == 2
 
 
+def test_a_private_idle_connection_closes_with_its_client_connection() -> None:
+    c = sending("v1")
+    pool = c.proxy.router.routes[0].group.backends[0].pool
+    client = c.client()
+    client.send(GET)
+    backend = c.last("a")
+    backend.send(OK)
+    assert pool.idle_count == 1 and not backend.closed
+    client.transport.loseConnection()
+    assert backend.closed and pool.idle_count == 0
+
+
 def test_at_most_one_idle_connection_is_kept_per_client_connection() -> None:
     c = sending("v1")
     pool = c.proxy.router.routes[0].group.backends[0].pool

@@ -396,6 +396,8 @@ class Exchange:
         if backend is not None and backend.transport is not None:
             # The client's transport may have paused it as a producer.
             backend.transport.resumeProducing()  # type: ignore[attr-defined]
+            if backend.owner is not None and backend.is_idle:
+                self._proxy.keep_private(self._client, backend)
         self._client.send_end(self)
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:

@@ -168,6 +168,9 @@ class Proxy:
         self._connection_keys: dict[FrontConnection, Key] = {}
         self._tunnel_keys: dict[Tunnel, tuple[Key, ...]] = {}
         self._limit_log = LogWindows()
+        # Idle backend connections that named one client connection in a PROXY
+        # protocol header: no other may use them, so they close with it.
+        self._private: dict[object, BackendConnection] = {}
         #: Where the front doors report TLS handshakes with clients that failed.
         self.tls_failures = HandshakeFailures(clock)
         self.draining = False
@@ -344,7 +347,19 @@ class Proxy:
         key = self._connection_keys.pop(connection, None)
         if key is not None:
             self.clients.close_connection(key, self.clock.seconds())
+        private = self._private.pop(connection, None)
+        if private is not None and private.is_idle:
+            private.transport.loseConnection()  # type: ignore[union-attr]
         self._check_drained()
+
+    def keep_private(self, client: object, backend: BackendConnection) -> None:
+        """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
+
+        Only for connections the proxy tracks (a twisted.web door's are not:
+        its private connections close at the pool's idle timeout).
+        """
+        if client in self.connections:
+            self._private[client] = backend
 
     def tunnel_refusal(self) -> str | None:
         """Why a new upgrade must be refused now (503), or ``None``."""
