@@ -21,10 +21,10 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from upgradeproxy import ProxyFactory
-from upgradeproxy.cli.config import ProxyConfig
-from upgradeproxy.cli.service import ProxyService, listeners
+from upgradeproxy.cli.service import Listener, ProxyService
 from upgradeproxy.core._splice import AVAILABLE as SPLICE
 from upgradeproxy.core.accesslog import AccessLog, RequestRecord, TunnelRecord
+from upgradeproxy.core.proxyprotocol import ProxyProtocolFactory, parse_network
 
 pytestmark = pytest.mark.loopback
 
@@ -131,10 +131,11 @@ async def test_behind_haproxy_send_proxy_v2(
     )
     proxy_port, front = free_port(), free_port()
     listen = f"tcp:{proxy_port}:interface={HOST}"
-    config = ProxyConfig(
-        routes=(), listen=(), proxy_protocol_listen=(listen,), trusted_proxies=(f"{HOST}/32",)
-    )
-    service = ProxyService(factory, listeners(config), reactor=reactor, grace=0, config=config)
+    trusted = [parse_network(f"{HOST}/32")]
+    service = ProxyService(
+        factory, [Listener(listen, proxy_protocol=True)], reactor=reactor, grace=0,
+        behind=lambda inner: ProxyProtocolFactory(inner, trusted),
+    )  # fmt: skip
     service.startService()
     process = start_haproxy(haproxy, tmp_path, front, proxy_port)
     try:

@@ -26,8 +26,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from upgradeproxy import BackendSettings, ProxyFactory
-from upgradeproxy.cli.config import ProxyConfig
-from upgradeproxy.cli.service import ProxyService, listeners
+from upgradeproxy.cli.service import Listener, ProxyService
 from upgradeproxy.core._proxyheader import encode, parse
 from upgradeproxy.core._splice import AVAILABLE as SPLICE
 from upgradeproxy.core.address import BackendAddress
@@ -133,10 +132,11 @@ async def test_an_ssl_listener_reads_the_header_before_the_tls_handshake(
     certificate = ServerCertificate(tmp_path / "tls")
     proxy = ProxyFactory(TCP4ClientEndpoint(reactor, HOST, backend.port_number))
     listen = certificate.listen_description(free_port())
-    config = ProxyConfig(
-        routes=(), listen=(), proxy_protocol_listen=(listen,), trusted_proxies=(HOST,)
-    )
-    service = ProxyService(proxy, listeners(config), reactor=reactor, grace=0, config=config)
+    trusted = [parse_network(HOST)]
+    service = ProxyService(
+        proxy, [Listener(listen, proxy_protocol=True)], reactor=reactor, grace=0,
+        behind=lambda inner: ProxyProtocolFactory(inner, trusted),
+    )  # fmt: skip
     service.startService()
     try:
         port = int(listen.split(":")[1])

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .core.address import BackendAddress, BadBackend, parse_backend
     from .core.balancer import BackendGroup, HealthCheck, Policy
     from .core.factory import ProxyFactory
-    from .core.proxy import Proxy, ProxySettings
+    from .core.proxy import Configuration, Proxy, ProxySettings, Reconfigured
     from .core.proxyprotocol import ProxyProtocolFactory
     from .core.routing import Route
     from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
@@ -34,6 +34,7 @@ _PUBLIC = {
     "BackendSettings": ".core._backend",
     "BadBackend": ".core.address",
     "ClientLimits": ".core._clientlimits",
+    "Configuration": ".core.proxy",
     "HealthCheck": ".core.balancer",
     "IUpgradeValidator": ".interfaces",
     "IValidatorPlugin": ".interfaces",
@@ -45,6 +46,7 @@ _PUBLIC = {
     "ProxyResource": ".web",
     "ProxySettings": ".core.proxy",
     "RFC9110Validator": ".validators",
+    "Reconfigured": ".core.proxy",
     "Refusal": ".interfaces",
     "Route": ".core.routing",
     "UpgradeAttempt": ".interfaces",
@@ -62,6 +64,7 @@ __all__ = [
     "BackendSettings",
     "BadBackend",
     "ClientLimits",
+    "Configuration",
     "HealthCheck",
     "IUpgradeValidator",
     "IValidatorPlugin",
@@ -73,6 +76,7 @@ __all__ = [
     "ProxyResource",
     "ProxySettings",
     "RFC9110Validator",
+    "Reconfigured",
     "Refusal",
     "Route",
     "UpgradeAttempt",

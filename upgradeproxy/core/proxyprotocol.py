@@ -97,6 +97,12 @@ class ProxyProtocolFactory:
         # The balancers are a few addresses that connect over and over.
         self._trusted_host = functools.lru_cache(maxsize=1024)(self._host_is_trusted)
 
+    def trust(self, trusted: Iterable[Network], timeout: float) -> None:
+        """From now on, trust ``trusted`` and give them ``timeout`` (a reload)."""
+        self.trusted = tuple(trusted)
+        self.timeout = timeout
+        self._trusted_host.cache_clear()
+
     def doStart(self) -> None:
         self.wrapped.doStart()
 
