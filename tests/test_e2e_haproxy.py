@@ -1,9 +1,13 @@
-"""HAProxy in front, speaking the PROXY protocol v2 (``send-proxy-v2``), over loopback.
+"""HAProxy and the PROXY protocol over loopback, both ways.
 
-The client connects from 127.0.0.2 to HAProxy, which connects from 127.0.0.1
-to the proxy's PROXY protocol listener (made by the real ``ProxyService``):
-the access log, ``X-Forwarded-For`` and the tunnel must name 127.0.0.2, and a
-WebSocket tunnel through it must echo, spliced.
+In front (``send-proxy-v2``): the client connects from 127.0.0.2 to HAProxy,
+which connects from 127.0.0.1 to the proxy's PROXY protocol listener (made by
+the real ``ProxyService``): the access log, ``X-Forwarded-For`` and the tunnel
+must name 127.0.0.2, and a WebSocket tunnel through it must echo, spliced.
+
+Behind (``accept-proxy``): the proxy sends the header to HAProxy as its
+backend, and HAProxy, which parses it strictly, tells its own backend the
+source it read there.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ from loopback import HOST, TIMEOUT, Loopback, echo_app, eventually, free_port, u
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from upgradeproxy import ProxyFactory
+from upgradeproxy import BackendSettings, ProxyFactory
 from upgradeproxy.cli.service import Listener, ProxyService
 from upgradeproxy.core._splice import AVAILABLE as SPLICE
 from upgradeproxy.core.accesslog import AccessLog, RequestRecord, TunnelRecord
+from upgradeproxy.core.address import BackendAddress
+from upgradeproxy.core.balancer import BackendGroup, Policy
 from upgradeproxy.core.proxyprotocol import ProxyProtocolFactory, parse_network
+from upgradeproxy.core.routing import Route
+from upgradeproxy.validators import RFC9110Validator, WebSocketValidator
 
 pytestmark = pytest.mark.loopback
 
@@ -57,9 +65,29 @@ backend proxy
 """
 
 
-def start_haproxy(haproxy: str, workdir: Path, front: int, proxy: int) -> subprocess.Popen[bytes]:
+#: HAProxy as a backend that wants the PROXY protocol, passing on what it read in it.
+HAPROXY_BEHIND = """\
+global
+    maxconn 100
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind {host}:{front} accept-proxy
+    http-request set-header X-Source %[src]:%[src_port]
+    default_backend app
+backend app
+    server app {host}:{proxy}
+"""
+
+
+def start_haproxy(
+    haproxy: str, workdir: Path, front: int, proxy: int, template: str = HAPROXY_CONFIG
+) -> subprocess.Popen[bytes]:
     config = workdir / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(host=HOST, front=front, proxy=proxy))
+    config.write_text(template.format(host=HOST, front=front, proxy=proxy))
     check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, timeout=10)
     assert check.returncode == 0, check.stderr.decode()
     return subprocess.Popen(
@@ -71,8 +99,18 @@ def start_haproxy(haproxy: str, workdir: Path, front: int, proxy: int) -> subpro
     )
 
 
+def stop_haproxy(process: subprocess.Popen[bytes]) -> bytes:
+    """Terminate HAProxy (by its PID) and return what it printed."""
+    process.terminate()
+    try:
+        return process.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0]
+
+
 def connect_from_client(port: int) -> socket.socket:
-    """A socket from 127.0.0.2 to HAProxy, retried while HAProxy starts."""
+    """A socket from 127.0.0.2 to ``port``, retried while HAProxy starts."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         sock = socket.socket()
@@ -156,11 +194,53 @@ async def test_behind_haproxy_send_proxy_v2(
         ended = next(r for r in records.records if isinstance(r, TunnelRecord))
         assert ended.client == CLIENT and ended.client_to_backend == len(FRAME) + 5
     finally:
-        process.terminate()
-        try:
-            output = process.communicate(timeout=TIMEOUT)[0]
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
+        output = stop_haproxy(process)
         await service.stopService()
     assert b"ALERT" not in output, output.decode(errors="replace")
+
+
+def get_and_upgrade(port: int) -> tuple[tuple[str, int], bytes, bytes]:
+    """From 127.0.0.2: a GET, then an upgrade that echoes; the socket's address and answers."""
+    with connect_from_client(port) as sock:
+        address = sock.getsockname()
+        sock.sendall(b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        page = read_until(sock, b"you asked for /page")
+    sock, switched = open_websocket(port)
+    with sock:
+        echoed = echo_again(sock)
+    return address, page, switched + echoed
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest_twisted.ensureDeferred
+async def test_haproxy_behind_reads_the_header_sent(
+    haproxy: str, loopback: Loopback, tmp_path: Path, version: str
+) -> None:
+    backend = loopback.backend(echo_app)
+    front = free_port()
+    process = start_haproxy(haproxy, tmp_path, front, backend.port_number, HAPROXY_BEHIND)
+    try:
+        address = BackendAddress(TCP4ClientEndpoint(reactor, HOST, front), b"", "haproxy")
+        group = BackendGroup(
+            [address], policy=Policy.LEAST_CONN, clock=reactor, settings=BackendSettings(),
+            send_proxy=version,
+        )  # fmt: skip
+        route = Route("r", group, (RFC9110Validator(), WebSocketValidator()))
+        listening = loopback.listen(ProxyFactory(routes=[route]))
+        await eventually(lambda: _listening(front), what="HAProxy to listen")
+        (host, port), page, tunnel = await loopback.run(
+            get_and_upgrade, listening.port, timeout=2 * TIMEOUT
+        )
+        assert page.startswith(b"HTTP/1.1 200 ")
+        assert b"HTTP/1.1 101 " in tunnel and tunnel.endswith(b"\x81\x03bye")
+        first = bytes(backend.connections[0].received)
+        # HAProxy writes header names in lower case.
+        assert f"x-source: {host}:{port}\r\n".encode() in first, first
+    finally:
+        output = stop_haproxy(process)
+    assert b"ALERT" not in output, output.decode(errors="replace")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((HOST, port)) == 0
