@@ -118,7 +118,8 @@ class OverLimit:
             what = f"has its limit of {self.allowed:g} tunnels open{on}"
         else:
             what = f"made more than {self.allowed:g} upgrade attempts a second{on}"
-        return f"client {client} {what}; try again in {self.retry_after} seconds"
+        wait = self.retry_after
+        return f"client {client} {what}; try again in {wait} second{'' if wait == 1 else 's'}"
 
 
 class _Entry:
