@@ -1,9 +1,12 @@
 """From a :class:`~upgradeproxy.cli.config.ProxyConfig` to running Twisted services.
 
-:func:`build_factory` builds the routes, backend groups and validators a
-configuration describes; :class:`ProxyService` listens with the factory and,
-when stopped, shuts down gracefully: it stops accepting, lets requests in
-flight finish, gives tunnels their grace period, then closes what is left.
+:func:`build_configuration` builds the routes, backend groups and validators
+a configuration describes; :class:`ConfiguredProxy` holds the proxy built
+from it with its access log file, and swaps both on a reload;
+:class:`ProxyService` listens with the factory, opens and closes listeners on
+a reload, and, when stopped, shuts down gracefully: it stops accepting, lets
+requests in flight finish, gives tunnels their grace period, then closes what
+is left.
 """
 
 from __future__ import annotations
