@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -138,3 +140,59 @@ def test_without_tcp_addresses_the_header_says_unknown_or_local() -> None:
     assert local == V2_SIGNATURE + b"\x20\x00\x00\x00"
     header = parse(local)
     assert header is not None and header.source is None
+
+
+# -- properties ------------------------------------------------------------------------
+
+PROPERTIES = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+ipv4 = st.ip_addresses(v=4).map(str)
+ipv6 = st.ip_addresses(v=6).map(lambda ip: str(ip))
+ports = st.integers(0, 65535)
+
+
+@PROPERTIES
+@given(
+    version=st.sampled_from(["v1", "v2"]),
+    family=st.sampled_from([(ipv4, IPv4Address), (ipv6, IPv6Address)]),
+    data=st.data(),
+    rest=st.binary(max_size=64),
+)
+def test_what_is_sent_parses_back_to_the_same_addresses(
+    version: str, family: tuple[st.SearchStrategy[str], type], data: st.DataObject, rest: bytes
+) -> None:
+    hosts, kind = family
+    source = kind("TCP", data.draw(hosts), data.draw(ports))
+    destination = kind("TCP", data.draw(hosts), data.draw(ports))
+    sent = encode(version, source, destination)
+    header = parse(sent + rest)
+    assert header is not None and header.length == len(sent)
+    assert header.source is not None and header.destination is not None
+    assert ipaddress.ip_address(header.source.host) == ipaddress.ip_address(source.host)
+    assert header.source.port == source.port
+    assert ipaddress.ip_address(header.destination.host) == ipaddress.ip_address(destination.host)
+    assert (sent + rest)[header.length :] == rest
+
+
+@PROPERTIES
+@given(
+    data=st.one_of(
+        st.binary(max_size=200),
+        st.binary(max_size=200).map(lambda b: b"PROXY " + b),
+        st.binary(max_size=200).map(lambda b: V2_SIGNATURE + b),
+    )
+)
+def test_any_bytes_give_a_header_more_needed_or_an_error_never_a_crash(data: bytes) -> None:
+    try:
+        header = parse(data)
+    except HeaderError:
+        return
+    if header is not None:
+        assert 0 < header.length <= len(data)
+        # A prefix of a header never parses as one.
+        assert parse(data[: header.length - 1]) is None
