@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._clientlimits import ClientLimits
 from ._side import Side
 from ._tunnel import Tunnel
 from .balancer import Backend
@@ -44,6 +45,25 @@ class ProxyStats:
     ended_tunnel_bytes: dict[Side, int] = field(
         default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0}
     )
+    #: Unix time the configuration in use was applied, and what names its content.
+    config_loaded: float = field(default_factory=time.time)
+    config_digest: str = ""
+    #: "ok" or "failed" -> reconfigurations (reloads) with that result.
+    reloads: Counter[str] = field(default_factory=Counter)
+    #: False while the last reload failed (the configuration before it serves).
+    last_reload_ok: bool = True
+
+    def reconfigured(self, digest: str) -> None:
+        """A new configuration was applied."""
+        self.config_loaded = time.time()
+        self.config_digest = digest
+        self.reloads["ok"] += 1
+        self.last_reload_ok = True
+
+    def reload_failed(self) -> None:
+        """A new configuration was refused; the one in use stays."""
+        self.reloads["failed"] += 1
+        self.last_reload_ok = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +92,8 @@ class BackendState:
     active: int
     failures: int
     last_error: str
+    #: True for a backend a reload removed, kept until its last request or tunnel ends.
+    draining: bool = False
 
 
 def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
@@ -82,12 +104,17 @@ def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
     )  # fmt: skip
 
 
-def backend_states(routes: Iterable[Route]) -> list[BackendState]:
-    return [
-        BackendState(route.name, b.name, b.healthy, b.active, b.failures, b.last_error)
-        for route in routes
-        for b in route.group.backends
-    ]
+def backend_state(route: str, b: Backend, draining: bool = False) -> BackendState:
+    return BackendState(route, b.name, b.healthy, b.active, b.failures, b.last_error, draining)
+
+
+def backend_states(
+    routes: Iterable[Route], draining: Iterable[tuple[str, Backend]] = ()
+) -> list[BackendState]:
+    """The backends of ``routes``, then those drained after a reload."""
+    states = [backend_state(route.name, b) for route in routes for b in route.group.backends]
+    states += (backend_state(route, b, draining=True) for route, b in draining)
+    return states
 
 
 def take_snapshot(
@@ -95,11 +122,19 @@ def take_snapshot(
     connections: int,
     tunnels: Mapping[Tunnel, Backend],
     routes: Iterable[Route],
+    draining: Iterable[tuple[str, Backend]],
     max_connections: int | None,
     max_tunnels: int | None,
     now: float,
+    *,
+    client_limits: ClientLimits | None = None,
+    client_entries: int = 0,
 ) -> dict[str, Any]:
-    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock)."""
+    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock).
+
+    ``client_entries`` is how many client addresses the per-client limits track.
+    """
+    client_limits = client_limits or ClientLimits()
     live = [tunnel_state(tunnel, now) for tunnel in tunnels]
     ended = stats.ended_tunnel_bytes
     return {
@@ -123,6 +158,19 @@ def take_snapshot(
             "client_to_backend": ended[Side.CLIENT] + sum(t.client_to_backend for t in live),
             "backend_to_client": ended[Side.BACKEND] + sum(t.backend_to_client for t in live),
         },
-        "backends": [asdict(b) for b in backend_states(routes)],
-        "limits": {"max_connections": max_connections, "max_tunnels": max_tunnels},
+        "backends": [asdict(b) for b in backend_states(routes, draining)],
+        "limits": {
+            "max_connections": max_connections,
+            "max_tunnels": max_tunnels,
+            "client_connections": client_limits.connections,
+            "client_tunnels": client_limits.tunnels,
+            "client_upgrade_rate": client_limits.upgrade_rate,
+        },
+        "client_entries": client_entries,
+        "config": {
+            "loaded": stats.config_loaded,
+            "digest": stats.config_digest,
+            "reloads": {"ok": stats.reloads["ok"], "failed": stats.reloads["failed"]},
+            "last_reload_ok": stats.last_reload_ok,
+        },
     }

@@ -1,8 +1,10 @@
 """The proxy itself, apart from any front door: :class:`Proxy`.
 
-It owns the routes, the validator chains, admission and limits, the
-registries of client connections and tunnels, the moment of a switch
-(:meth:`Proxy.start_tunnel`), graceful shutdown and the snapshot that
+It owns its :class:`Configuration` (routes, backends, validators,
+timeouts, limits, access log), admission, the registries of client
+connections and tunnels, the moment of a switch
+(:meth:`Proxy.start_tunnel`), swapping the configuration while it runs
+(:meth:`Proxy.reconfigure`), graceful shutdown and the snapshot that
 metrics and the status page read. It never reads or writes a client
 connection: the front doors (:mod:`upgradeproxy.core._client`,
 :mod:`upgradeproxy.web`) do, each through an
@@ -25,7 +27,9 @@ from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 from ._backend import BackendConnection, BackendPool, BackendSettings
+from ._clientlimits import ClientLimits, ClientTable, Key, OverLimit, client_key
 from ._handover import Handover
+from ._lograte import LogWindows
 from ._rewrite import switch_for_client
 from ._side import Side
 from ._snapshot import ProxyStats, take_snapshot
@@ -72,10 +76,75 @@ class ProxySettings:
     #: For a factory built with one backend: tunnel idle timeout and lifetime.
     tunnel_idle_timeout: float | None = None
     tunnel_lifetime: float | None = None
+    #: Limits per client address, over all routes (a route may add its own); off by default.
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
+    #: The leading bits of an IPv6 client address that name one client (64: its /64).
+    client_ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRefusal:
+    """Why a connection or request is turned away by a limit, as the door must answer it."""
+
+    status: int
+    reason: str
+    #: Seconds for ``Retry-After``; None: no such field.
+    retry_after: int | None = None
+    #: The proxy has logged it already (or chose not to, to keep the log readable).
+    logged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """Everything a :class:`Proxy` is told to do, as one value it swaps whole.
+
+    New requests and new connections read the configuration of the moment;
+    a request or tunnel keeps the route (and with it the backends,
+    validators, timeouts and limits) it started with. A setting added here,
+    to :class:`ProxySettings` or to :class:`~upgradeproxy.core.routing.Route`
+    is swapped by :meth:`Proxy.reconfigure` with no further work.
+    """
+
+    routes: tuple[Route, ...]
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    #: Names this configuration's content, for metrics; the twistd plugin
+    #: sets a hash of the checked configuration. "" when nobody named it.
+    digest: str = ""
+    router: Router = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for route in self.routes:
+            for validator in route.validators:
+                if not IUpgradeValidator.providedBy(validator):
+                    raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
+        object.__setattr__(self, "routes", tuple(self.routes))
+        object.__setattr__(self, "router", Router(self.routes))
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigured:
+    """What :meth:`Proxy.reconfigure` did to the backends, by ``route/backend`` name."""
+
+    #: Backends of the new configuration that the old one did not have.
+    added: tuple[str, ...]
+    #: Backends that stayed (same route, same name): their health and counts live on.
+    kept: tuple[str, ...]
+    #: Backends that left: no new requests; those still busy are drained.
+    removed: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line for the log."""
+        changes = (("added", self.added), ("kept", self.kept), ("removed", self.removed))
+        parts = [f"{label} {', '.join(names)}" for label, names in changes if names]
+        return "backends " + "; ".join(parts) if parts else "no backends"
 
 
 class FrontConnection(TypingProtocol):
     """A client connection as the proxy tracks it, whatever door it came through."""
+
+    #: The client's address (from the PROXY protocol when it is used), for limits and logs.
+    address: str
 
     @property
     def busy(self) -> bool:
@@ -116,6 +185,7 @@ class Proxy:
         settings: ProxySettings | None = None,
         scheme: str = "http",
         access_log: AccessLog | None = None,
+        configuration: Configuration | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -123,24 +193,35 @@ class Proxy:
             clock = reactor
         assert clock is not None
         self.clock = clock
-        self.settings = settings or ProxySettings()
         self.scheme = scheme
-        self.access_log = access_log or AccessLog()
-        if (backend is None) == (routes is None):
-            raise TypeError("give either a backend or routes")
-        if routes is None:
-            assert backend is not None
-            routes = [self._only_route(backend, validators)]
-        elif validators is not None:
-            raise TypeError("with routes, each route carries its own validators")
-        for route in routes:
-            for validator in route.validators:
-                if not IUpgradeValidator.providedBy(validator):
-                    raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
-        self.router = Router(routes)
+        if configuration is None:
+            settings = settings or ProxySettings()
+            if (backend is None) == (routes is None):
+                raise TypeError("give either a backend, routes or a configuration")
+            if routes is None:
+                assert backend is not None
+                routes = [self._only_route(backend, validators, settings)]
+            elif validators is not None:
+                raise TypeError("with routes, each route carries its own validators")
+            configuration = Configuration(tuple(routes), settings, access_log or AccessLog())
+        elif (backend, validators, routes, settings, access_log) != (None,) * 5:
+            raise TypeError("give either a configuration, or what to build one with")
+        self._configuration = configuration
+        #: Backends that a reconfiguration removed while requests or tunnels
+        #: still used them, with their route's name: drained, still counted.
+        self._retired: dict[Backend, str] = {}
         self.connections: set[FrontConnection] = set()
         self.tunnels: dict[Tunnel, Backend] = {}
-        self.stats = ProxyStats()
+        self.stats = ProxyStats(config_digest=configuration.digest)
+        #: What each client address has open and its upgrade buckets (see ClientLimits).
+        self.clients = ClientTable()
+        # The entries that connections and tunnels hold there, to give back the same ones.
+        self._connection_keys: dict[FrontConnection, Key] = {}
+        self._tunnel_keys: dict[Tunnel, tuple[Key, ...]] = {}
+        self._limit_log = LogWindows()
+        # Idle backend connections that named one client connection in a PROXY
+        # protocol header: no other may use them, so they close with it.
+        self._private: dict[object, BackendConnection] = {}
         #: Where the front doors report TLS handshakes with clients that failed.
         self.tls_failures = HandshakeFailures(clock)
         self.draining = False
@@ -151,10 +232,10 @@ class Proxy:
         self,
         backend: IStreamClientEndpoint | BackendAddress,
         validators: Iterable[IUpgradeValidator] | None,
+        settings: ProxySettings,
     ) -> Route:
         if not isinstance(backend, BackendAddress):
             backend = BackendAddress(backend, b"", describe_endpoint(backend))
-        settings = self.settings
         group = BackendGroup(
             [backend], policy=Policy.LEAST_CONN, clock=self.clock, settings=settings.backend,
             route="default",
@@ -167,6 +248,110 @@ class Proxy:
             tunnel_idle_timeout=settings.tunnel_idle_timeout,
             tunnel_lifetime=settings.tunnel_lifetime,
         )
+
+    # -- the configuration ---------------------------------------------------------
+
+    @property
+    def configuration(self) -> Configuration:
+        """What new requests and connections follow (see :meth:`reconfigure`)."""
+        return self._configuration
+
+    @property
+    def settings(self) -> ProxySettings:
+        """The limits and timeouts of the current configuration."""
+        return self._configuration.settings
+
+    @property
+    def router(self) -> Router:
+        """The router of the current configuration."""
+        return self._configuration.router
+
+    @property
+    def access_log(self) -> AccessLog:
+        """Where requests and tunnels are recorded, the current configuration's."""
+        return self._configuration.access_log
+
+    def reconfigure(self, configuration: Configuration) -> Reconfigured:
+        """Serve new requests and new connections with ``configuration``; drop nothing.
+
+        Everything the configuration holds changes at once, for what starts
+        from now on: routes, backends and their policies, validators,
+        timeouts, limits, the access log and health checks. Requests in flight
+        and open tunnels keep the route and backend they started with (a
+        client connection keeps the head limits and timeouts it was accepted
+        with) and stay counted on their backend.
+
+        Backends are matched by route name and backend name. One that stays
+        keeps its health, failure count and load; it gets the new connection
+        settings, so its idle pooled connections are closed. One that leaves
+        takes no new request, its idle connections are closed, and its tunnels
+        live on, counted on it, which the snapshot lists as draining until
+        they end. Health checks of the old routes stop and those of the new
+        ones start.
+
+        Returns what happened to the backends, which is also logged. Raises
+        nothing once ``configuration`` exists: whatever could be wrong with it
+        was refused when it was built.
+        """
+        old = self._configuration
+        self.draining_backends()  # forgets those that have drained
+        previous = {route.name: route for route in old.routes}
+        added: list[str] = []
+        kept: list[str] = []
+        removed: list[str] = []
+        taken: set[Route] = set()
+        for route in configuration.routes:
+            before = previous.pop(route.name, None)
+            kept_here: tuple[Backend, ...] = ()
+            if before is not None:
+                taken.add(before)
+                if before.group is route.group:
+                    kept_here = route.group.backends
+                else:
+                    kept_here = route.group.take_over(before.group)
+                    left = [b for b in before.group.backends if b not in kept_here]
+                    self._retire(route.name, left, removed)
+            kept += (f"{route.name}/{b.name}" for b in kept_here)
+            added += (f"{route.name}/{b.name}" for b in route.group.backends if b not in kept_here)
+        for route in old.routes:
+            if route not in taken:
+                self._retire(route.name, route.group.backends, removed)
+        for route in old.routes:
+            route.group.stop()
+        self._configuration = configuration
+        self.stats.reconfigured(configuration.digest)
+        done = Reconfigured(tuple(added), tuple(kept), tuple(removed))
+        self.log.info(
+            "configuration applied: {routes} routes; {backends}",
+            routes=len(configuration.routes),
+            backends=done.describe(),
+        )
+        if self.running:
+            self._start_routes(configuration.routes)
+        return done
+
+    def _retire(self, route: str, backends: Iterable[Backend], names: list[str]) -> None:
+        for backend in backends:
+            names.append(f"{route}/{backend.name}")
+            backend.pool.retire()
+            self._retired[backend] = route
+
+    def reconfigure_failed(self) -> None:
+        """Count a reconfiguration that was refused before it reached the proxy.
+
+        Whoever checks new configurations (the twistd plugin, on SIGHUP)
+        calls it, so that the metrics say the last reload failed.
+        """
+        self.stats.reload_failed()
+
+    def draining_backends(self) -> list[tuple[str, Backend]]:
+        """Backends a reconfiguration removed that requests or tunnels still use, by route.
+
+        Those no request or tunnel uses any more are forgotten here.
+        """
+        for backend in [b for b in self._retired if not b.active]:
+            del self._retired[backend]
+        return [(route, backend) for backend, route in self._retired.items()]
 
     # -- single-backend conveniences ------------------------------------------------
 
@@ -196,10 +381,13 @@ class Proxy:
         if self.running:
             return
         self.running = True
-        for route in self.router.routes:
+        self._start_routes(self.router.routes)
+
+    def _start_routes(self, routes: Sequence[Route]) -> None:
+        for route in routes:
             names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
             backends = ", ".join(b.name for b in route.group.backends)
-            where = " ".join([*route.hosts, route.path]) if len(self.router.routes) > 1 else ""
+            where = " ".join([*route.hosts, route.path]) if len(routes) > 1 else ""
             self.log.info(
                 "proxying {where}to {backends}; upgrade validators: {validators}",
                 where=f"{where} " if where else "",
@@ -270,21 +458,66 @@ class Proxy:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def connection_opened(self, connection: FrontConnection) -> str | None:
+    def client_key(self, address: str) -> str:
+        """Who ``address`` is for the per-client limits (an IPv6 client is its network)."""
+        return client_key(address, self.settings.client_ipv6_prefix)
+
+    def accepts(self, address: str) -> bool:
+        """False when a new connection from ``address`` is to be closed at once, unanswered.
+
+        That is when the client already has twice its connection limit open
+        (:data:`~upgradeproxy.core._clientlimits.FAR_OVER`): the 503 responses it
+        was sent did not slow it down, and answering more costs more than it tells.
+        """
+        limit = self.settings.client_limits.connections
+        if limit is None or not self.clients.far_over(("", self.client_key(address)), limit):
+            return True
+        self.stats.limit_rejections["client_connections_closed_at_accept"] += 1
+        self._log_limit(
+            address,
+            f"closed a new connection from {address} unanswered: it has twice its limit "
+            f"of {limit} connections open",
+        )
+        return False
+
+    def connection_opened(self, connection: FrontConnection) -> LimitRefusal | None:
         """Count ``connection`` in; return why it must be refused (503), or ``None``."""
         self.connections.add(connection)
         self.stats.connections_total += 1
         if self.draining:
-            return "the proxy is shutting down"
+            return LimitRefusal(503, "the proxy is shutting down")
         limit = self.settings.max_connections
         if limit is not None and len(self.connections) > limit:
             self.stats.limit_rejections["max_connections"] += 1
-            return f"the proxy is serving its limit of {limit} connections; try again later"
-        return None
+            return LimitRefusal(
+                503, f"the proxy is serving its limit of {limit} connections; try again later"
+            )
+        per_client = self.settings.client_limits.connections
+        if per_client is None:
+            return None
+        key = ("", self.client_key(connection.address))
+        self._connection_keys[connection] = key
+        over = self.clients.open_connection(key, per_client, self.clock.seconds())
+        return None if over is None else self._over_limit(503, over, connection.address, "")
 
     def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
+        key = self._connection_keys.pop(connection, None)
+        if key is not None:
+            self.clients.close_connection(key, self.clock.seconds())
+        private = self._private.pop(connection, None)
+        if private is not None and private.is_idle:
+            private.transport.loseConnection()  # type: ignore[union-attr]
         self._check_drained()
+
+    def keep_private(self, client: object, backend: BackendConnection) -> None:
+        """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
+
+        Only for connections the proxy tracks (a twisted.web door's are not:
+        its private connections close at the pool's idle timeout).
+        """
+        if client in self.connections:
+            self._private[client] = backend
 
     def tunnel_refusal(self) -> str | None:
         """Why a new upgrade must be refused now (503), or ``None``."""
@@ -293,6 +526,50 @@ class Proxy:
             self.stats.limit_rejections["max_tunnels"] += 1
             return f"the proxy has its limit of {limit} tunnels open; try again later"
         return None
+
+    def admit_upgrade(
+        self, address: str, route: Route
+    ) -> tuple[LimitRefusal | None, tuple[Key, ...]]:
+        """Check an upgrade attempt from ``address`` against the per-client limits.
+
+        Returns the refusal (429), or the tunnel reservations the attempt
+        holds, which :meth:`release_client` gives back when it fails, or
+        :meth:`start_tunnel` takes over for the tunnel's life.
+        """
+        scopes: list[tuple[Key, ClientLimits]] = []
+        client = None
+        if self.settings.client_limits.enforced:
+            client = self.client_key(address)
+            scopes.append((("", client), self.settings.client_limits))
+        if route.client_limits is not None and route.client_limits.enforced:
+            client = client or self.client_key(address)
+            scopes.append(((route.name, client), route.client_limits))
+        if not scopes:
+            return None, ()
+        refused = self.clients.admit_upgrade(scopes, self.clock.seconds())
+        if refused is not None:
+            (scope, _), over = refused
+            where = f"route {scope}" if scope else ""
+            return self._over_limit(429, over, address, where), ()
+        return None, tuple(key for key, limits in scopes if limits.tunnels is not None)
+
+    def release_client(self, keys: tuple[Key, ...]) -> None:
+        """Give back tunnel reservations of :meth:`admit_upgrade` that no tunnel uses."""
+        now = self.clock.seconds()
+        for key in keys:
+            self.clients.release_tunnel(key, now)
+
+    def _over_limit(self, status: int, over: OverLimit, address: str, where: str) -> LimitRefusal:
+        """The refusal for a client over a limit: counted, logged at most once a minute."""
+        self.stats.limit_rejections[over.limit.value] += 1
+        reason = over.reason(address, where)
+        self._log_limit(address, f"{status} to {address}: {reason}")
+        return LimitRefusal(status, reason, over.retry_after, logged=True)
+
+    def _log_limit(self, address: str, line: str) -> None:
+        notes = self._limit_log.note(self.client_key(address), self.clock.seconds())
+        if notes is not None:
+            self.log.info("{line}{notes}", line=line, notes=notes)
 
     def request_done(self, route: Route | None, record: RequestRecord) -> None:
         """A request was answered: count it and log it."""
@@ -309,6 +586,7 @@ class Proxy:
         early_data: bytes,
         client: Handover,
         attach: Callable[[Tunnel], None],
+        client_keys: tuple[Key, ...] = (),
     ) -> Tunnel:
         """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
@@ -320,7 +598,8 @@ class Proxy:
         ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
         client connection's events to the tunnel; it is called before the
         tunnel starts, because starting may already end it (a client that
-        reset while its bytes were held).
+        reset while its bytes were held). ``client_keys`` are the tunnel
+        reservations of :meth:`admit_upgrade`, held until the tunnel ends.
         """
         response = attempt.response
         assert response is not None and backend.transport is not None
@@ -349,6 +628,8 @@ class Proxy:
         backend.enter_tunnel(tunnel)
         attach(tunnel)
         self.tunnels[tunnel] = upstream
+        if client_keys:
+            self._tunnel_keys[tunnel] = client_keys
         self.stats.tunnels_total[protocol] += 1
         tunnel.start()
         if client.read_closed:
@@ -359,6 +640,7 @@ class Proxy:
         backend = self.tunnels.pop(tunnel, None)
         if backend is not None:
             backend.active -= 1
+        self.release_client(self._tunnel_keys.pop(tunnel, ()))
         stats = tunnel.stats
         ended = self.stats.ended_tunnel_bytes
         ended[Side.CLIENT] += stats.sent[Side.CLIENT]
@@ -461,7 +743,10 @@ class Proxy:
 
     def snapshot(self) -> dict[str, Any]:
         """The proxy's state as plain data (JSON-ready), for metrics and the status page."""
+        settings = self.settings
         return take_snapshot(
             self.stats, len(self.connections), self.tunnels, self.router.routes,
-            self.settings.max_connections, self.settings.max_tunnels, self.clock.seconds(),
+            self.draining_backends(), settings.max_connections, settings.max_tunnels,
+            self.clock.seconds(),
+            client_limits=settings.client_limits, client_entries=len(self.clients),
         )  # fmt: skip

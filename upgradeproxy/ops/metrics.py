@@ -23,7 +23,10 @@ The metrics (counters are cumulative since the process started):
     backend's ``101`` broke a rule; the client got a ``502``).
 ``upgradeproxy_limit_rejections_total{limit}``
     Requests or connections turned away by a limit: ``max_connections``,
-    ``max_tunnels``, ``max_request_body`` or ``no_healthy_backend``.
+    ``max_tunnels``, ``max_request_body``, ``no_healthy_backend``, or a
+    per-client limit: ``client_connections`` (503),
+    ``client_connections_closed_at_accept`` (closed unanswered),
+    ``client_tunnels`` and ``client_upgrade_rate`` (429).
 ``upgradeproxy_tunnels_active{protocol}`` (gauge)
     Tunnels open now, by upgrade protocol (``websocket``, ...). Protocols seen
     since the start stay listed with 0.
@@ -43,9 +46,26 @@ The metrics (counters are cumulative since the process started):
 ``upgradeproxy_client_connections_total``
     Client connections accepted.
 ``upgradeproxy_limit{name}`` (gauge)
-    The configured ``max_connections`` and ``max_tunnels``; absent when unlimited.
+    The configured ``max_connections`` and ``max_tunnels``, and the proxy-wide
+    per-client ``client_connections``, ``client_tunnels`` and
+    ``client_upgrade_rate`` (per second); absent when unlimited.
+``upgradeproxy_client_limit_entries`` (gauge)
+    Client addresses the per-client limits keep state for (bounded: see
+    ``upgradeproxy.core._clientlimits``).
 ``upgradeproxy_started_time_seconds`` (gauge)
     Unix time the process started proxying.
+``upgradeproxy_backend_draining{route, backend}`` (gauge)
+    1 for a backend a reload removed while requests or tunnels still use it
+    (it takes no new request; it is listed until they end), 0 otherwise.
+``upgradeproxy_config_reloads_total{result}``
+    Reloads of the configuration (SIGHUP), by result: ``ok`` or ``failed``.
+``upgradeproxy_config_last_reload_success`` (gauge)
+    0 while the last reload failed (the configuration before it still
+    serves), 1 otherwise.
+``upgradeproxy_config_loaded_timestamp_seconds`` (gauge)
+    Unix time the configuration in use was applied.
+``upgradeproxy_config_info{hash}`` (gauge)
+    Always 1; ``hash`` names the content of the configuration in use.
 
 The open-connections gauge is not named ``upgradeproxy_client_connections``:
 that is the family name of the ``_total`` counter, and OpenMetrics parsers
@@ -98,6 +118,8 @@ _SNAPSHOT_KEYS = frozenset(
         "tunnel_bytes",
         "backends",
         "limits",
+        "client_entries",
+        "config",
     }
 )
 
@@ -138,6 +160,21 @@ def _tunnels_active(snapshot: Snapshot) -> _Samples:
 
 def _tunnel_bytes(snapshot: Snapshot) -> _Samples:
     return (([direction], snapshot["tunnel_bytes"][direction]) for direction in _DIRECTIONS)
+
+
+def _reloads(snapshot: Snapshot) -> _Samples:
+    return (([result], count) for result, count in snapshot["config"]["reloads"].items())
+
+
+def _config(key: str) -> Callable[[Snapshot], _Samples]:
+    def samples(snapshot: Snapshot) -> _Samples:
+        return [((), float(snapshot["config"][key]))]
+
+    return samples
+
+
+def _config_info(snapshot: Snapshot) -> _Samples:
+    return [([snapshot["config"]["digest"]], 1.0)]
 
 
 def _limits(snapshot: Snapshot) -> _Samples:
@@ -246,9 +283,16 @@ _METRICS = (
     _Metric(
         "upgradeproxy_limit",
         False,
-        "Configured limits (max_connections, max_tunnels); absent when unlimited.",
+        "Configured limits (max_connections, max_tunnels, per-client); absent when unlimited.",
         ("name",),
         _limits,
+    ),
+    _Metric(
+        "upgradeproxy_client_limit_entries",
+        False,
+        "Client addresses the per-client limits keep state for.",
+        (),
+        _scalar("client_entries"),
     ),
     _Metric(
         "upgradeproxy_started_time_seconds",
@@ -256,6 +300,41 @@ _METRICS = (
         "Unix time the process started proxying.",
         (),
         _scalar("started"),
+    ),
+    _Metric(
+        "upgradeproxy_backend_draining",
+        False,
+        "1 for a backend a reload removed that requests or tunnels still use.",
+        ("route", "backend"),
+        _entries("backends", ("route", "backend"), "draining"),
+    ),
+    _Metric(
+        "upgradeproxy_config_reloads_total",
+        True,
+        "Reloads of the configuration, by result (ok or failed).",
+        ("result",),
+        _reloads,
+    ),
+    _Metric(
+        "upgradeproxy_config_last_reload_success",
+        False,
+        "0 while the last reload failed (the configuration before it serves), else 1.",
+        (),
+        _config("last_reload_ok"),
+    ),
+    _Metric(
+        "upgradeproxy_config_loaded_timestamp_seconds",
+        False,
+        "Unix time the configuration in use was applied.",
+        (),
+        _config("loaded"),
+    ),
+    _Metric(
+        "upgradeproxy_config_info",
+        False,
+        "Always 1; hash names the content of the configuration in use.",
+        ("hash",),
+        _config_info,
     ),
 )
 
