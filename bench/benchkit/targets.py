@@ -56,7 +56,7 @@ class Context:
     twistd: str | None
     upgradeproxy_args: list[str] = field(default_factory=list)
     #: ``--workers`` for upgradeproxy, after the extra arguments; None leaves its default.
-    workers: int | str | None = None
+    workers: int | None = None
     #: Each proxy in its configuration for every core (see the module docstring).
     all_cores: bool = False
     #: The load is plain requests on kept-alive connections (proxy.py needs to know).
