@@ -19,6 +19,12 @@ it merges repeated request header fields, and it cannot send ``1xx``
 interim responses (they are dropped). For a proxy without those limits,
 listen with :class:`~upgradeproxy.ProxyFactory` instead.
 
+twisted.web owns the connections between requests; the proxy counts each
+request in :attr:`~upgradeproxy.core.proxy.Proxy.connections` from its start
+to its end (to its tunnel's end after a switch), so that limits, the
+snapshot and a graceful shutdown see it as they see a listening door's
+connection.
+
 Everything else is the listening proxy's: the resource drives each request
 through the same :class:`~upgradeproxy.core._exchange.Exchange` (routes, limits,
 validators, retries, access records), and its :class:`~upgradeproxy.core.proxy.Proxy`
@@ -28,7 +34,7 @@ reactor stops.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -37,7 +43,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._twisted import detach
 from .core._backend import BackendConnection
-from .core._exchange import Exchange
+from .core._exchange import Exchange, refuse_request
 from .core._handover import Handover
 from .core._rewrite import VIA, ClientHop, error_body
 from .core._side import Side
@@ -92,15 +98,16 @@ class ProxyResource(Resource):
         # The backend's fields only: no twisted.web default type or banner.
         request.defaultContentType = None
         request.responseHeaders.removeHeader(b"server")
-        _WebClientSide(request).begin(self.proxy)
+        _WebClientSide(request, self.proxy).begin()
         return NOT_DONE_YET
 
 
 class _TunnelEvents:
     """Receives the client connection's events once twisted.web has let go of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, closed: Callable[[], None]) -> None:
         self.tunnel: Tunnel | None = None
+        self._closed = closed
 
     def dataReceived(self, data: bytes) -> None:
         assert self.tunnel is not None
@@ -109,6 +116,7 @@ class _TunnelEvents:
     def connectionLost(self, reason: Failure) -> None:
         if self.tunnel is not None:
             self.tunnel.lost(Side.CLIENT, reason)
+        self._closed()
 
 
 def _request_head(request: Request) -> tuple[RequestHead, bytes]:
@@ -137,9 +145,14 @@ def _request_head(request: Request) -> tuple[RequestHead, bytes]:
 
 
 class _WebClientSide:
-    """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
+    """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web.
 
-    def __init__(self, request: Request) -> None:
+    It is also the proxy's :class:`~upgradeproxy.core.proxy.FrontConnection`
+    for the request, from :meth:`begin` to the end of its response (or of its
+    tunnel).
+    """
+
+    def __init__(self, request: Request, proxy: Proxy) -> None:
         self._request = request
         address = request.getClientAddress()
         self.address = str(getattr(address, "host", address))
@@ -147,10 +160,16 @@ class _WebClientSide:
         self._body = b""
         self._finished = False
         self._exchange: Exchange | None = None
-        self._events = _TunnelEvents()
+        self._proxy = proxy
+        self._events = _TunnelEvents(self._closed)
 
-    def begin(self, proxy: Proxy) -> None:
+    def begin(self) -> None:
+        proxy = self._proxy
         head, self._body = _request_head(self._request)
+        why = proxy.connection_opened(self)
+        if why is not None:
+            refuse_request(proxy, self, head, None, 503, why)
+            return
         exchange = Exchange.start(proxy, self, head)
         if exchange is None:
             return
@@ -162,6 +181,25 @@ class _WebClientSide:
         self._finished = True
         if self._exchange is not None:
             self._exchange.client_gone()
+        self._closed()
+
+    def _closed(self) -> None:
+        self._proxy.connection_closed(self)
+
+    # -- FrontConnection ---------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True until the request is answered or becomes a tunnel."""
+        return self._events.tunnel is None
+
+    def drain(self) -> None:
+        """The proxy is shutting down: twisted.web closes the connection after this response."""
+        request = self._request
+        if self.busy and request.channel is not None:
+            request.channel.persistent = False
+            if not request.startedWriting:
+                request.setHeader(b"connection", b"close")
 
     # -- ClientSide ------------------------------------------------------------------
 
@@ -247,3 +285,4 @@ class _WebClientSide:
         if not self._finished:
             self._finished = True
             self._request.finish()
+            self._closed()
