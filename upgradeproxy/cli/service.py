@@ -117,7 +117,10 @@ def build_configuration(
         for route in config.routes
     )
     access_log = access_log or AccessLog(config.access_log.format)
-    return Configuration(routes, settings_for(config), access_log, config_digest(config))
+    # describe_config's lines say it all, logged at the start and on each reload.
+    return Configuration(
+        routes, settings_for(config), access_log, config_digest(config), log_routes=False
+    )
 
 
 def build_factory(
