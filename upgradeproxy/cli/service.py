@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from ..core._backend import BackendSettings
 from ..core.accesslog import AccessLog, access_log_to
-from ..core.address import BackendAddress, parse_backend
+from ..core.address import BackendAddress, parse_backend, warn_unverified
 from ..core.balancer import BackendGroup
 from ..core.factory import ProxyFactory
 from ..core.proxy import Configuration, Proxy, ProxySettings
@@ -55,21 +55,40 @@ def settings_for(config: ProxyConfig) -> ProxySettings:
     )
 
 
+def parse_backends(route: RouteConfig, reactor: object) -> list[BackendAddress]:
+    """The addresses of ``route``'s backends, with its connect timeout and TLS settings.
+
+    Raises :class:`~upgradeproxy.core.address.BadBackend` for the first that
+    cannot be used. An unverified backend is warned of by :func:`build_route`.
+    """
+    return [
+        parse_backend(
+            reactor,
+            url,
+            connect_timeout=route.backend_connect_timeout,
+            tls_ca=route.tls_ca,
+            tls_verify=route.tls_verify,
+            warn=False,
+        )
+        for url in route.backends
+    ]
+
+
 def build_route(
     route: RouteConfig, reactor: IReactorTime, *, backends: Sequence[BackendAddress] | None = None
 ) -> Route:
-    """The running route for ``route``; ``backends`` replaces its backend list."""
+    """The running route for ``route``; ``backends``, parsed already, replace its backend list.
+
+    An ``https://`` backend whose certificate is not verified is warned of here,
+    once for each proxy built with it.
+    """
     if backends is None:
-        backends = [
-            parse_backend(
-                reactor,
-                url,
-                connect_timeout=route.backend_connect_timeout,
-                tls_ca=route.tls_ca,
-                tls_verify=route.tls_verify,
-            )
-            for url in route.backends
-        ]
+        backends = parse_backends(route, reactor)
+    if not route.tls_verify:
+        # The demo's backend is given without a URL in the route.
+        for url, backend in zip(route.backends, backends, strict=False):
+            if backend.tls:
+                warn_unverified(url)
     group = BackendGroup(
         backends,
         policy=route.policy,
