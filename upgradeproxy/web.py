@@ -156,7 +156,8 @@ class _WebClientSide:
         self._request = request
         address = request.getClientAddress()
         self.address = str(getattr(address, "host", address))
-        self.hop = ClientHop(self.address, "https" if request.isSecure() else "http")
+        scheme = "https" if request.isSecure() else "http"
+        self.hop = ClientHop(self.address, scheme, peer=address, local=request.getHost())
         self._body = b""
         self._finished = False
         self._exchange: Exchange | None = None
@@ -166,9 +167,12 @@ class _WebClientSide:
     def begin(self) -> None:
         proxy = self._proxy
         head, self._body = _request_head(self._request)
-        why = proxy.connection_opened(self)
-        if why is not None:
-            refuse_request(proxy, self, head, None, 503, why)
+        refusal = proxy.connection_opened(self)
+        if refusal is not None:
+            refuse_request(
+                proxy, self, head, None, refusal.status, refusal.reason,
+                retry_after=refusal.retry_after, logged=refusal.logged,
+            )  # fmt: skip
             return
         exchange = Exchange.start(proxy, self, head)
         if exchange is None:
@@ -245,12 +249,16 @@ class _WebClientSide:
                 backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._finish()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         if self._finished:
             return 0
         request = self._request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         body = error_body(reason)
         if request.method != b"HEAD":
             request.write(body)

@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from ..interfaces import IUpgradeValidator
 from ._client import ClientConnection
+from ._proxyheader import ProxiedAddress
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .proxy import Proxy, ProxySettings
@@ -76,5 +77,12 @@ class ProxyFactory(ServerFactory):
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
-    def buildProtocol(self, addr: object) -> ClientConnection:
-        return ClientConnection(self.proxy)
+    def buildProtocol(self, addr: object) -> ClientConnection | None:
+        """The connection's protocol; None (closed at once) for a client far over its limit.
+
+        ``addr`` is the client's: a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`
+        behind a load balancer speaking the PROXY protocol.
+        """
+        if not self.proxy.accepts(str(getattr(addr, "host", addr))):
+            return None
+        return ClientConnection(self.proxy, addr if isinstance(addr, ProxiedAddress) else None)
