@@ -34,7 +34,7 @@ reactor stops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -102,12 +102,47 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
-class _TunnelEvents:
-    """Receives the client connection's events once twisted.web has let go of it."""
+class _TrackedConnection:
+    """A request's client connection as the proxy counts it in ``proxy.connections``.
 
-    def __init__(self, closed: Callable[[], None]) -> None:
+    It is there from the request's start to the end of its response or, after
+    a switch, until the connection is lost; from the switch on, it receives
+    the connection's events for the tunnel. It is not the exchange's client
+    side on purpose: a backend connection kept private to that (the PROXY
+    protocol) is reused by the next request on twisted.web's connection, so
+    the proxy must not close it when one request leaves.
+    """
+
+    def __init__(self, request: Request, address: str, proxy: Proxy) -> None:
+        self._request = request
+        self.address = address
+        self._proxy = proxy
         self.tunnel: Tunnel | None = None
-        self._closed = closed
+
+    def closed(self) -> None:
+        self._proxy.connection_closed(self)
+
+    # -- FrontConnection ---------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True until the request is answered or becomes a tunnel."""
+        return self.tunnel is None
+
+    def drain(self) -> None:
+        """The proxy is shutting down: twisted.web closes the connection after this response."""
+        request = self._request
+        if self.busy and request.channel is not None:
+            request.channel.persistent = False
+            if not request.startedWriting:
+                request.setHeader(b"connection", b"close")
+
+    def abort(self) -> None:
+        transport = self._request.channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- the connection's events, once twisted.web has let go of it --------------------
 
     def dataReceived(self, data: bytes) -> None:
         assert self.tunnel is not None
@@ -116,7 +151,7 @@ class _TunnelEvents:
     def connectionLost(self, reason: Failure) -> None:
         if self.tunnel is not None:
             self.tunnel.lost(Side.CLIENT, reason)
-        self._closed()
+        self.closed()
 
 
 def _request_head(request: Request) -> tuple[RequestHead, bytes]:
@@ -145,12 +180,7 @@ def _request_head(request: Request) -> tuple[RequestHead, bytes]:
 
 
 class _WebClientSide:
-    """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web.
-
-    It is also the proxy's :class:`~upgradeproxy.core.proxy.FrontConnection`
-    for the request, from :meth:`begin` to the end of its response (or of its
-    tunnel).
-    """
+    """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
 
     def __init__(self, request: Request, proxy: Proxy) -> None:
         self._request = request
@@ -162,12 +192,12 @@ class _WebClientSide:
         self._finished = False
         self._exchange: Exchange | None = None
         self._proxy = proxy
-        self._events = _TunnelEvents(self._closed)
+        self._connection = _TrackedConnection(request, self.address, proxy)
 
     def begin(self) -> None:
         proxy = self._proxy
         head, self._body = _request_head(self._request)
-        refusal = proxy.connection_opened(self)
+        refusal = proxy.connection_opened(self._connection)
         if refusal is not None:
             refuse_request(
                 proxy, self, head, None, refusal.status, refusal.reason,
@@ -185,25 +215,7 @@ class _WebClientSide:
         self._finished = True
         if self._exchange is not None:
             self._exchange.client_gone()
-        self._closed()
-
-    def _closed(self) -> None:
-        self._proxy.connection_closed(self)
-
-    # -- FrontConnection ---------------------------------------------------------------
-
-    @property
-    def busy(self) -> bool:
-        """True until the request is answered or becomes a tunnel."""
-        return self._events.tunnel is None
-
-    def drain(self) -> None:
-        """The proxy is shutting down: twisted.web closes the connection after this response."""
-        request = self._request
-        if self.busy and request.channel is not None:
-            request.channel.persistent = False
-            if not request.startedWriting:
-                request.setHeader(b"connection", b"close")
+        self._connection.closed()
 
     # -- ClientSide ------------------------------------------------------------------
 
@@ -278,19 +290,17 @@ class _WebClientSide:
 
     def hand_over(self) -> Handover:
         self._finished = True
-        detached = detach(self._request, self._events)
+        detached = detach(self._request, self._connection)
         return Handover(detached.transport, detached.held)
 
     def attach(self, tunnel: Tunnel) -> None:
-        self._events.tunnel = tunnel
+        self._connection.tunnel = tunnel
 
     def abort(self) -> None:
-        transport = self._request.channel.transport
-        if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        self._connection.abort()
 
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True
             self._request.finish()
-            self._closed()
+            self._connection.closed()
