@@ -14,7 +14,6 @@ from zope.interface import implementer
 
 from ..interfaces import IUpgradeValidator
 from ._client import ClientConnection
-from ._proxyheader import ProxiedAddress
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .proxy import Proxy, ProxySettings
@@ -83,6 +82,6 @@ class ProxyFactory(ServerFactory):
         ``addr`` is the client's: a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`
         behind a load balancer speaking the PROXY protocol.
         """
-        if not self.proxy.accepts(str(getattr(addr, "host", addr))):
+        if not self.proxy.accepts(addr):
             return None
-        return ClientConnection(self.proxy, addr if isinstance(addr, ProxiedAddress) else None)
+        return ClientConnection(self.proxy, addr)
