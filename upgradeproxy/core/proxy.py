@@ -528,8 +528,9 @@ class Proxy:
     def keep_private(self, client: object, backend: BackendConnection) -> None:
         """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
 
-        Only for connections the proxy tracks (a twisted.web door's are not:
-        its private connections close at the pool's idle timeout).
+        Only for connections the proxy tracks (the twisted.web door tracks each
+        request apart from its client side, since twisted.web's connection
+        outlives it: its private connections close at the pool's idle timeout).
         """
         if client in self.connections:
             self._private[client] = backend
