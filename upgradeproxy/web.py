@@ -98,7 +98,7 @@ class ProxyResource(Resource):
         # The backend's fields only: no twisted.web default type or banner.
         request.defaultContentType = None
         request.responseHeaders.removeHeader(b"server")
-        _WebClientSide(request, self.proxy).begin()
+        _WebClientSide(request).begin(self.proxy)
         return NOT_DONE_YET
 
 
@@ -182,7 +182,7 @@ def _request_head(request: Request) -> tuple[RequestHead, bytes]:
 class _WebClientSide:
     """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
 
-    def __init__(self, request: Request, proxy: Proxy) -> None:
+    def __init__(self, request: Request) -> None:
         self._request = request
         address = request.getClientAddress()
         self.address = str(getattr(address, "host", address))
@@ -191,12 +191,11 @@ class _WebClientSide:
         self._body = b""
         self._finished = False
         self._exchange: Exchange | None = None
-        self._proxy = proxy
-        self._connection = _TrackedConnection(request, self.address, proxy)
+        self._connection: _TrackedConnection
 
-    def begin(self) -> None:
-        proxy = self._proxy
+    def begin(self, proxy: Proxy) -> None:
         head, self._body = _request_head(self._request)
+        self._connection = _TrackedConnection(self._request, self.address, proxy)
         refusal = proxy.connection_opened(self._connection)
         if refusal is not None:
             refuse_request(
