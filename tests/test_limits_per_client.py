@@ -3,14 +3,20 @@ tunnels, the rate of upgrade attempts, the log and the counters."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 from support import DOORS, GET, OK, SWITCH, UPGRADE, Client, Cluster, messages, status_of
 from twisted.internet.address import IPv4Address
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from upgradeproxy import ProxySettings
 from upgradeproxy.core._clientlimits import ClientLimits
+from upgradeproxy.testing import MemoryTransport
 
 BOB = "198.51.100.20"
 
@@ -38,7 +44,7 @@ def retry_after(data: bytes) -> int:
     return int(head.lower().split("retry-after: ", 1)[1].split("\r\n", 1)[0])
 
 
-# -- connections (the listening door counts them) -------------------------------------------
+# -- connections ----------------------------------------------------------------------------
 
 
 def test_connections_beyond_a_clients_limit_get_503_with_retry_after() -> None:
@@ -65,6 +71,20 @@ def test_a_closed_connection_frees_its_place() -> None:
     assert not second.closed and second.received == b""
 
 
+def test_through_the_web_door_a_clients_requests_and_tunnels_are_its_connections() -> None:
+    c = limited("web", connections=1)
+    tunnel = switched(c, port=1)
+    refused = c.client(port=2)
+    refused.send(GET)
+    assert status_of(refused.received) == 503 and retry_after(refused.received) == 5
+    assert "client 192.0.2.7 has its limit of 1 connections open" in refused.received.decode()
+    tunnel.transport.loseConnection()
+    served = c.client(port=3)
+    served.send(GET)
+    c.last("a").send(OK)
+    assert served.received.endswith(b"hello")
+
+
 def test_without_limits_a_client_may_open_many_connections() -> None:
     c = Cluster()
     clients = [c.client(port=n) for n in range(50)]
@@ -86,16 +106,43 @@ def test_a_client_far_over_its_limit_is_closed_at_accept_unanswered() -> None:
         held.append(transport)
     assert [status_of(t.value()) for t in held[2:]] == [503, 503]
     with capturedLogs() as logs:
-        assert factory.buildProtocol(address) is None
+        assert closed_at_accept(factory, address)
     assert messages(logs) == "", "the client's 503 was logged less than a minute ago"
-    assert factory.buildProtocol(IPv4Address("TCP", BOB, 1)) is not None
+    assert not closed_at_accept(factory, IPv4Address("TCP", BOB, 1))
     c.clock.advance(61)
     with capturedLogs() as logs:
-        assert factory.buildProtocol(address) is None
-        assert factory.buildProtocol(address) is None
+        assert closed_at_accept(factory, address)
+        assert closed_at_accept(factory, address)
     assert c.proxy.stats.limit_rejections["client_connections_closed_at_accept"] == 3
     text = messages(logs)
     assert "twice its limit of 2 connections" in text and text.count("\n") == 0
+
+
+def closed_at_accept(factory: object, address: IPv4Address) -> bool:
+    """True when a new connection from ``address`` was closed at once, with no HTTP written.
+
+    (Under TLS, the TLS layer's own close alert is written before the abort.)
+    """
+    protocol = factory.buildProtocol(address)  # type: ignore[attr-defined]
+    transport = MemoryTransport(peerAddress=address)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return not transport.connected and b"HTTP/" not in transport.value()
+
+
+def test_closing_at_accept_works_under_tls_too(tmp_path: Path) -> None:
+    c = limited(connections=1)
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    key = issued.private_key_pem.bytes()
+    cert = issued.cert_chain_pems[0].bytes()
+    options = PrivateCertificate.loadPEM(key + cert).options()
+    tls = TLSMemoryBIOFactory(options, False, c.factory)
+    address = IPv4Address("TCP", "192.0.2.7", 1)
+    # Held open on another listener: the count is the client's, wherever it connects.
+    for _ in range(2):
+        c.factory.buildProtocol(address).makeConnection(StringTransport(peerAddress=address))
+    assert closed_at_accept(tls, address), "a TLS factory is handed a protocol that closes"
 
 
 def test_ipv6_clients_of_one_slash_64_share_a_limit() -> None:

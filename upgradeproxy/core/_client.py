@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -84,9 +83,10 @@ class ClientConnection(Protocol):
 
     log = Logger()
 
-    def __init__(self, proxy: Proxy, peer: IAddress | None = None) -> None:
-        """``peer`` is the client's address when it is not the transport's own
-        (a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`)."""
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a load
+        balancer); None: the transport's peer."""
         self._proxy = proxy
         self._peer = peer
         self._settings = proxy.settings

@@ -111,6 +111,10 @@ class Configuration:
     #: Names this configuration's content, for metrics; the twistd plugin
     #: sets a hash of the checked configuration. "" when nobody named it.
     digest: str = ""
+    #: Log a line per route (its backends and validators) when the proxy
+    #: starts and when it is reconfigured; the twistd plugin, which logs a
+    #: fuller description of its configuration, turns it off.
+    log_routes: bool = True
     router: Router = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -385,16 +389,20 @@ class Proxy:
 
     def _start_routes(self, routes: Sequence[Route]) -> None:
         for route in routes:
-            names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
-            backends = ", ".join(b.name for b in route.group.backends)
-            where = " ".join([*route.hosts, route.path]) if len(routes) > 1 else ""
-            self.log.info(
-                "proxying {where}to {backends}; upgrade validators: {validators}",
-                where=f"{where} " if where else "",
-                backends=backends,
-                validators=names,
-            )
+            if self._configuration.log_routes:
+                self._log_route(route, len(routes) > 1)
             route.group.start()
+
+    def _log_route(self, route: Route, several: bool) -> None:
+        names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
+        backends = ", ".join(b.name for b in route.group.backends)
+        where = " ".join([*route.hosts, route.path]) if several else ""
+        self.log.info(
+            "proxying {where}to {backends}; upgrade validators: {validators}",
+            where=f"{where} " if where else "",
+            backends=backends,
+            validators=names,
+        )
 
     def stop(self) -> None:
         """Stop the health checks and close idle backend connections."""
@@ -462,15 +470,18 @@ class Proxy:
         """Who ``address`` is for the per-client limits (an IPv6 client is its network)."""
         return client_key(address, self.settings.client_ipv6_prefix)
 
-    def accepts(self, address: str) -> bool:
-        """False when a new connection from ``address`` is to be closed at once, unanswered.
+    def accepts(self, peer: object) -> bool:
+        """False when a new connection from ``peer`` is to be closed at once, unanswered.
 
         That is when the client already has twice its connection limit open
         (:data:`~upgradeproxy.core._clientlimits.FAR_OVER`): the 503 responses it
         was sent did not slow it down, and answering more costs more than it tells.
         """
         limit = self.settings.client_limits.connections
-        if limit is None or not self.clients.far_over(("", self.client_key(address)), limit):
+        if limit is None:
+            return True
+        address = str(getattr(peer, "host", None) or peer)
+        if not self.clients.far_over(("", self.client_key(address)), limit):
             return True
         self.stats.limit_rejections["client_connections_closed_at_accept"] += 1
         self._log_limit(
@@ -486,13 +497,14 @@ class Proxy:
         self.stats.connections_total += 1
         if self.draining:
             return LimitRefusal(503, "the proxy is shutting down")
-        limit = self.settings.max_connections
+        settings = self.settings
+        limit = settings.max_connections
         if limit is not None and len(self.connections) > limit:
             self.stats.limit_rejections["max_connections"] += 1
             return LimitRefusal(
                 503, f"the proxy is serving its limit of {limit} connections; try again later"
             )
-        per_client = self.settings.client_limits.connections
+        per_client = settings.client_limits.connections
         if per_client is None:
             return None
         key = ("", self.client_key(connection.address))
@@ -502,19 +514,23 @@ class Proxy:
 
     def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
-        key = self._connection_keys.pop(connection, None)
-        if key is not None:
-            self.clients.close_connection(key, self.clock.seconds())
-        private = self._private.pop(connection, None)
-        if private is not None and private.is_idle:
-            private.transport.loseConnection()  # type: ignore[union-attr]
+        # Most proxies use neither: a test of the dicts costs less than a pop.
+        if self._connection_keys:
+            key = self._connection_keys.pop(connection, None)
+            if key is not None:
+                self.clients.close_connection(key, self.clock.seconds())
+        if self._private:
+            private = self._private.pop(connection, None)
+            if private is not None and private.is_idle:
+                private.transport.loseConnection()  # type: ignore[union-attr]
         self._check_drained()
 
     def keep_private(self, client: object, backend: BackendConnection) -> None:
         """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
 
-        Only for connections the proxy tracks (a twisted.web door's are not:
-        its private connections close at the pool's idle timeout).
+        Only for connections the proxy tracks (the twisted.web door tracks each
+        request apart from its client side, since twisted.web's connection
+        outlives it: its private connections close at the pool's idle timeout).
         """
         if client in self.connections:
             self._private[client] = backend
@@ -640,7 +656,10 @@ class Proxy:
         backend = self.tunnels.pop(tunnel, None)
         if backend is not None:
             backend.active -= 1
-        self.release_client(self._tunnel_keys.pop(tunnel, ()))
+        if self._tunnel_keys:
+            keys = self._tunnel_keys.pop(tunnel, None)
+            if keys is not None:
+                self.release_client(keys)
         stats = tunnel.stats
         ended = self.stats.ended_tunnel_bytes
         ended[Side.CLIENT] += stats.sent[Side.CLIENT]
