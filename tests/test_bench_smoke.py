@@ -6,7 +6,11 @@ base64, and runs the load generator against the backend directly for a very
 short round-trip run and handshake run. It also checks the helpers the
 ``http-workers`` scenario relies on: counting each process's connections,
 waiting until every process answers, metering CPU with nothing pinned, and
-starting upgradeproxy with ``--workers``. The proxy is not run: this only
+starting upgradeproxy with ``--workers``; and what the all-cores scenarios
+and the Python peers rely on: two load generators on separate source
+addresses, programs run side by side, each proxy's one-worker and all-cores
+configuration, proxy.py's route plugin, and installing the peers (reused when
+there, skipped with the reason when pip fails). No proxy is run: this only
 proves that ``python3 bench/run.py`` still has working tools.
 """
 
