@@ -47,6 +47,7 @@ from ._backend import BackendConnection
 from ._exchange import Exchange, log_error_response
 from ._flow import ReadGate, no_delay, unregister_producer
 from ._handover import Handover
+from ._proxyheader import ProxiedAddress
 from ._rewrite import (
     ClientHop,
     error_body,
@@ -86,8 +87,12 @@ class ClientConnection(Protocol):
     # default: a connection that only ever switches never stores one.
     _body_source: object | None = None
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a load
+        balancer); None: the transport's peer."""
         self._proxy = proxy
+        self._peer = peer
         self._settings = proxy.settings
         self._phase = Phase.HEAD
         self._buf = bytearray()
@@ -120,14 +125,26 @@ class ClientConnection(Protocol):
         assert self.transport is not None
         no_delay(self.transport)
         self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
+        peer = self._peer or self.transport.getPeer()
+        self._peer = None
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(self.transport)
         self._handshaking = secure
-        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
-        why = self._proxy.connection_opened(self)
-        if why is not None:
-            self._refuse_connection(503, why)
+        local = peer.destination if isinstance(peer, ProxiedAddress) else None
+        self.hop = ClientHop(
+            self.address,
+            "https" if secure else self._proxy.scheme,
+            peer=peer,
+            local=local or self.transport.getHost(),
+        )
+        refusal = self._proxy.connection_opened(self)
+        if refusal is not None:
+            self._refuse_connection(
+                refusal.status,
+                refusal.reason,
+                retry_after=refusal.retry_after,
+                logged=refusal.logged,
+            )
             return
         self._wait_for_head(self._settings.request_head_timeout)
 
@@ -344,13 +361,16 @@ class ClientConnection(Protocol):
         self._wait_for_head(self._settings.keep_alive_timeout, idle=True)
         self._advance()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         request = exchange.request if exchange is not None else None
         self._exchange = None
         self._stop_body_flow()
         head_only = request is not None and request.method == b"HEAD"
         self.uncork()
-        self.transport.write(error_response(status, reason, head_only=head_only))  # type: ignore[union-attr]
+        response = error_response(status, reason, head_only=head_only, retry_after=retry_after)
+        self.transport.write(response)  # type: ignore[union-attr]
         self._close_after_error()
         return 0 if head_only else len(error_body(reason))
 
@@ -431,11 +451,14 @@ class ClientConnection(Protocol):
 
     # -- endings -----------------------------------------------------------------
 
-    def _refuse_connection(self, status: int, reason: str) -> None:
+    def _refuse_connection(
+        self, status: int, reason: str, *, retry_after: int | None = None, logged: bool = False
+    ) -> None:
         """Refuse what came before any request could be read (a bad head, a limit)."""
         self._stop_head_timer()
-        log_error_response(status, self.address, reason)
-        self.refuse(None, status, reason)
+        if not logged:
+            log_error_response(status, self.address, reason)
+        self.refuse(None, status, reason, retry_after=retry_after)
 
     def _close(self) -> None:
         self.uncork()

@@ -28,6 +28,10 @@ class ClientHop:
 
     address: str
     scheme: str = "http"
+    #: The client's address and port, and the address it connected to (Twisted
+    #: addresses), for a PROXY protocol header to the backend; None when unknown.
+    peer: object | None = None
+    local: object | None = None
 
 
 def without_h2c(head: RequestHead) -> RequestHead:
@@ -189,19 +193,23 @@ def error_body(reason: str) -> bytes:
     return reason.encode("utf-8") + b"\n"
 
 
-def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
+def error_response(
+    status: int, reason: str, *, head_only: bool = False, retry_after: int | None = None
+) -> bytes:
     """A complete response that tells the client, in plain words, what went wrong.
 
     The connection is always closed after it. ``head_only`` (for a ``HEAD``
-    request) leaves the body out but keeps its ``Content-Length``.
+    request) leaves the body out but keeps its ``Content-Length``;
+    ``retry_after`` adds a ``Retry-After`` of that many seconds (RFC 9110 §10.2.3).
     """
     body = error_body(reason)
     phrase = HTTPStatus(status).phrase.encode("ascii")
-    headers = Headers(
-        (
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"Connection", b"close"),
-        )
-    )
+    fields: list[Field] = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Connection", b"close"),
+    ]
+    if retry_after is not None:
+        fields.append((b"Retry-After", b"%d" % retry_after))
+    headers = Headers(tuple(fields))
     return ResponseHead(status, phrase, (1, 1), headers).serialize() + (b"" if head_only else body)
