@@ -6,16 +6,21 @@ base64, and runs the load generator against the backend directly for a very
 short round-trip run and handshake run. It also checks the helpers the
 ``http-workers`` scenario relies on: counting each process's connections,
 waiting until every process answers, metering CPU with nothing pinned, and
-starting upgradeproxy with ``--workers``. The proxy is not run: this only
-proves that ``python3 bench/run.py`` still has working tools.
+starting upgradeproxy with ``--workers``. For the HTTP/2 scenarios it runs
+``h2ws`` (WebSocket over HTTP/2, and over TLS HTTP/1.1) and ``h2load``
+through HAProxy configured as they configure it, where HAProxy is installed.
+upgradeproxy is not run: this only proves that ``python3 bench/run.py``
+still has working tools.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +35,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from benchkit import build, procs, scenarios, targets  # noqa: E402 (bench/ is not on the path)
+from benchkit import build, http2, procs, scenarios, targets  # noqa: E402 (bench/ is not on the path)
 
 pytestmark = pytest.mark.loopback
 
@@ -187,3 +192,114 @@ def test_http_workers_pins_nothing_and_passes_workers_to_upgradeproxy(
     assert argv(unpinned)[-2:] == ["--workers", "1"]
     assert argv(replace(unpinned, workers=scenarios.SCALED_WORKERS))[-2:] == ["--workers", "2"]
     assert "--workers" not in argv(chosen["http"].context(replace(ctx, upgradeproxy_args=[])))
+
+
+# -- the HTTP/2 scenarios ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> targets.TLSFiles:
+    try:
+        return targets.TLSFiles.create(tmp_path_factory.mktemp("bench-tls"))
+    except procs.StartError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def haproxy_over_tls(
+    programs: build.Programs, backend_port: int, tls_files: targets.TLSFiles, tmp_path: Path
+) -> Iterator[targets.Running]:
+    """HAProxy as the HTTP/2 scenarios configure it (TLS, ALPN h2 and http/1.1)."""
+    haproxy = targets.HAProxy()
+    ctx = targets.Context(
+        programs=programs,
+        workdir=tmp_path,
+        load_cpu=None,
+        proxy_cpu=None,
+        nofile=1024,
+        twistd=None,
+        certificate=tls_files,
+    )
+    reason = haproxy.unavailable(ctx)
+    if reason:
+        pytest.skip(reason)
+    scenario = {s.name: s for s in http2.http2_scenarios(ctx)}["h2-rtt"]
+    with haproxy.run(scenario.context(ctx), backend_port) as running:
+        yield running
+
+
+def h2ws(programs: build.Programs, mode: str, port: int, *options: str) -> dict[str, Any]:
+    if programs.h2ws is None:
+        pytest.skip(programs.missing["h2ws"])
+    argv = [str(programs.h2ws), mode, "--port", str(port), "--warmup", "0.1", "--duration", "0.4"]
+    done = subprocess.run([*argv, *options], capture_output=True, text=True, timeout=20, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_http2_scenarios_listen_with_tls(programs: build.Programs, tmp_path: Path) -> None:
+    certificate = targets.TLSFiles(tmp_path / "c", tmp_path / "k", tmp_path / "ck")
+    ctx = targets.Context(programs, tmp_path, 0, 1, 1024, "twistd", certificate=certificate)
+    chosen = {s.name: s for s in http2.http2_scenarios(ctx)}
+    assert set(chosen) == set(http2.SCENARIO_NAMES)
+    assert not chosen["h2-rtt"].runs_on("nginx") and chosen["h2-http"].runs_on("nginx")
+    assert chosen["h2-rtt"].context(ctx).tls == certificate
+    argv = targets.UpgradeProxy().prepare(chosen["h2-http"].context(ctx), 8080, 9000, tmp_path).argv
+    assert argv[argv.index("--listen") + 1].startswith("ssl:8080:interface=127.0.0.1:")
+
+
+def test_h2ws_bridges_websockets_over_http2_through_haproxy(
+    programs: build.Programs, haproxy_over_tls: targets.Running
+) -> None:
+    config = next(Path(haproxy_over_tls.log_files[0]).parent.glob("haproxy.cfg")).read_text()
+    assert "alpn h2,http/1.1" in config  # without it HAProxy's TLS speaks HTTP/1.1 only
+    port = haproxy_over_tls.port
+    for mode, options in (("handshake", ["--conns", "2", "--streams", "4"]),
+                          ("rtt", ["--conns", "2", "--streams", "5"]),
+                          ("handshake", ["--h1", "--conns", "2"]),
+                          ("rtt", ["--h1", "--conns", "4"])):  # fmt: skip
+        result = h2ws(programs, mode, port, *options)
+        assert result["failures"] == 0, (mode, options, result["first_error"])
+        assert result["unsupported"] is None
+        assert result["per_s"] > 0
+        if mode == "rtt":
+            assert result["open"] == result["tunnels"]
+
+
+def test_h2ws_says_when_a_server_has_no_http2(
+    programs: build.Programs, backend_port: int, tls_files: targets.TLSFiles
+) -> None:
+    """A TLS server that answers ALPN with http/1.1: the run says it is not supported."""
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    context.set_alpn_protocols(["http/1.1"])
+    with socket.create_server((procs.HOST, 0)) as server:
+
+        def serve_one() -> None:
+            connection, _ = server.accept()
+            with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+                pass
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        result = h2ws(programs, "rtt", server.getsockname()[1], "--conns", "1", "--streams", "1")
+        thread.join(5)
+    assert result["unsupported"] == "the server did not choose h2 by ALPN (http/1.1)"
+
+
+def test_h2load_output_is_read(haproxy_over_tls: targets.Running) -> None:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        pytest.skip("h2load is not installed (apt-get install nghttp2-client)")
+    url = f"https://{procs.HOST}:{haproxy_over_tls.port}/"
+    done = subprocess.run(
+        [h2load, "-n", "200", "-c", "2", "-m", "8", url], capture_output=True, text=True, timeout=20
+    )
+    result = http2.parse_h2load(done.stdout)
+    assert result["protocol"] == "h2", done.stdout
+    assert result["requests"]["succeeded"] == 200 and result["per_s"] > 0
+    assert result["status"]["2xx"] == 200
+    assert http2._h2load_problems(result, done.stdout, "h2", "h2") == []

@@ -894,7 +894,9 @@ int main(int argc, char **argv)
         die("SSL_CTX_new failed");
     /* The proxies under test use a throw-away self-signed certificate. */
     SSL_CTX_set_verify(ssl_ctx, SSL_VERIFY_NONE, NULL);
-    static const unsigned char h2[] = "\x02h2", h1[] = "\x08http/1.1";
+    /* As browsers do: h2 first, http/1.1 as the fallback (a server without HTTP/2
+     * then says so by choosing it, where offering h2 alone would fail the handshake). */
+    static const unsigned char h2[] = "\x02h2\x08http/1.1", h1[] = "\x08http/1.1";
     if (SSL_CTX_set_alpn_protos(ssl_ctx, opt.h1 ? h1 : h2, opt.h1 ? sizeof h1 - 1 : sizeof h2 - 1))
         die("SSL_CTX_set_alpn_protos failed");
 
