@@ -49,6 +49,10 @@ from upgradeproxy import ProxySettings
 from upgradeproxy.core.accesslog import AccessLog, RequestRecord, TunnelRecord
 from upgradeproxy.demo import PAGE
 
+pytest.importorskip(
+    "upgradeproxy.core._http2", reason="the HTTP/2 door (upgradeproxy.core._http2) is not built"
+)
+
 pytestmark = [
     pytest.mark.loopback,
     # Twisted's ssl: server endpoint still hands pyOpenSSL objects to OpenSSL.
