@@ -189,6 +189,9 @@ def _h2ws_pair(
         result = _measured(ctx, outcome, name, keys, running, backend, measure)
         if result.get("unsupported"):
             outcome.unsupported = f"{PROTOCOLS[name]}: {result['unsupported']}"
+            for key in keys:  # nothing was measured: no marks about how it was measured
+                outcome.load_bound.pop(key, None)
+                outcome.disturbed.pop(key, None)
             continue
         counted = result["handshakes" if mode == "handshake" else "round_trips"]
         per_s[name] = result["per_s"] if counted else None
