@@ -35,7 +35,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from benchkit import build, http2, procs, scenarios, targets  # noqa: E402 (bench/ is not on the path)
+from benchkit import build, http2, procs, report, scenarios, targets  # noqa: E402 (bench/ is not on the path)
 
 pytestmark = pytest.mark.loopback
 
@@ -303,3 +303,18 @@ def test_h2load_output_is_read(haproxy_over_tls: targets.Running) -> None:
     assert result["requests"]["succeeded"] == 200 and result["per_s"] > 0
     assert result["status"]["2xx"] == 200
     assert http2._h2load_problems(result, done.stdout, "h2", "h2") == []
+
+
+def test_report_shows_what_a_proxy_does_not_support(tmp_path: Path) -> None:
+    metric = scenarios.Metric("h2rt_h2_rate", "round trips over HTTP/2", "rt/s")
+    scenario = scenarios.Scenario("h2-rtt", "title", [metric], http2.run_h2_rtt)
+    results = report.Results(
+        "cmd", report.machine_info(), {}, [scenario], ["upgradeproxy", "caddy"]
+    )
+    results.outcomes["h2-rtt"] = {
+        "upgradeproxy": scenarios.Outcome(values={"h2rt_h2_rate": 1000.0}),
+        "caddy": scenarios.Outcome(values={"h2rt_h2_rate": None}, unsupported="HTTP/2: no"),
+    }
+    (row,) = report._rows(results)[1]
+    assert row == ["round trips over HTTP/2", "rt/s", "1,000", "n/s", "—"]
+    assert report.unsupported_lines(results) == ["h2-rtt / caddy: HTTP/2: no"]
