@@ -21,7 +21,7 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 from support import Cluster
 from twisted.internet.interfaces import IProtocolFactory
 
@@ -91,7 +91,9 @@ class H2Client:
         _, self.transport = connect_client(factory, host, port)  # type: ignore[arg-type]
         self.h2 = H2Connection(LAX)
         if window is not None:
-            self.h2.local_settings.initial_window_size = window
+            self.h2.local_settings = Settings(
+                client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: window}
+            )
         self.h2.initiate_connection()
         self.events: list[Event] = []
         self.pump()
@@ -130,7 +132,10 @@ class H2Client:
         return stream_id
 
     def send(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
-        self.h2.send_data(stream_id, data, end_stream=end)
+        size = self.h2.max_outbound_frame_size
+        for start in range(0, max(len(data), 1), size):
+            last = start + size >= len(data)
+            self.h2.send_data(stream_id, data[start : start + size], end_stream=end and last)
         self.pump()
 
     def of(self, stream_id: int) -> list[Event]:

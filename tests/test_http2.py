@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 from h2_support import H2Client, h2_cluster, request, websocket
-from support import OK, SWITCH
+from support import GET, OK, SWITCH, Cluster
+from twisted.logger import formatEvent
 
 from upgradeproxy import rfc6455
+from upgradeproxy.core._client import ClientConnection
+from upgradeproxy.core._http2 import PREFACE
+from upgradeproxy.core.accesslog import AccessLog
 
 
 def test_a_get_over_prior_knowledge_reaches_the_backend_as_http_1_1() -> None:
@@ -63,3 +68,248 @@ def test_a_backend_answering_the_wrong_accept_gets_a_502_on_the_stream() -> None
     assert b"Sec-WebSocket-Accept" in response.body
     assert response.reset == ErrorCodes.NO_ERROR
     assert cluster.last("a").closed
+
+
+# -- what the proxy tells every client ----------------------------------------------------
+
+
+def test_the_settings_advertise_extended_connect_and_the_limits() -> None:
+    client = H2Client(h2_cluster(http2_max_concurrent_streams=7).factory)
+    assert client.advertised[SettingCodes.ENABLE_CONNECT_PROTOCOL] == 1
+    assert client.advertised[SettingCodes.MAX_CONCURRENT_STREAMS] == 7
+    assert client.advertised[SettingCodes.MAX_HEADER_LIST_SIZE] == 32 * 1024
+
+
+def test_without_cleartext_http2_a_listening_factory_builds_only_http_1_1_connections() -> None:
+    cluster = Cluster()
+    connection = cluster.factory.buildProtocol(None)
+    assert type(connection) is ClientConnection
+    client = cluster.client()
+    client.send(PREFACE)
+    assert client.received.startswith(b"HTTP/1.1 505 ")
+
+
+def test_with_cleartext_http2_an_http_1_1_client_is_served_as_before() -> None:
+    cluster = h2_cluster()
+    client = cluster.client()
+    client.send(GET[:1])
+    client.send(GET[1:])
+    cluster.last("a").send(OK)
+    assert client.received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert client.received.endswith(b"hello")
+
+
+def test_a_part_of_the_preface_and_then_silence_is_closed_after_the_head_timeout() -> None:
+    cluster = h2_cluster(request_head_timeout=5)
+    client = cluster.client()
+    client.send(PREFACE[:10])
+    cluster.clock.advance(5)
+    assert client.closed
+
+
+# -- plain requests -------------------------------------------------------------------------
+
+
+def backend_head(received: bytes) -> list[bytes]:
+    return received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+def test_a_body_of_known_length_goes_with_its_content_length() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/up", b"POST", b"app.example", (b"content-length", b"6")), end=False
+    )
+    client.send(stream, b"abc")
+    client.send(stream, b"def", end=True)
+    received = cluster.last("a").received
+    assert b"content-length: 6" in backend_head(received)
+    assert b"Transfer-Encoding: chunked" not in received
+    assert received.endswith(b"\r\n\r\nabcdef")
+
+
+def test_a_body_of_unknown_length_is_chunked_to_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/up", b"POST"), end=False)
+    client.send(stream, b"abc")
+    client.send(stream, b"", end=True)
+    received = cluster.last("a").received
+    assert b"Transfer-Encoding: chunked" in backend_head(received)
+    assert received.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    cluster.last("a").send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+    client.pump()
+    assert (client.response(stream).body, client.response(stream).ended) == (b"ok", True)
+
+
+def test_cookies_split_by_the_client_are_joined_for_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    client.get(request(b"/", b"GET", b"app.example", (b"cookie", b"a=1"), (b"cookie", b"b=2")))
+    assert b"cookie: a=1; b=2" in backend_head(cluster.last("a").received)
+
+
+def test_connection_specific_fields_of_the_backend_s_response_are_not_forwarded() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    cluster.last("a").send(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Hop: 1\r\nProxy-Connection: x\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok"
+    )
+    client.pump()
+    headers = client.response(stream).headers
+    assert headers[b"x-kept"] == b"yes"
+    assert not {b"connection", b"keep-alive", b"x-hop", b"proxy-connection"} & set(headers)
+
+
+def test_the_access_record_says_http_2() -> None:
+    lines: list[str] = []
+    cluster = h2_cluster(access_log=AccessLog(observer=lambda e: lines.append(formatEvent(e))))
+    client = H2Client(cluster.factory)
+    client.get(request(b"/page"))
+    cluster.last("a").send(OK)
+    client.pump()
+    assert '192.0.2.7 "GET /page HTTP/2" 200 5 ' in lines[-1]
+
+
+def test_a_head_request_gets_its_head_only() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/", b"HEAD"))
+    cluster.last("a").send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    client.pump()
+    response = client.response(stream)
+    assert (response.status, response.body, response.ended) == (200, b"", True)
+    assert cluster.last("a").protocol.is_idle
+
+
+def test_streams_share_a_connection_each_with_its_own_backend_connection() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    first, second = client.get(request(b"/1")), client.get(request(b"/2"))
+    one, two = cluster.endpoints["a"].connections
+    two.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+    client.pump()
+    assert client.response(second).body == b"two"
+    assert client.response(first).status is None
+    one.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+    client.pump()
+    assert client.response(first).body == b"one"
+
+
+def test_a_body_over_the_route_s_limit_gets_413_and_never_reaches_the_backend() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "max_request_body": 4}})
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/", b"POST", b"app.example", (b"content-length", b"5")), end=False
+    )
+    assert client.response(stream).status == 413
+    assert cluster.count("a") == 0
+
+
+def test_a_streamed_body_over_the_limit_gets_413_and_the_backend_connection_is_dropped() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "max_request_body": 4}})
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/", b"POST"), end=False)
+    client.send(stream, b"abcdef")
+    response = client.response(stream)
+    assert response.status == 413
+    assert response.reset == ErrorCodes.NO_ERROR
+    assert cluster.last("a").closed
+    # The connection goes on, and its window was given back.
+    assert client.h2.outbound_flow_control_window > 65_535
+    later = client.get(request(b"/later"))
+    assert cluster.last("a").received.startswith(b"GET /later ")
+    assert later == 3
+
+
+def test_an_unreachable_backend_gets_502_on_the_stream() -> None:
+    cluster = h2_cluster()
+    cluster.endpoints["a"].refuse = True
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    response = client.response(stream)
+    assert response.status == 502
+    assert response.body.startswith(b"the backend (a) could not be reached: ")
+
+
+# -- flow control, tied to backpressure --------------------------------------------------------
+
+
+def test_a_full_backend_keeps_the_client_s_window_shut_until_it_drains() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/up", b"POST"), end=False)
+    backend = cluster.last("a")
+    backend.transport.producer.pauseProducing()  # its send buffer is full
+    client.send(stream, b"x" * 65_535)
+    assert client.h2.local_flow_control_window(stream) == 0
+    assert backend.received.split(b"\r\n\r\n", 1)[1].count(b"x") == 65_535
+    backend.transport.producer.resumeProducing()
+    client.pump()
+    assert client.h2.local_flow_control_window(stream) > 0
+
+
+def test_a_body_that_comes_before_its_backend_connection_waits_within_the_window() -> None:
+    cluster = h2_cluster()
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/up", b"POST", b"app.example", (b"content-length", b"3")), end=False
+    )
+    client.send(stream, b"abc", end=True)
+    assert client.h2.local_flow_control_window(stream) == 65_535 - 3, "not acknowledged yet"
+    cluster.endpoints["a"].complete_connection()
+    assert cluster.last("a").received.endswith(b"\r\n\r\nabc")
+
+
+def test_a_response_goes_as_far_as_the_client_s_window_and_pauses_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory, window=10)
+    stream = client.get(request())
+    backend = cluster.last("a")
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + b"y" * 25)
+    client.pump()
+    assert client.response(stream).body == b"y" * 10
+    assert backend.transport.producerState == "paused"
+    client.h2.acknowledge_received_data(10, stream)
+    client.pump()
+    assert backend.transport.producerState == "paused", "15 bytes still wait"
+    client.h2.acknowledge_received_data(10, stream)
+    client.pump()
+    assert backend.transport.producerState == "producing"
+    backend.send(b"y" * 5)
+    client.h2.acknowledge_received_data(10, stream)
+    client.pump()
+    response = client.response(stream)
+    assert (response.body, response.ended) == (b"y" * 30, True)
+
+
+def test_a_client_that_keeps_its_window_shut_has_the_stream_reset_after_the_stall_timeout() -> None:
+    cluster = h2_cluster(http2_stall_timeout=30)
+    client = H2Client(cluster.factory, window=0)
+    stream = client.get(request())
+    backend = cluster.last("a")
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"z" * 65_536)
+    cluster.clock.advance(29)
+    client.pump()
+    assert client.response(stream).reset is None
+    cluster.clock.advance(1)
+    client.pump()
+    assert client.response(stream).reset == ErrorCodes.CANCEL
+    assert backend.closed
+
+
+def test_a_client_connection_with_a_full_send_buffer_pauses_its_backends() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    client.get(request())
+    backend = cluster.last("a")
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+    client.transport.producer.pauseProducing()
+    assert backend.transport.producerState == "paused"
+    client.transport.producer.resumeProducing()
+    assert backend.transport.producerState == "producing"

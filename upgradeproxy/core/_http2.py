@@ -555,7 +555,8 @@ class _Stream:
             self._acknowledge(size)  # answered already: dropped
             return
         if self._body_to is None:
-            self._held.append(data)
+            if data:
+                self._held.append(data)
             self._held_size += size
             return
         if data and not exchange.body_data((data,)):
@@ -583,7 +584,8 @@ class _Stream:
             self._acknowledge(size)
 
     def _acknowledge(self, size: int) -> None:
-        if size and not self._closed:
+        # Of a closed stream too: the connection's window is given back.
+        if size:
             self._conn.h2.acknowledge_received_data(size, self.id)
             self._conn.flush()
 
@@ -830,6 +832,10 @@ class _Stream:
         self._out.clear()
         self._held = []
         self._producer = None
+        if notify:
+            # What nobody took still counts against the connection's window.
+            size, self._held_size, self._unacked = self._held_size + self._unacked, 0, 0
+            self._acknowledge(size)
         exchange = self._exchange
         self._exchange = None
         if exchange is not None and not exchange.ended:
