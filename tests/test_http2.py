@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from h2_support import H2Client, h2_cluster, request, websocket
 from support import GET, OK, SWITCH, Cluster
 from twisted.logger import formatEvent
+from zope.interface import implementer
 
 from upgradeproxy import rfc6455
 from upgradeproxy.core._client import ClientConnection
 from upgradeproxy.core._http2 import PREFACE
 from upgradeproxy.core.accesslog import AccessLog
+from upgradeproxy.interfaces import IUpgradeValidator, UpgradeAttempt
 
 
 def test_a_get_over_prior_knowledge_reaches_the_backend_as_http_1_1() -> None:
@@ -313,3 +317,173 @@ def test_a_client_connection_with_a_full_send_buffer_pauses_its_backends() -> No
     assert backend.transport.producerState == "paused"
     client.transport.producer.resumeProducing()
     assert backend.transport.producerState == "producing"
+
+
+# -- WebSockets and other protocols over extended CONNECT (RFC 8441) ------------------------------
+
+
+def accept_from(received: bytes) -> bytes:
+    """The 101 that accepts the WebSocket upgrade the backend received."""
+    key = next(
+        line.split(b": ", 1)[1]
+        for line in backend_head(received)
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + rfc6455.accept_for(key) + b"\r\n\r\n"
+    )
+
+
+def open_websocket(cluster: Cluster, client: H2Client, path: bytes = b"/chat") -> tuple[int, Any]:
+    stream = client.get(websocket(path), end=False)
+    backend = cluster.last("a")
+    backend.send(accept_from(backend.received))
+    client.pump()
+    assert client.response(stream).status == 200
+    return stream, backend
+
+
+def test_bytes_sent_before_the_backend_s_101_reach_it_after_the_switch() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(websocket(), end=False)
+    client.send(stream, b"first frame")
+    backend = cluster.last("a")
+    assert not backend.received.endswith(b"first frame")
+    backend.send(accept_from(backend.received))
+    client.pump()
+    assert backend.received.endswith(b"\r\n\r\nfirst frame")
+
+
+def test_the_client_s_end_stream_half_closes_the_backend_and_its_fin_ends_the_stream() -> None:
+    lines: list[str] = []
+    cluster = h2_cluster(access_log=AccessLog(observer=lambda e: lines.append(formatEvent(e))))
+    client = H2Client(cluster.factory)
+    stream, backend = open_websocket(cluster, client)
+    client.send(stream, b"bye", end=True)
+    assert backend.transport.write_closed
+    assert not backend.closed
+    backend.send(b"last words")
+    backend.transport.eof()
+    client.pump()
+    response = client.response(stream)
+    assert (response.body, response.ended, response.reset) == (b"last words", True, None)
+    assert backend.closed
+    assert not cluster.proxy.tunnels
+    assert '192.0.2.7 "TUNNEL /chat websocket HTTP/2" ' in lines[-1]
+    assert "up=3 down=10 closed_by=client" in lines[-1]
+
+
+def test_a_client_s_reset_closes_the_backend_connection() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream, backend = open_websocket(cluster, client)
+    client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+    client.pump()
+    assert backend.closed
+    assert not cluster.proxy.tunnels
+    assert not client.closed
+
+
+def test_a_backend_that_resets_ends_the_stream() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream, backend = open_websocket(cluster, client)
+    backend.transport.reset()
+    client.pump()
+    response = client.response(stream)
+    assert response.ended
+    assert response.reset == ErrorCodes.NO_ERROR
+    assert not cluster.proxy.tunnels
+
+
+def test_validators_see_the_door_and_the_snapshot_shows_it() -> None:
+    seen: list[UpgradeAttempt] = []
+
+    @implementer(IUpgradeValidator)
+    class Recorder:
+        name = "recorder"
+
+        def check_request(self, attempt: UpgradeAttempt) -> None:
+            seen.append(attempt)
+
+        def check_response(self, attempt: UpgradeAttempt) -> None:
+            seen.append(attempt)
+
+    cluster = h2_cluster()
+    route = cluster.proxy.router.routes[0]
+    cluster.proxy.router.routes[0].validators = (*route.validators, Recorder())  # type: ignore[misc]
+    client = H2Client(cluster.factory)
+    open_websocket(cluster, client)
+    assert [a.client_protocol for a in seen] == ["HTTP/2", "HTTP/2"]
+    assert seen[0].request.method == b"GET"
+    assert seen[1].response is not None and seen[1].response.status == 101
+    [tunnel] = cluster.proxy.snapshot()["tunnels"]
+    assert (tunnel["protocol"], tunnel["client_protocol"]) == ("websocket", "HTTP/2")
+
+
+def test_another_protocol_token_becomes_its_upgrade_without_a_websocket_key() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    headers = websocket(b"/socket")
+    headers[1] = (b":protocol", b"proxmox-backup-protocol-v1")
+    stream = client.get(headers[:5], end=False)
+    backend = cluster.last("a")
+    head = backend_head(backend.received)
+    assert b"Upgrade: proxmox-backup-protocol-v1" in head
+    assert not any(line.lower().startswith(b"sec-websocket") for line in head)
+    backend.send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: proxmox-backup-protocol-v1\r\n"
+        b"Connection: upgrade\r\n\r\n"
+    )
+    client.pump()
+    assert client.response(stream).status == 200
+    client.send(stream, b"raw")
+    assert backend.received.endswith(b"raw")
+
+
+def test_several_websockets_and_plain_streams_share_a_connection_independently() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    one, first = open_websocket(cluster, client)
+    two, second = open_websocket(cluster, client)
+    page = client.get(request(b"/page"))
+    cluster.last("a").send(OK)
+    client.pump()
+    assert client.response(page).body == b"hello"
+    client.send(two, b"to two")
+    first.send(b"from one")
+    client.pump()
+    assert second.received.endswith(b"to two") and not first.received.endswith(b"to two")
+    assert client.response(one).body == b"from one"
+    client.h2.reset_stream(one, ErrorCodes.CANCEL)
+    client.pump()
+    assert first.closed and not second.closed
+    second.send(b"still here")
+    client.pump()
+    assert client.response(two).body == b"still here"
+
+
+def test_a_tunnel_s_idle_timeout_closes_its_stream_only() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "tunnel_idle_timeout": 10}})
+    client = H2Client(cluster.factory)
+    idle, quiet = open_websocket(cluster, client)
+    busy, talking = open_websocket(cluster, client)
+    for _ in range(6):
+        cluster.clock.advance(2.5)
+        talking.send(b".")
+    client.pump()
+    assert quiet.closed and not talking.closed
+    assert client.response(idle).ended
+    assert not client.response(busy).ended
+
+
+def test_a_refused_upgrade_request_gets_its_status_and_the_backend_is_never_asked() -> None:
+    cluster = h2_cluster(max_tunnels=0)
+    client = H2Client(cluster.factory)
+    stream = client.get(websocket(), end=False)
+    response = client.response(stream)
+    assert response.status == 503
+    assert b"limit of 0 tunnels" in response.body
+    assert cluster.count("a") == 0
