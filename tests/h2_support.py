@@ -21,7 +21,9 @@ from h2.events import (
     StreamEnded,
     StreamReset,
 )
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 from support import Cluster
 from twisted.internet.interfaces import IProtocolFactory
 
@@ -108,11 +110,20 @@ class H2Client:
             back = self.transport.value()
             self.transport.clear()
             if back:
-                new += self.h2.receive_data(back)
+                back, goaways = _without_goaway(back)
+                if back:
+                    new += self.h2.receive_data(back)
+                new += goaways
             if not out and not back:
                 break
         self.events += new
         return new
+
+    def ignore_stream_limit(self) -> None:
+        """Open streams past the proxy's advertised limit, as an abusive client does."""
+        values = dict(self.h2.remote_settings.items())
+        values[SettingCodes.MAX_CONCURRENT_STREAMS] = 2**31 - 1
+        self.h2.remote_settings = Settings(client=False, initial_values=values)
 
     def send_raw(self, data: bytes) -> None:
         self.transport.protocol.dataReceived(data)
@@ -147,6 +158,29 @@ class H2Client:
     def goaway(self) -> ConnectionTerminated | None:
         found = [e for e in self.events if isinstance(e, ConnectionTerminated)]
         return found[-1] if found else None
+
+
+def _without_goaway(data: bytes) -> tuple[bytes, list[Event]]:
+    """``data`` less its GOAWAY frames, and those as events.
+
+    After h2 receives GOAWAY it takes no more frames, even of the streams
+    that GOAWAY lets finish; real clients do take them.
+    """
+    kept, goaways, at = b"", [], 0
+    while at < len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[at : at + 9]))
+        end = at + 9 + length
+        if isinstance(frame, GoAwayFrame):
+            frame.parse_body(memoryview(data[at + 9 : end]))
+            event = ConnectionTerminated()
+            event.error_code = ErrorCodes(frame.error_code)
+            event.last_stream_id = frame.last_stream_id
+            event.additional_data = frame.additional_data
+            goaways.append(event)
+        else:
+            kept += data[at:end]
+        at = end
+    return kept, goaways
 
 
 @dataclasses.dataclass

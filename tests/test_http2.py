@@ -4,18 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from hpack import Encoder
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
 from h2.settings import SettingCodes
-from h2_support import H2Client, h2_cluster, request, websocket
+from h2_support import LAX, H2Client, h2_cluster, request, websocket
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 from support import GET, OK, SWITCH, Cluster
+from twisted.internet.address import IPv4Address
 from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from upgradeproxy import rfc6455
 from upgradeproxy.core._client import ClientConnection
-from upgradeproxy.core._http2 import PREFACE
+from upgradeproxy.core._http2 import FLOOD_LIMIT, INTERVAL, PREFACE, RESET_LIMIT, HTTP2Connection
 from upgradeproxy.core.accesslog import AccessLog
 from upgradeproxy.interfaces import IUpgradeValidator, UpgradeAttempt
+from upgradeproxy.testing import MemoryTransport
 
 
 def test_a_get_over_prior_knowledge_reaches_the_backend_as_http_1_1() -> None:
@@ -486,4 +493,323 @@ def test_a_refused_upgrade_request_gets_its_status_and_the_backend_is_never_aske
     response = client.response(stream)
     assert response.status == 503
     assert b"limit of 0 tunnels" in response.body
+    assert cluster.count("a") == 0
+
+
+# -- shutdown, idleness, admission ----------------------------------------------------------------
+
+
+def test_a_drain_sends_goaway_refuses_new_streams_and_waits_for_the_one_in_flight() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    [connection] = cluster.proxy.connections
+    assert type(connection) is HTTP2Connection and connection.busy
+    drained = cluster.proxy.drain(30)
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None
+    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, stream)
+    late = client.get(request(b"/late"))
+    assert client.response(late).reset == ErrorCodes.REFUSED_STREAM
+    assert not drained.called
+    cluster.last("a").send(OK)
+    client.pump()
+    assert client.response(stream).body == b"hello"
+    assert client.closed
+    assert drained.called
+
+
+def test_a_drain_gives_a_tunnel_its_grace_period_then_closes_it() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream, backend = open_websocket(cluster, client)
+    drained = cluster.proxy.drain(30)
+    cluster.clock.advance(29)
+    assert not backend.closed and not drained.called
+    cluster.clock.advance(1)
+    client.pump()
+    assert backend.closed and client.closed
+    assert client.response(stream).ended
+    assert drained.called
+
+
+def test_a_preface_and_then_silence_is_closed_after_the_head_timeout() -> None:
+    cluster = h2_cluster(request_head_timeout=5)
+    client = H2Client(cluster.factory)
+    cluster.clock.advance(4.9)
+    assert not client.closed
+    cluster.clock.advance(0.1)
+    client.pump()
+    assert client.closed
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.NO_ERROR
+
+
+def test_a_connection_without_streams_is_closed_after_the_keep_alive_timeout() -> None:
+    cluster = h2_cluster(keep_alive_timeout=7)
+    client = H2Client(cluster.factory)
+    client.get(request())
+    cluster.last("a").send(OK)
+    cluster.clock.advance(6.9)
+    assert not client.closed
+    cluster.clock.advance(0.1)
+    assert client.closed
+
+
+def test_a_connection_over_the_limit_gets_503_saying_why() -> None:
+    cluster = h2_cluster(max_connections=0)
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    response = client.response(stream)
+    assert response.status == 503
+    assert b"limit of 0 connections" in response.body
+    assert cluster.count("a") == 0
+    assert client.closed
+
+
+# -- hostile input (RFC 9113 and the published attacks) ---------------------------------------------
+
+
+def test_rapid_reset_costs_a_bounded_number_of_backend_connections_and_ends_with_goaway() -> None:
+    cluster = h2_cluster()
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    for _ in range(RESET_LIMIT * 3):
+        stream = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(stream, request(), end_stream=True)
+        client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.closed
+    assert cluster.endpoints["a"].attempts == RESET_LIMIT + 1
+
+
+def test_resets_spread_over_time_are_not_an_attack() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    for _ in range(3):
+        for _ in range(RESET_LIMIT):
+            stream = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(stream, request(), end_stream=True)
+            client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+        client.pump()
+        cluster.clock.advance(INTERVAL)
+    assert client.goaway() is None and not client.closed
+
+
+def test_streams_over_the_advertised_limit_are_refused_one_by_one() -> None:
+    cluster = h2_cluster(http2_max_concurrent_streams=3)
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    client.ignore_stream_limit()
+    streams = [client.get(request()) for _ in range(5)]
+    assert [client.response(s).reset for s in streams] == [None] * 3 + [
+        ErrorCodes.REFUSED_STREAM
+    ] * 2
+    assert cluster.endpoints["a"].attempts == 3
+    assert not client.closed
+
+
+def test_a_continuation_flood_ends_the_connection_after_a_bounded_header_block() -> None:
+    client = H2Client(h2_cluster().factory)
+    start = HeadersFrame(1)
+    start.data = b"\x82"  # :method GET, and the block goes on
+    client.send_raw(start.serialize())
+    sent = 0
+    while not client.closed and sent < 200:
+        more = ContinuationFrame(1)
+        more.data = b"\x00" * 16_000
+        client.send_raw(more.serialize())
+        sent += 1
+    assert client.closed
+    assert sent <= 65, "h2 refuses more than 64 CONTINUATION frames"
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_an_oversized_header_list_gets_431_and_the_connection_goes_on() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/", b"GET", b"app.example", (b"x-big", b"v" * 40_000)))
+    response = client.response(stream)
+    assert response.status == 431
+    assert b"larger than 32768 bytes" in response.body
+    assert cluster.count("a") == 0
+    client.get(request(b"/next"))
+    assert cluster.last("a").received.startswith(b"GET /next ")
+
+
+def test_an_hpack_bomb_ends_the_connection_with_enhance_your_calm() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    # One 4000-byte field, indexed once and then named by one byte 200 times: a
+    # small block that inflates to 800 KB.
+    bomb = request(b"/", b"GET", b"app.example", *[(b"x-bomb", b"b" * 4000)] * 200)
+    assert len(Encoder().encode(bomb)) < 5000
+    client.get(bomb)
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.closed
+    assert cluster.count("a") == 0
+
+
+def test_a_ping_flood_ends_the_connection_with_enhance_your_calm() -> None:
+    client = H2Client(h2_cluster().factory)
+    for number in range(FLOOD_LIMIT - 1):  # the client's first SETTINGS counts too
+        client.h2.ping(b"%08d" % number)
+    client.pump()
+    assert client.goaway() is None
+    client.h2.ping(b"one more")
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.closed
+
+
+def test_a_settings_flood_ends_the_connection_with_enhance_your_calm() -> None:
+    client = H2Client(h2_cluster().factory)
+    for _ in range(FLOOD_LIMIT + 1):
+        client.h2.update_settings({SettingCodes.HEADER_TABLE_SIZE: 4096})
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_flood_of_empty_data_frames_ends_the_connection() -> None:
+    client = H2Client(h2_cluster().factory)
+    stream = client.get(request(b"/", b"POST"), end=False)
+    for _ in range(FLOOD_LIMIT + 1):
+        client.h2.send_data(stream, b"")
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_an_invalid_preface_is_closed_with_goaway_protocol_error() -> None:
+    cluster = h2_cluster()
+    connection = HTTP2Connection(cluster.proxy)
+    transport = MemoryTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+        peerAddress=IPv4Address("TCP", "192.0.2.7", 50000),
+    )
+    transport.protocol = connection
+    connection.makeConnection(transport)
+    connection.dataReceived(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    reader = H2Connection(LAX)
+    reader.initiate_connection()
+    events = reader.receive_data(transport.value())
+    assert isinstance(events[-1], ConnectionTerminated)
+    assert events[-1].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert not transport.connected
+    assert not cluster.proxy.connections
+
+
+MALFORMED = {
+    "CR in a value": request(b"/", b"GET", b"app.example", (b"x-a", b"a\rb")),
+    "LF in a value": request(b"/", b"GET", b"app.example", (b"x-a", b"a\r\nx-smuggled: 1")),
+    "NUL in a value": request(b"/", b"GET", b"app.example", (b"x-a", b"a\x00b")),
+    "a value starting with a space": request(b"/", b"GET", b"app.example", (b"x-a", b" a")),
+    "an uppercase name": request(b"/", b"GET", b"app.example", (b"X-A", b"1")),
+    "a colon in a name": request(b"/", b"GET", b"app.example", (b"x:a", b"1")),
+    "a space in a name": request(b"/", b"GET", b"app.example", (b"x a", b"1")),
+    "Connection": request(b"/", b"GET", b"app.example", (b"connection", b"close")),
+    "Keep-Alive": request(b"/", b"GET", b"app.example", (b"keep-alive", b"5")),
+    "Proxy-Connection": request(b"/", b"GET", b"app.example", (b"proxy-connection", b"x")),
+    "Transfer-Encoding": request(b"/", b"GET", b"app.example", (b"transfer-encoding", b"chunked")),
+    "Upgrade": request(b"/", b"GET", b"app.example", (b"upgrade", b"websocket")),
+    "TE other than trailers": request(b"/", b"GET", b"app.example", (b"te", b"gzip")),
+    ":protocol without CONNECT": request(
+        b"/", b"GET", b"app.example", (b":protocol", b"websocket")
+    ),
+    "an extended CONNECT without :path": [f for f in websocket() if f[0] != b":path"],
+    "an extended CONNECT without :scheme": [f for f in websocket() if f[0] != b":scheme"],
+    "a :path without a slash": request(b"page"),
+    "a :path with a space": request(b"/a b"),
+    "an empty :path": request(b""),
+    "a pseudo-header after a field": [(b"accept", b"*/*"), *request()],
+    "an unknown pseudo-header": request(b"/", b"GET", b"app.example", (b":status", b"200")),
+    "two :path": request(b"/", b"GET", b"app.example", (b":path", b"/admin")),
+    "no :method": request()[1:],
+    "a host other than the :authority": request(
+        b"/", b"GET", b"a.example", (b"host", b"b.example")
+    ),
+    "userinfo in the :authority": request(b"/", b"GET", b"user@app.example"),
+    "no host at all": [f for f in request() if f[0] != b":authority"],
+    "a content-length with no content": request(
+        b"/", b"POST", b"app.example", (b"content-length", b"5")
+    ),
+}
+
+
+@pytest.mark.parametrize("fields", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_request_is_a_stream_error_and_never_reaches_the_backend(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(fields)
+    response = client.response(stream)
+    assert response.status == 400, response
+    assert cluster.count("a") == 0
+    assert not client.closed
+    assert client.get(request(b"/next")) == stream + 2
+    assert cluster.last("a").received.startswith(b"GET /next ")
+
+
+def test_a_malformed_request_still_sending_is_reset_with_protocol_error() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(MALFORMED["Transfer-Encoding"], end=False)
+    response = client.response(stream)
+    assert (response.status, response.reset) == (400, ErrorCodes.PROTOCOL_ERROR)
+
+
+def test_a_plain_connect_is_refused_as_on_http_1_1() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get([(b":method", b"CONNECT"), (b":authority", b"example.com:443")], end=False)
+    response = client.response(stream)
+    assert response.status == 501
+    assert b"CONNECT is not supported" in response.body
+    assert cluster.count("a") == 0
+
+
+def test_more_data_than_the_content_length_never_reaches_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/up", b"POST", b"app.example", (b"content-length", b"3")), end=False
+    )
+    head = cluster.last("a").received
+    client.send(stream, b"abcGET /smuggled HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert cluster.last("a").received == head
+    assert cluster.last("a").closed
+    assert cluster.count("a") == 1
+
+
+def test_less_data_than_the_content_length_never_completes_a_request_to_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/up", b"POST", b"app.example", (b"content-length", b"10")), end=False
+    )
+    head = cluster.last("a").received
+    client.send(stream, b"abc")
+    client.send(stream, b"de", end=True)
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert cluster.last("a").received == head + b"abc"
+    assert cluster.last("a").closed
+
+
+def test_a_content_length_that_is_no_number_ends_the_connection_before_the_backend() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    client.get(request(b"/", b"POST", b"app.example", (b"content-length", b"1e3")))
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     assert cluster.count("a") == 0

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -296,8 +296,8 @@ class HTTP2Connection(Protocol):
         ended = event.stream_ended is not None
         if self._refusal is not None:
             stream.client_done = ended
-            refuse_request(self._proxy, stream, None, None, 503, self._refusal)
             self._go_away()
+            refuse_request(self._proxy, stream, None, None, 503, self._refusal)
             return
         parsed = stream_request(
             event.headers,
@@ -396,8 +396,12 @@ class HTTP2Connection(Protocol):
         self._close()
 
     def _connection_error(self, e: H2ProtocolError) -> None:
-        """A frame broke the protocol: ``h2`` has queued its GOAWAY."""
+        """A frame broke the protocol: ``h2`` has queued its GOAWAY, except for a bad preface."""
         code = getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)
+        if self._h2.state_machine.state is not ConnectionState.CLOSED:
+            # h2 raised before it could queue a GOAWAY (a bad preface): send one here.
+            frame = GoAwayFrame(0, error_code=code)
+            self.transport.write(self._h2.data_to_send() + frame.serialize())  # type: ignore[union-attr]
         self.log.info(
             "HTTP/2 protocol error from client {client}: {error}; closing with GOAWAY {code}",
             client=self.address,
