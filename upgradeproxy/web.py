@@ -39,7 +39,7 @@ from ._twisted import detach
 from .core._backend import BackendConnection
 from .core._exchange import Exchange
 from .core._handover import Handover
-from .core._rewrite import VIA, ClientHop, error_body
+from .core._rewrite import VIA, ClientHop, error_body, switch_for_client
 from .core._side import Side
 from .core._tunnel import Tunnel
 from .core.accesslog import AccessLog
@@ -139,6 +139,8 @@ def _request_head(request: Request) -> tuple[RequestHead, bytes]:
 class _WebClientSide:
     """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
 
+    protocol = "HTTP/1.1"
+
     def __init__(self, request: Request) -> None:
         self._request = request
         address = request.getClientAddress()
@@ -230,9 +232,10 @@ class _WebClientSide:
         if transport is not None:
             transport.loseConnection()
 
-    def hand_over(self) -> Handover:
+    def hand_over(self, response: ResponseHead) -> Handover:
         self._finished = True
         detached = detach(self._request, self._events)
+        detached.transport.write(switch_for_client(response).serialize())
         return Handover(detached.transport, detached.held)
 
     def attach(self, tunnel: Tunnel) -> None:

@@ -83,6 +83,13 @@ def count_or_off(value: Any) -> int | None:
     )
 
 
+def count(value: Any) -> int:
+    """A whole number above 0."""
+    if _is_whole(value) and value > 0:
+        return int(value)
+    raise ValueError(f"must be a whole number above 0, not {show(value)}")
+
+
 def workers(value: Any) -> int:
     """A number of processes, or "auto" for one per core."""
     if value == "auto":

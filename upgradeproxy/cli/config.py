@@ -29,6 +29,12 @@ The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
     max_request_head = "32KiB"
     max_request_body = 0            # can be set per route too
 
+    [http2]
+    enabled = true                  # offer h2 to TLS clients over ALPN
+    cleartext = false               # accept the prior-knowledge preface on cleartext listeners
+    max_concurrent_streams = 100
+    stall_timeout = 60              # a stream whose window stays shut is reset after this
+
     [access_log]
     format = "text"                 # or "json"
     path = "-"                      # "-" is standard output; absent: the main log
@@ -163,6 +169,14 @@ class ProxyConfig:
     max_request_head: int = 32 * 1024
     forward_h2c: bool = False
     splice: bool = True
+    #: Offer HTTP/2 to TLS clients over ALPN.
+    http2: bool = True
+    #: Accept HTTP/2 with prior knowledge on cleartext listeners.
+    http2_cleartext: bool = False
+    #: Streams one HTTP/2 connection may have open at once.
+    http2_max_concurrent_streams: int = 100
+    #: Seconds an HTTP/2 stream may wait on a shut flow-control window.
+    http2_stall_timeout: float = 60.0
     #: Where the file was read from, for messages; None when built from flags.
     source: str | None = None
 
@@ -275,7 +289,7 @@ def describe_config(config: ProxyConfig) -> str:
     backends = sum(len(route.backends) or 1 for route in config.routes)
     summary = [
         f"listening on {', '.join(config.listen)}",
-        f"{_count(len(config.routes), 'route')}, {_count(backends, 'backend')}",
+        f"{_plural(len(config.routes), 'route')}, {_plural(backends, 'backend')}",
     ]
     if config.workers > 1:
         summary.append(f"{config.workers} workers")
@@ -288,6 +302,7 @@ def describe_config(config: ProxyConfig) -> str:
         f"shutdown grace {config.shutdown_grace:g} s",
         f"max connections {_limit(config.max_connections)}",
         f"max tunnels {_limit(config.max_tunnels)}",
+        _describe_http2(config),
     ]
     lines = [f"{config.source or 'configuration'}: OK: {'; '.join(summary)}"]
     lines.append(f"  {'; '.join(settings)}")
@@ -296,7 +311,21 @@ def describe_config(config: ProxyConfig) -> str:
     return "\n".join(lines)
 
 
-def _count(number: int, noun: str) -> str:
+def _describe_http2(config: ProxyConfig) -> str:
+    if not config.http2 and not config.http2_cleartext:
+        return "HTTP/2 off"
+    where = " and ".join(
+        name
+        for name, on in (("over TLS", config.http2), ("cleartext", config.http2_cleartext))
+        if on
+    )
+    return (
+        f"HTTP/2 {where}, {config.http2_max_concurrent_streams} streams per connection, "
+        f"stall timeout {config.http2_stall_timeout:g} s"
+    )
+
+
+def _plural(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
@@ -438,6 +467,7 @@ def _checked(parse: Callable[[Any], Any]) -> _Convert:
 _seconds = _checked(_values.seconds)
 _seconds_or_off = _checked(_values.seconds_or_off)
 _count_or_off = _checked(_values.count_or_off)
+_count = _checked(_values.count)
 _workers = _checked(_values.workers)
 _flag = _checked(_values.flag)
 _size = _checked(_values.size)
@@ -725,6 +755,15 @@ _LIMITS = _Table(
         "max_request_body": _Key("max_request_body", _size_or_off),
     },
 )
+_HTTP2 = _Table(
+    "[http2]",
+    {
+        "enabled": _Key("http2", _flag),
+        "cleartext": _Key("http2_cleartext", _flag),
+        "max_concurrent_streams": _Key("http2_max_concurrent_streams", _count),
+        "stall_timeout": _Key("http2_stall_timeout", _seconds),
+    },
+)
 _ACCESS_LOG = _Table(
     "[access_log]",
     {
@@ -742,6 +781,7 @@ _TOP = _Table(
         "splice": _Key("splice", _flag),
         "timeouts": _Key("timeouts", _sub_table(_TIMEOUTS)),
         "limits": _Key("limits", _sub_table(_LIMITS)),
+        "http2": _Key("http2", _sub_table(_HTTP2)),
         "access_log": _Key("access_log", _sub_table(_ACCESS_LOG, AccessLogConfig)),
         # Routes are read on their own: they need the defaults the tables above give.
         "route": _Key("route", _unchecked),
@@ -781,7 +821,7 @@ _ROUTE = _Table(
     },
 )
 #: Every kind of table, to tell where a key written in the wrong one belongs.
-_TABLES = (_TOP, _TIMEOUTS, _LIMITS, _ACCESS_LOG, _ROUTE, _ROUTE_TIMEOUTS, _HEALTH, _TLS)
+_TABLES = (_TOP, _TIMEOUTS, _LIMITS, _HTTP2, _ACCESS_LOG, _ROUTE, _ROUTE_TIMEOUTS, _HEALTH, _TLS)
 
 #: A route's settings and their defaults: those the top-level tables give too are
 #: handed down to every route that does not set its own.
@@ -794,6 +834,7 @@ def _proxy_config(document: dict[str, Any], context: _Context) -> ProxyConfig:
     shared = {**fields.pop("timeouts", {}), **fields.pop("limits", {})}
     route_defaults = {key: value for key, value in shared.items() if key in _ROUTE_FIELDS}
     fields.update((key, value) for key, value in shared.items() if key not in _ROUTE_FIELDS)
+    fields.update(fields.pop("http2", {}))
     routes, route_problems = _routes(fields.pop("route", None), route_defaults, context)
     problems += [(("route", *path), why) for path, why in route_problems]
     if problems:

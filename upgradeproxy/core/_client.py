@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._twisted import send_now
+from .._twisted import send_now, switch_protocol
 from ..http1 import (
     LAST_CHUNK,
     BodyDecoder,
@@ -47,16 +47,19 @@ from ._backend import BackendConnection
 from ._exchange import Exchange, log_error_response
 from ._flow import ReadGate, no_delay, unregister_producer
 from ._handover import Handover
+from ._http2 import HTTP2Connection
 from ._rewrite import (
     ClientHop,
     error_body,
     error_response,
     interim_for_client,
     response_for_client,
+    switch_for_client,
 )
 from ._side import Side
 from ._tunnel import Tunnel
 from .proxy import Proxy
+from .tls import H2
 
 # Reasons for which the client's reads are paused.
 _BACKEND_FULL = "backend send buffer full"
@@ -81,6 +84,7 @@ class ClientConnection(Protocol):
     """One HTTP/1.1 connection from a client."""
 
     log = Logger()
+    protocol = "HTTP/1.1"
 
     def __init__(self, proxy: Proxy) -> None:
         self._proxy = proxy
@@ -154,6 +158,19 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated == H2 and self._phase is Phase.HEAD:
+            self._become_http2()
+
+    def _become_http2(self) -> None:
+        """The client chose ``h2`` over ALPN: the HTTP/2 door serves this connection."""
+        self._stop_head_timer()
+        self._phase = Phase.CLOSING
+        received = bytes(self._buf)
+        self._buf.clear()
+        connection = HTTP2Connection(self._proxy)
+        connection.replace(self)
+        switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = Phase.CLOSING
@@ -342,7 +359,7 @@ class ClientConnection(Protocol):
         unregister_producer(self.transport)
         self._close()
 
-    def hand_over(self) -> Handover:
+    def hand_over(self, response: ResponseHead) -> Handover:
         held = bytes(self._buf)
         self._buf.clear()
         self._heads = self._decoder = None
@@ -350,6 +367,7 @@ class ClientConnection(Protocol):
         self._exchange = None
         self.uncork()  # a 1xx relayed before the switch goes first
         assert self.transport is not None
+        self.transport.write(switch_for_client(response).serialize())
         return Handover(self.transport, held, self._read_eof)
 
     def attach(self, tunnel: Tunnel) -> None:

@@ -9,9 +9,10 @@ access record. It is the backend connection's
 
 It never touches the client's wire. It talks to its front door through the
 small :class:`ClientSide` interface: the HTTP/1.1 connection
-(:mod:`upgradeproxy.core._client`) and the twisted.web resource
+(:mod:`upgradeproxy.core._client`), each stream of an HTTP/2 connection
+(:mod:`upgradeproxy.core._http2`) and the twisted.web resource
 (:mod:`upgradeproxy.web`) each implement it, and each turns the exchange's
-calls into bytes or twisted.web calls of its own.
+calls into bytes, frames or twisted.web calls of its own.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class ClientSide(Protocol):
     address: str
     #: What the proxy adds to the request about this hop.
     hop: ClientHop
+    #: The protocol the client speaks to this door: "HTTP/1.1" or "HTTP/2".
+    protocol: str
 
     def body_wanted(self, exchange: Exchange, backend: BackendConnection) -> None:
         """The backend is ready for the request body: feed it to ``exchange``."""
@@ -98,8 +101,9 @@ class ClientSide(Protocol):
     def cut_short(self) -> None:
         """End a response already under way: close the connection."""
 
-    def hand_over(self) -> Handover:
-        """Stop serving HTTP on this connection and give it up to a tunnel."""
+    def hand_over(self, response: ResponseHead) -> Handover:
+        """Answer the accepted switch (the backend's ``101`` is ``response``), and stop
+        serving HTTP: the connection (or stream) is given up to a tunnel."""
 
     def attach(self, tunnel: Tunnel) -> None:
         """From now on, the connection's events go to ``tunnel``."""
@@ -227,8 +231,9 @@ class Exchange:
             return None
         if upgrade:
             attempt = UpgradeAttempt(
-                head, backend=upstream.name, client=client.address, route=route.name
-            )
+                head, backend=upstream.name, client=client.address, route=route.name,
+                client_protocol=client.protocol,
+            )  # fmt: skip
             refusal = proxy.check_request(attempt, route)
             if refusal is not None:
                 refuse_request(proxy, client, head, route, refusal.status, refusal.reason)
@@ -379,8 +384,9 @@ class Exchange:
         assert backend is not None and upstream is not None
         client = self._client
         attempt = UpgradeAttempt(
-            self.request, head, self.body_done, upstream.name, client.address, route.name
-        )
+            self.request, head, self.body_done, upstream.name, client.address, route.name,
+            client.protocol,
+        )  # fmt: skip
         refusal = self._proxy.check_response(attempt, route)
         if refusal is not None:
             self._refuse_switch(attempt, refusal)
@@ -394,7 +400,7 @@ class Exchange:
             upstream=upstream,
             backend=backend,
             early_data=early_data,
-            client=client.hand_over(),
+            client=client.hand_over(head),
             attach=client.attach,
         )
 
@@ -477,9 +483,10 @@ class Exchange:
     def _record(self, status: int, sent: int) -> None:
         proxy = self._proxy
         request = self.request
+        client = self._client
         record_request(
-            proxy, self._client.address, request, self.route, status, sent,
-            proxy.clock.seconds() - self.started, self._backend_name,
+            proxy, client.address, request, self.route, status, sent,
+            proxy.clock.seconds() - self.started, self._backend_name, client.protocol,
         )  # fmt: skip
 
 
@@ -515,7 +522,9 @@ def refuse_request(
     log_error_response(status, client.address, reason)
     sent = client.refuse(None, status, reason)
     if request is not None:
-        record_request(proxy, client.address, request, route, status, sent, 0.0, "-")
+        record_request(
+            proxy, client.address, request, route, status, sent, 0.0, "-", client.protocol
+        )
 
 
 def record_request(
@@ -527,8 +536,13 @@ def record_request(
     sent: int,
     duration: float,
     backend: str,
+    protocol: str = "HTTP/1.1",
 ) -> None:
-    """Count and log one answered request."""
+    """Count and log one answered request.
+
+    ``protocol`` is the client's door: an HTTP/1.x request is recorded with
+    its own version, any other with the door's protocol (``HTTP/2``).
+    """
     version = request.version
     proxy.request_done(
         route,
@@ -536,7 +550,7 @@ def record_request(
             client=client,
             method=request.method.decode("latin-1"),
             target=request.target.decode("latin-1"),
-            version=f"HTTP/{version[0]}.{version[1]}",
+            version=f"HTTP/{version[0]}.{version[1]}" if protocol == "HTTP/1.1" else protocol,
             status=status,
             bytes=sent,
             duration=duration,

@@ -14,11 +14,12 @@ from zope.interface import implementer
 
 from ..interfaces import IUpgradeValidator
 from ._client import ClientConnection
+from ._preface import PrefaceSniffer
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .proxy import Proxy, ProxySettings
 from .routing import Route
-from .tls import APPLICATION_PROTOCOLS
+from .tls import application_protocols
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -42,8 +43,9 @@ class ProxyFactory(ServerFactory):
 
     noisy = False  # startFactory logs a line that says more
 
-    #: The application protocols offered to TLS clients over ALPN, in order of preference.
-    protocols: tuple[bytes, ...] = APPLICATION_PROTOCOLS
+    #: The application protocols offered to TLS clients over ALPN, in order of
+    #: preference: ``h2`` then ``http/1.1``, or only ``http/1.1`` with HTTP/2 off.
+    protocols: tuple[bytes, ...]
 
     def __init__(
         self,
@@ -66,6 +68,10 @@ class ProxyFactory(ServerFactory):
             raise TypeError("give either a proxy, or what to build one with")
         #: The proxy this factory's connections go through.
         self.proxy = proxy
+        self.protocols = application_protocols(proxy.settings.http2)
+        # Only where cleartext HTTP/2 is on does a connection's first bytes
+        # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
+        self._sniff = proxy.settings.http2_cleartext
 
     def startFactory(self) -> None:
         self.proxy.start()
@@ -76,5 +82,7 @@ class ProxyFactory(ServerFactory):
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
-    def buildProtocol(self, addr: object) -> ClientConnection:
+    def buildProtocol(self, addr: object) -> ClientConnection | PrefaceSniffer:
+        if self._sniff:
+            return PrefaceSniffer(self.proxy)
         return ClientConnection(self.proxy)

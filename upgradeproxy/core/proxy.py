@@ -26,7 +26,6 @@ from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 from ._backend import BackendConnection, BackendPool, BackendSettings
 from ._handover import Handover
-from ._rewrite import switch_for_client
 from ._side import Side
 from ._snapshot import ProxyStats, take_snapshot
 from ._tunnel import Tunnel, TunnelStats
@@ -72,6 +71,17 @@ class ProxySettings:
     #: For a factory built with one backend: tunnel idle timeout and lifetime.
     tunnel_idle_timeout: float | None = None
     tunnel_lifetime: float | None = None
+    #: Offer HTTP/2 (``h2``, then ``http/1.1``) to TLS clients over ALPN.
+    http2: bool = True
+    #: Accept HTTP/2 with prior knowledge (the ``PRI * HTTP/2.0`` preface) on
+    #: cleartext connections, as behind a load balancer that terminates TLS.
+    http2_cleartext: bool = False
+    #: Streams one HTTP/2 client connection may have open at once
+    #: (``SETTINGS_MAX_CONCURRENT_STREAMS``; more are refused with ``REFUSED_STREAM``).
+    http2_max_concurrent_streams: int = 100
+    #: Seconds an HTTP/2 stream may wait on a client that keeps its flow-control
+    #: window closed before the stream is reset.
+    http2_stall_timeout: float = 60.0
 
 
 class FrontConnection(TypingProtocol):
@@ -282,6 +292,11 @@ class Proxy:
             return f"the proxy is serving its limit of {limit} connections; try again later"
         return None
 
+    def connection_replaced(self, old: FrontConnection, new: FrontConnection) -> None:
+        """``new`` serves what was ``old``'s connection (an HTTP/2 door chosen over ALPN)."""
+        self.connections.discard(old)
+        self.connections.add(new)
+
     def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
         self._check_drained()
@@ -312,9 +327,11 @@ class Proxy:
     ) -> Tunnel:
         """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
-        In one reactor turn, so that no byte can slip in between: write the
-        ``101`` to the client, then ``early_data`` (what the backend sent
-        right behind its ``101`` head), then replay the client's held bytes
+        In one reactor turn, so that no byte can slip in between: the door
+        has answered the client already (``101``, or ``:status 200`` on an
+        HTTP/2 stream) when it handed ``client`` over; write ``early_data``
+        (what the backend sent right behind its ``101`` head) to the client,
+        then replay the client's held bytes
         (``client.held``, which nobody parsed) into the backend, then hand
         both connections to a :class:`~upgradeproxy.core._tunnel.Tunnel`.
         ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
@@ -325,13 +342,13 @@ class Proxy:
         response = attempt.response
         assert response is not None and backend.transport is not None
         transport = client.transport
-        transport.write(switch_for_client(response).serialize())
         protocol = b", ".join(attempt.selected).decode("latin-1")
         target = attempt.request.target.decode("latin-1")
         clock = self.clock
         stats = TunnelStats(
-            protocol, attempt.client, clock.seconds(), target, route.name, upstream.name
-        )
+            protocol, attempt.client, clock.seconds(), target, route.name, upstream.name,
+            client_protocol=attempt.client_protocol,
+        )  # fmt: skip
         tunnel = Tunnel(
             transport,
             backend.transport,
@@ -375,6 +392,7 @@ class Proxy:
                 backend_to_client=stats.sent[Side.BACKEND],
                 closed_by=stats.closed_by or "unknown",
                 reason=stats.close_reason,
+                client_protocol=stats.client_protocol,
             )
         )
         self._check_drained()

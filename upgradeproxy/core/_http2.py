@@ -1,0 +1,914 @@
+"""The HTTP/2 front door: one client connection speaking HTTP/2 (RFC 9113).
+
+An :class:`HTTP2Connection` runs the ``h2`` library (sans-IO) on a client
+connection; each stream is one :class:`~upgradeproxy.core._exchange.Exchange`,
+driven through the stream's :class:`~upgradeproxy.core._exchange.ClientSide`,
+so a stream gets every rule the HTTP/1.1 door applies: routes, limits,
+validators, retries, timeouts, access records. Backends stay HTTP/1.1: the
+request head is made by :mod:`upgradeproxy.core._h2heads`.
+
+Flow control is tied to backpressure both ways. Request DATA is
+acknowledged (its window given back) only once the backend connection took
+it, so a slow backend stops the client by its window; a response is sent
+as far as the client's window allows, and the backend connection is paused
+while the rest waits, as it is while the client connection's own send
+buffer is full. No stream holds more than one backend read, or than its
+window of the client's bytes. The connection's window is that of every
+stream together, so a stalled stream never stalls the others.
+
+An extended CONNECT (RFC 8441) becomes an HTTP/1.1 upgrade; once the
+backend's ``101`` passes the validators, the client gets ``:status 200``
+and the stream's :class:`StreamTransport` is the client side of an ordinary
+:class:`~upgradeproxy.core._tunnel.Tunnel`: DATA is tunnel bytes, END_STREAM
+is a half-close, RST_STREAM a reset.
+
+Hostile clients are bounded: more streams than advertised are refused
+(REFUSED_STREAM), streams reset faster than :data:`RESET_LIMIT` per
+:data:`INTERVAL` (rapid reset, CVE-2023-44487), or PING, SETTINGS and
+empty DATA frames faster than :data:`FLOOD_LIMIT`, end the connection with
+GOAWAY ENHANCE_YOUR_CALM; header lists are bounded (431 over the advertised
+size, GOAWAY over :data:`HEADER_LIST_CEILING` times it: an HPACK bomb); ``h2``
+ends a header block after 64 CONTINUATION frames; a stream whose window stays
+closed is reset after ``http2_stall_timeout``; a connection without streams
+closes after ``keep_alive_timeout``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.exceptions import StreamClosedError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame, SettingsFrame
+from twisted.internet import error
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IProducer,
+    IPushProducer,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .._twisted import send_now
+from ..http1 import BodyKind, Framing, ResponseHead
+from ._backend import BackendConnection
+from ._exchange import Exchange, refuse_request
+from ._flow import no_delay, unregister_producer
+from ._h2heads import (
+    Malformed,
+    StreamRequest,
+    error_fields,
+    response_fields,
+    stream_request,
+    tunnel_fields,
+)
+from ._handover import Handover
+from ._rewrite import ClientHop, error_body
+from ._side import Side
+from ._tunnel import Tunnel
+from .proxy import FrontConnection, Proxy
+
+#: The prior-knowledge connection preface of a client (RFC 9113 §3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+#: The window of each stream (the protocol's initial window size).
+STREAM_WINDOW = 65_535
+#: Seconds over which resets and floods are counted.
+INTERVAL = 10.0
+#: Streams the client may reset (or have refused) per interval before GOAWAY.
+RESET_LIMIT = 200
+#: PING, SETTINGS and empty DATA frames the client may send per interval.
+FLOOD_LIMIT = 500
+#: ``h2`` itself refuses more open streams than this many times the advertised
+#: limit: up to there, a stream over the limit is refused on its own.
+STREAM_CEILING = 4
+#: A header list up to this many times the advertised size is decoded and
+#: answered with 431; a larger one ends the connection (an HPACK bomb).
+HEADER_LIST_CEILING = 4
+
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    # The door checks requests itself (see _h2heads): as stream errors, and
+    # as strictly as an HTTP/1.1 backend needs. Responses are built valid.
+    validate_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+
+# Why a stream's producer (the backend connection) is paused.
+_WINDOW_SHUT = 1
+_CLIENT_FULL = 2
+
+
+def _new_key() -> bytes:
+    """A fresh ``Sec-WebSocket-Key`` (RFC 6455 §4.1)."""
+    return base64.b64encode(os.urandom(16))
+
+
+class _Rate:
+    """Counts events in fixed intervals; :meth:`spend` says when one had too many."""
+
+    __slots__ = ("_count", "_limit", "_start")
+
+    def __init__(self, limit: int, now: float) -> None:
+        self._limit = limit
+        self._start = now
+        self._count = 0
+
+    def spend(self, now: float) -> bool:
+        """Count one event; True when the current interval had more than the limit."""
+        if now - self._start >= INTERVAL:
+            self._start, self._count = now, 0
+        self._count += 1
+        return self._count > self._limit
+
+
+@implementer(IPushProducer)
+class HTTP2Connection(Protocol):
+    """One HTTP/2 connection from a client."""
+
+    log = Logger()
+
+    def __init__(self, proxy: Proxy) -> None:
+        self._proxy = proxy
+        self._settings = proxy.settings
+        self._h2 = H2Connection(_CONFIG)
+        self._streams: dict[int, _Stream] = {}
+        self.address = "unknown"
+        self.hop = ClientHop("unknown")
+        #: Nested calls that hold the output until the outermost one is done.
+        self.corked = 0
+        #: Why every request on this connection is refused (a limit, a shutdown).
+        self._refusal: str | None = None
+        #: True once the client's transport paused this connection as its producer.
+        self.paused = False
+        #: GOAWAY was sent (or received): no new stream is served.
+        self._going_away = False
+        self._ended = False
+        self._idle_timer: IDelayedCall | None = None
+        self._replacing: FrontConnection | None = None
+        now = proxy.clock.seconds()
+        self._resets = _Rate(RESET_LIMIT, now)
+        self._floods = _Rate(FLOOD_LIMIT, now)
+
+    # -- taking a connection over ----------------------------------------------------
+
+    def replace(self, previous: FrontConnection) -> None:
+        """Serve what was ``previous``'s connection, without counting it again.
+
+        Call before :meth:`makeConnection`.
+        """
+        self._replacing = previous
+
+    # -- Twisted protocol events -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        no_delay(transport)
+        peer = transport.getPeer()
+        self.address = str(getattr(peer, "host", None) or peer)
+        secure = ISSLTransport.providedBy(transport)
+        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
+        if self._replacing is not None:
+            self._proxy.connection_replaced(self._replacing, self)
+            self._replacing = None
+        else:
+            self._refusal = self._proxy.connection_opened(self)
+        settings = self._settings
+        streams = settings.http2_max_concurrent_streams
+        h2 = self._h2
+        h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: streams * STREAM_CEILING,
+                SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_request_head,
+                SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
+            },
+        )
+        h2.decoder.max_header_list_size = settings.max_request_head * HEADER_LIST_CEILING
+        h2.initiate_connection()
+        # The window of every stream together: one stalled stream (its bytes
+        # unacknowledged) cannot take the window of the others.
+        h2.increment_flow_control_window(streams * STREAM_WINDOW)
+        # The limit the client is told comes in a second SETTINGS frame: h2
+        # enforces the first, a higher ceiling, as a connection error, so that
+        # below it a stream over the limit is refused on its own (RFC 9113 §5.1.2).
+        advertised = SettingsFrame(0, settings={SettingCodes.MAX_CONCURRENT_STREAMS: streams})
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        transport.write(h2.data_to_send() + advertised.serialize())
+        self._wait_idle(settings.request_head_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ended:
+            return
+        try:
+            events = self._h2.receive_data(data)
+        except H2ProtocolError as e:
+            self._connection_error(e)
+            return
+        self.corked += 1
+        try:
+            for event in events:
+                handler = _HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                    if self._ended:
+                        break
+        finally:
+            self.corked -= 1
+            self.flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._ended = True
+        self._stop_idle()
+        for stream in list(self._streams.values()):
+            stream.gone(reason)
+        self._streams.clear()
+        self._proxy.connection_closed(self)
+
+    # -- IPushProducer: the client's transport says its send buffer is full -------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        for stream in list(self._streams.values()):
+            stream.pause(_CLIENT_FULL)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for stream in list(self._streams.values()):
+            stream.resume(_CLIENT_FULL)
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    # -- output --------------------------------------------------------------------
+
+    @property
+    def h2(self) -> H2Connection:
+        return self._h2
+
+    def flush(self) -> None:
+        """Send what ``h2`` has queued, unless a caller up the stack will."""
+        if self.corked or self.transport is None:
+            return
+        data = self._h2.data_to_send()
+        if data:
+            send_now(self.transport, data)
+
+    # -- frames from the client ---------------------------------------------------------
+
+    def _on_request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        h2 = self._h2
+        if self._going_away or len(self._streams) >= self._settings.http2_max_concurrent_streams:
+            h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if self._resets.spend(self._proxy.clock.seconds()):
+                self._calm_down("too many streams over the limit")
+            return
+        self._stop_idle()
+        stream = _Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        ended = event.stream_ended is not None
+        if self._refusal is not None:
+            stream.client_done = ended
+            self._go_away()
+            refuse_request(self._proxy, stream, None, None, 503, self._refusal)
+            return
+        parsed = stream_request(
+            event.headers,
+            ended=ended,
+            connect_protocol=True,  # advertised in the first SETTINGS
+            max_size=self._settings.max_request_head,
+            key=_new_key,
+        )
+        stream.start(parsed, ended)
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if not event.data and not event.stream_ended and self._flooded():
+            return
+        if stream is None:
+            # A stream already answered: its bytes are dropped, its window given back.
+            self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        stream.data(event.data, event.flow_controlled_length)
+
+    def _on_stream_ended(self, event: StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.client_ended()
+
+    def _on_stream_reset(self, event: StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        stream.reset_by_client(event.error_code)
+        if self._resets.spend(self._proxy.clock.seconds()):
+            self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
+
+    def _on_window_updated(self, event: WindowUpdated) -> None:
+        if event.stream_id:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.window_opened()
+        else:
+            self._windows_opened()
+
+    def _on_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        if self._flooded():
+            return
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._windows_opened()
+
+    def _on_ping(self, event: PingReceived) -> None:
+        self._flooded()
+
+    def _on_terminated(self, event: ConnectionTerminated) -> None:
+        """The client sent GOAWAY: it opens no more streams."""
+        self._going_away = True
+        if event.error_code != ErrorCodes.NO_ERROR:
+            self.log.info(
+                "HTTP/2 client {client} ended the connection with {code}",
+                client=self.address,
+                code=_code_name(event.error_code),
+            )
+            self._close()
+        elif not self._streams:
+            self._close()
+
+    def _windows_opened(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.window_opened()
+
+    # -- streams -------------------------------------------------------------------------
+
+    def stream_closed(self, stream: _Stream) -> None:
+        """``stream`` is over on both sides."""
+        if self._streams.pop(stream.id, None) is None or self._streams:
+            return
+        if self._going_away or self._proxy.draining:
+            self._close()
+        elif not self._ended:
+            self._wait_idle(self._settings.keep_alive_timeout)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def _flooded(self) -> bool:
+        if self._floods.spend(self._proxy.clock.seconds()):
+            self._calm_down("too many PING, SETTINGS or empty DATA frames")
+            return True
+        return False
+
+    def _calm_down(self, why: str) -> None:
+        """End the connection of a client that abuses the protocol (GOAWAY ENHANCE_YOUR_CALM)."""
+        self.log.warn(
+            "HTTP/2 client {client}: {why} within {interval:g} seconds; closing its connection",
+            client=self.address,
+            why=why,
+            interval=INTERVAL,
+        )
+        self._h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=why.encode())
+        self._close()
+
+    def _connection_error(self, e: H2ProtocolError) -> None:
+        """A frame broke the protocol: ``h2`` has queued its GOAWAY, except for a bad preface."""
+        code = getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)
+        if self._h2.state_machine.state is not ConnectionState.CLOSED:
+            # h2 raised before it could queue a GOAWAY (a bad preface): send one here.
+            frame = GoAwayFrame(0, error_code=code)
+            self.transport.write(self._h2.data_to_send() + frame.serialize())  # type: ignore[union-attr]
+        self.log.info(
+            "HTTP/2 protocol error from client {client}: {error}; closing with GOAWAY {code}",
+            client=self.address,
+            error=str(e) or type(e).__name__,
+            code=_code_name(code),
+        )
+        self._close()
+
+    def _wait_idle(self, timeout: float) -> None:
+        self._stop_idle()
+        self._idle_timer = self._proxy.clock.callLater(timeout, self._idle_timed_out)
+
+    def _stop_idle(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        self._go_away()
+        self._close()
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is in flight on this connection (tunnels are the proxy's)."""
+        return any(stream.in_flight for stream in self._streams.values())
+
+    def drain(self) -> None:
+        """The proxy is shutting down: GOAWAY, then close once the streams are done."""
+        if self._ended:
+            return
+        self._go_away()
+        if not self._streams:
+            self._close()
+
+    def abort(self) -> None:
+        """Close at once, whatever is in flight."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _go_away(self) -> None:
+        """Tell the client no new stream will be served; those it opened go on.
+
+        The frame is written here, not by ``h2``: after ``h2`` sends GOAWAY it
+        sends nothing more, not even the rest of the streams already open.
+        """
+        if self._going_away or self._ended or self.transport is None:
+            return
+        self._going_away = True
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self.transport.write(self._h2.data_to_send() + frame.serialize())
+
+    def _close(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._stop_idle()
+        transport = self.transport
+        assert transport is not None
+        data = self._h2.data_to_send()
+        if data:
+            transport.write(data)
+        transport.loseConnection()
+
+
+def _code_name(code: object) -> str:
+    return code.name if isinstance(code, ErrorCodes) else str(code)
+
+
+_HANDLERS: dict[type, Callable[[HTTP2Connection, Any], None]] = {
+    RequestReceived: HTTP2Connection._on_request,
+    DataReceived: HTTP2Connection._on_data,
+    StreamEnded: HTTP2Connection._on_stream_ended,
+    StreamReset: HTTP2Connection._on_stream_reset,
+    WindowUpdated: HTTP2Connection._on_window_updated,
+    RemoteSettingsChanged: HTTP2Connection._on_settings_changed,
+    PingReceived: HTTP2Connection._on_ping,
+    ConnectionTerminated: HTTP2Connection._on_terminated,
+}
+
+
+class _Stream:
+    """One stream: the exchange's client side, on an HTTP/2 connection."""
+
+    log = Logger()
+    protocol = "HTTP/2"
+
+    def __init__(self, connection: HTTP2Connection, stream_id: int) -> None:
+        self._conn = connection
+        self.id = stream_id
+        self.address = connection.address
+        self.hop = connection.hop
+        self._exchange: Exchange | None = None
+        self._tunnel: Tunnel | None = None
+        self._transport: StreamTransport | None = None
+        #: Client bytes nobody took yet (a body before its backend connection is
+        #: ready, a tunnel's first bytes), and their flow-controlled size.
+        self._held: list[bytes] = []
+        self._held_size = 0
+        #: The connection the request body goes to, once it wants it.
+        self._body_to: BackendConnection | None = None
+        #: Flow-controlled bytes taken but not yet acknowledged (the backend is full).
+        self._unacked = 0
+        self.reads_paused = False
+        #: What feeds this stream's output (a backend connection), and why it is paused.
+        self._producer: IPushProducer | None = None
+        self._pausing = _CLIENT_FULL if connection.paused else 0
+        #: Output waiting for the client's window.
+        self._out = bytearray()
+        self._stall_timer: IDelayedCall | None = None
+        self.client_done = False
+        self._local_done = False
+        self._end_pending = False
+        #: Reset the stream once its output ended, if the client's side is still
+        #: open, with this code.
+        self._then_reset = False
+        self._reset_code = ErrorCodes.NO_ERROR
+        self._closed = False
+        self._tunnel_request = False
+
+    @property
+    def in_flight(self) -> bool:
+        exchange = self._exchange
+        return exchange is not None and not exchange.ended
+
+    # -- the request ------------------------------------------------------------------
+
+    def start(self, parsed: StreamRequest | Malformed, ended: bool) -> None:
+        self.client_done = ended
+        if isinstance(parsed, Malformed):
+            # RFC 9113 §8.1.1: a stream error; the response says why first.
+            self._then_reset = True
+            self._reset_code = ErrorCodes.PROTOCOL_ERROR
+            refuse_request(self._conn._proxy, self, None, None, parsed.status, parsed.reason)
+            return
+        self._tunnel_request = parsed.tunnel
+        exchange = Exchange.start(self._conn._proxy, self, parsed.head)
+        if exchange is None:
+            return
+        self._exchange = exchange
+        exchange.connect()
+
+    def data(self, data: bytes, size: int) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.data(Side.CLIENT, data)
+            self._taken(size)
+            return
+        exchange = self._exchange
+        if exchange is None or exchange.ended:
+            self._acknowledge(size)  # answered already: dropped
+            return
+        if self._body_to is None:
+            if data:
+                self._held.append(data)
+            self._held_size += size
+            return
+        if data and not exchange.body_data((data,)):
+            return
+        self._taken(size)
+
+    def client_ended(self) -> None:
+        self.client_done = True
+        if self._tunnel is not None:
+            self._tunnel.read_closed(Side.CLIENT)
+        else:
+            exchange = self._exchange
+            if exchange is not None and not exchange.ended and self._body_to is not None:
+                self._body_complete(exchange)
+        self._maybe_closed()
+
+    def reset_by_client(self, code: object) -> None:
+        self._closed_by(f"the client reset the stream ({_code_name(code)})")
+
+    def _taken(self, size: int) -> None:
+        """``size`` flow-controlled bytes went on: acknowledge them, unless the backend is full."""
+        if self.reads_paused:
+            self._unacked += size
+        else:
+            self._acknowledge(size)
+
+    def _acknowledge(self, size: int) -> None:
+        # Of a closed stream too: the connection's window is given back.
+        if size:
+            self._conn.h2.acknowledge_received_data(size, self.id)
+            self._conn.flush()
+
+    def pause_reads(self) -> None:
+        """The backend's send buffer is full: the client's window stays shut."""
+        self.reads_paused = True
+
+    def resume_reads(self) -> None:
+        self.reads_paused = False
+        size, self._unacked = self._unacked, 0
+        self._acknowledge(size)
+
+    # -- ClientSide: the request body --------------------------------------------------------
+
+    def body_wanted(self, exchange: Exchange, backend: BackendConnection) -> None:
+        self._body_to = backend
+        backend.transport.registerProducer(self._stream_transport(), True)  # type: ignore[union-attr]
+        held, size = self._held, self._held_size
+        self._held, self._held_size = [], 0
+        if held and not exchange.body_data(held):
+            return
+        self._taken(size)
+        if self.client_done:
+            self._body_complete(exchange)
+
+    def _body_complete(self, exchange: Exchange) -> None:
+        if exchange.body_done:
+            return
+        exchange.body_end()
+        backend = self._body_to
+        if backend is not None:
+            unregister_producer(backend.transport)
+        self.resume_reads()
+
+    # -- ClientSide: the answer ----------------------------------------------------------------
+
+    def cork(self) -> None:
+        self._conn.corked += 1
+
+    def uncork(self) -> None:
+        self._conn.corked -= 1
+        self._conn.flush()
+
+    def send_interim(self, head: ResponseHead) -> None:
+        if not self._closed:
+            self._conn.h2.send_headers(self.id, response_fields(head))
+            self._conn.flush()
+
+    def send_head(self, exchange: Exchange, head: ResponseHead, framing: Framing) -> None:
+        if self._closed:
+            return
+        body = framing.kind is not BodyKind.NONE
+        self._conn.h2.send_headers(self.id, response_fields(head), end_stream=not body)
+        if body:
+            backend = exchange.backend
+            assert backend is not None
+            self._set_producer(backend.transport)  # type: ignore[arg-type]
+        else:
+            self._local_done = True
+        self._conn.flush()
+
+    def send_body(self, data: bytes) -> None:
+        self.write(data)
+
+    def send_end(self, exchange: Exchange) -> None:
+        self._exchange = None
+        self._producer = None  # the exchange resumes its backend connection itself
+        self._end_output(reset=True)
+
+    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+        self._exchange = None
+        self._producer = None
+        self._held, self._held_size = [], 0
+        if self._closed or self._local_done:
+            return 0
+        body = error_body(reason)
+        head_only = exchange is not None and exchange.request.method == b"HEAD"
+        self._conn.h2.send_headers(self.id, error_fields(status, len(body)))
+        if not head_only:
+            self.write(body)
+        self._end_output(reset=True)
+        return 0 if head_only else len(body)
+
+    def cut_short(self) -> None:
+        self._exchange = None
+        self._reset(ErrorCodes.INTERNAL_ERROR, "the response was cut short")
+
+    def hand_over(self, response: ResponseHead) -> Handover:
+        self._exchange = None
+        self._conn.h2.send_headers(self.id, tunnel_fields(response))
+        self._conn.flush()
+        held = b"".join(self._held)
+        self._held = []
+        return Handover(self._stream_transport(), held, self.client_done)
+
+    def attach(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+        size, self._held_size = self._held_size, 0
+        self._taken(size)
+
+    def abort(self) -> None:
+        self._reset(ErrorCodes.INTERNAL_ERROR, "the proxy failed")
+
+    # -- output, within the client's window -------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._local_done or self._end_pending:
+            return
+        if self._out:
+            self._out += data
+            return
+        sent = self._send(data)
+        if sent < len(data):
+            self._out += data[sent:]
+            self._blocked()
+
+    def _send(self, data: bytes | bytearray) -> int:
+        """Send as much of ``data`` as the client's window takes; how much that was."""
+        h2 = self._conn.h2
+        size = min(h2.local_flow_control_window(self.id), len(data))
+        frame = h2.max_outbound_frame_size
+        for start in range(0, size, frame):
+            h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+        if size:
+            self._conn.flush()
+        return size
+
+    def window_opened(self) -> None:
+        out = self._out
+        if not out or self._closed:
+            return
+        del out[: self._send(out)]
+        if out:
+            return
+        self._stop_stall_timer()
+        self.resume(_WINDOW_SHUT)
+        if self._end_pending:
+            self._finish_output()
+
+    def _blocked(self) -> None:
+        self.pause(_WINDOW_SHUT)
+        if self._stall_timer is None:
+            timeout = self._conn._settings.http2_stall_timeout
+            self._stall_timer = self._conn._proxy.clock.callLater(timeout, self._stalled, timeout)
+
+    def _stalled(self, timeout: float) -> None:
+        self._stall_timer = None
+        self.log.info(
+            "reset HTTP/2 stream {stream} of client {client}: its flow-control window "
+            "stayed shut for {timeout:g} seconds",
+            stream=self.id,
+            client=self.address,
+            timeout=timeout,
+        )
+        self._reset(ErrorCodes.CANCEL, f"the client's window stayed shut for {timeout:g} seconds")
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+
+    def _end_output(self, *, reset: bool) -> None:
+        """END_STREAM once what waits for the window is sent; then, with ``reset``,
+        RST_STREAM (NO_ERROR) if the client is still sending (RFC 9113 §8.1)."""
+        self._then_reset = self._then_reset or reset
+        if self._out:
+            self._end_pending = True
+            return
+        self._finish_output()
+
+    def _finish_output(self) -> None:
+        self._end_pending = False
+        if self._closed:
+            return
+        if not self._local_done:
+            self._local_done = True
+            self._conn.h2.end_stream(self.id)
+            self._conn.flush()
+        if not self.client_done and self._then_reset:
+            self._reset(self._reset_code, "answered before the request ended")
+            return
+        self._maybe_closed()
+
+    # -- pausing the producer ---------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        if not self._pausing and self._producer is not None:
+            self._producer.pauseProducing()
+        self._pausing |= reason
+
+    def resume(self, reason: int) -> None:
+        if self._pausing & reason:
+            self._pausing &= ~reason
+            if not self._pausing and self._producer is not None:
+                self._producer.resumeProducing()
+
+    def _set_producer(self, producer: IPushProducer | None) -> None:
+        self._producer = producer
+        if producer is not None and self._pausing:
+            producer.pauseProducing()
+
+    # -- endings -----------------------------------------------------------------------------------
+
+    def _stream_transport(self) -> StreamTransport:
+        if self._transport is None:
+            self._transport = StreamTransport(self, self._conn.transport)  # type: ignore[arg-type]
+        return self._transport
+
+    def lose_connection(self) -> None:
+        """The tunnel closes the stream: the rest of its output, END_STREAM, then RST_STREAM."""
+        self._end_output(reset=True)
+
+    def lose_write_connection(self) -> None:
+        """The tunnel half-closes the stream: the rest of its output, then END_STREAM."""
+        self._end_output(reset=False)
+
+    def _reset(self, code: ErrorCodes, why: str) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(StreamClosedError):  # h2 closed it already
+            self._conn.h2.reset_stream(self.id, code)
+        self._conn.flush()
+        self._closed_by(why)
+
+    def _maybe_closed(self) -> None:
+        if self._local_done and self.client_done and not self._closed:
+            self._closed = True
+            self._cleanup(Failure(error.ConnectionDone()))
+
+    def _closed_by(self, why: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cleanup(Failure(error.ConnectionLost(why)))
+
+    def gone(self, reason: Failure) -> None:
+        """The client connection is gone."""
+        if not self._closed:
+            self._closed = True
+            self._cleanup(reason, notify=False)
+
+    def _cleanup(self, reason: Failure, *, notify: bool = True) -> None:
+        self._stop_stall_timer()
+        self._out.clear()
+        self._held = []
+        self._producer = None
+        if notify:
+            # What nobody took still counts against the connection's window.
+            size, self._held_size, self._unacked = self._held_size + self._unacked, 0, 0
+            self._acknowledge(size)
+        exchange = self._exchange
+        self._exchange = None
+        if exchange is not None and not exchange.ended:
+            exchange.client_gone()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.lost(Side.CLIENT, reason)
+        if notify:
+            self._conn.stream_closed(self)
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class StreamTransport:
+    """An HTTP/2 stream as a tunnel sees it: a transport like a TCP connection's.
+
+    ``write`` sends DATA within the client's window; ``loseWriteConnection``
+    is END_STREAM (a half-close), ``loseConnection`` is END_STREAM and then
+    RST_STREAM if the client still sends, ``abortConnection`` is RST_STREAM.
+    As a producer, pausing it keeps the client's window shut; its own
+    producer (the backend connection) is paused while the client's window is
+    shut or its connection's send buffer is full.
+    """
+
+    def __init__(self, stream: _Stream, connection: ITransport) -> None:
+        self._stream = stream
+        self._connection = connection
+        self.producer: IPushProducer | None = None
+
+    # -- ITransport ---------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._stream.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self._stream.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._stream.lose_connection()
+
+    def loseWriteConnection(self) -> None:
+        self._stream.lose_write_connection()
+
+    def abortConnection(self) -> None:
+        self._stream._reset(ErrorCodes.CANCEL, "closed by the proxy")
+
+    def getPeer(self) -> Any:
+        return self._connection.getPeer()
+
+    def getHost(self) -> Any:
+        return self._connection.getHost()
+
+    # -- IConsumer -----------------------------------------------------------------
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        # Only push producers (transports) are registered here, by the tunnel.
+        self.producer = producer  # type: ignore[assignment]
+        self._stream._set_producer(producer)  # type: ignore[arg-type]
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self._stream._set_producer(None)
+
+    # -- IPushProducer ---------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._stream.pause_reads()
+
+    def resumeProducing(self) -> None:
+        self._stream.resume_reads()
+
+    def stopProducing(self) -> None:
+        self._stream.resume_reads()
