@@ -360,6 +360,11 @@ class HTTP2Connection(Protocol):
             self._close()
         elif not self._streams:
             self._close()
+        else:
+            # The streams already open go on to completion (RFC 9113 §6.8), but h2
+            # sends nothing more once it has received GOAWAY: its connection is
+            # CLOSED. Back to open; a new stream is refused (_going_away).
+            self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
     def _windows_opened(self) -> None:
         for stream in list(self._streams.values()):
