@@ -318,3 +318,9 @@ def test_report_shows_what_a_proxy_does_not_support(tmp_path: Path) -> None:
     (row,) = report._rows(results)[1]
     assert row == ["round trips over HTTP/2", "rt/s", "1,000", "n/s", "—"]
     assert report.unsupported_lines(results) == ["h2-rtt / caddy: HTTP/2: no"]
+
+
+def test_a_rate_per_second_of_proxy_cpu_is_what_a_whole_core_would_reach() -> None:
+    assert http2.per_cpu_second(1000.0, {"proxy_cpu": 0.4}) == 2500.0
+    assert http2.per_cpu_second(None, {"proxy_cpu": 0.4}) is None
+    assert http2.per_cpu_second(1000.0, {}) is None  # no proxy process: nothing to divide by
