@@ -383,7 +383,8 @@ def test_the_client_s_end_stream_half_closes_the_backend_and_its_fin_ends_the_st
 
 
 def test_a_client_s_reset_closes_the_backend_connection() -> None:
-    cluster = h2_cluster()
+    lines: list[str] = []
+    cluster = h2_cluster(access_log=AccessLog(observer=lambda e: lines.append(formatEvent(e))))
     client = H2Client(cluster.factory)
     stream, backend = open_websocket(cluster, client)
     client.h2.reset_stream(stream, ErrorCodes.CANCEL)
@@ -391,6 +392,7 @@ def test_a_client_s_reset_closes_the_backend_connection() -> None:
     assert backend.closed
     assert not cluster.proxy.tunnels
     assert not client.closed
+    assert 'closed_by=client reason="the client reset the stream (CANCEL)"' in lines[-1]
 
 
 def test_a_backend_that_resets_ends_the_stream() -> None:

@@ -823,7 +823,8 @@ class _Stream:
         if self._closed:
             return
         self._closed = True
-        self._cleanup(Failure(error.ConnectionLost(why)))
+        # Neither a clean close nor a lost connection: the words say which end.
+        self._cleanup(Failure(error.ConnectionClosed(why)))
 
     def gone(self, reason: Failure) -> None:
         """The client connection is gone."""
