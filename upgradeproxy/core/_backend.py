@@ -450,6 +450,8 @@ class BackendPool:
         self._idle_timers: dict[BackendConnection, IDelayedCall] = {}
         self._factory = _BackendConnectionFactory(self)
         self._direct = _DirectTCP.of(endpoint)
+        # Set by retire(): a newer configuration has a pool of its own.
+        self._retired = False
 
     @property
     def idle_count(self) -> int:
@@ -486,7 +488,7 @@ class BackendPool:
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""
-        if len(self._idle) >= self.settings.max_idle:
+        if self._retired or len(self._idle) >= self.settings.max_idle:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._idle.append(connection)
@@ -506,6 +508,17 @@ class BackendPool:
     def close_idle(self) -> None:
         """Close every idle connection (at shutdown)."""
         for connection in list(self._idle):
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+
+    def retire(self) -> None:
+        """A reload replaced this pool: close its idle connections, and each busy one when done.
+
+        Connections in a tunnel are not the pool's any more; they live on.
+        """
+        self._retired = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._idle_timers.pop(connection).cancel()
             connection.transport.loseConnection()  # type: ignore[union-attr]
 
 
