@@ -816,3 +816,32 @@ def test_a_content_length_that_is_no_number_ends_the_connection_before_the_backe
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     assert cluster.count("a") == 0
+
+
+def test_a_tunnel_s_lifetime_closes_its_stream_only() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "tunnel_lifetime": 30}})
+    client = H2Client(cluster.factory)
+    old, first = open_websocket(cluster, client)
+    cluster.clock.advance(20)
+    young, second = open_websocket(cluster, client)
+    cluster.clock.advance(10)
+    client.pump()
+    assert first.closed and not second.closed
+    assert client.response(old).ended and not client.response(young).ended
+    assert not client.closed
+
+
+def test_a_client_that_chose_h2_over_alpn_is_handed_to_the_http2_door() -> None:
+    cluster = Cluster()
+    client = cluster.client()
+    client.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    client.protocol.handshakeCompleted()  # type: ignore[attr-defined]
+    [connection] = cluster.proxy.connections
+    assert type(connection) is HTTP2Connection
+    assert client.transport.protocol is connection
+    assert cluster.proxy.stats.connections_total == 1
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    connection.dataReceived(h2.data_to_send())
+    assert cluster.last("a").received.startswith(b"GET /page HTTP/1.1\r\n")
