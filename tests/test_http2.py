@@ -573,9 +573,8 @@ def test_a_connection_over_the_limit_gets_503_saying_why() -> None:
 # -- hostile input (RFC 9113 and the published attacks) ----------------------------------------
 
 
-def test_rapid_reset_costs_a_bounded_number_of_backend_connections_and_ends_with_goaway() -> None:
+def test_streams_opened_and_reset_at_once_cost_no_backend_connection_and_end_with_goaway() -> None:
     cluster = h2_cluster()
-    cluster.endpoints["a"].hold_connections = True
     client = H2Client(cluster.factory)
     for _ in range(RESET_LIMIT * 3):
         stream = client.h2.get_next_available_stream_id()
@@ -585,7 +584,33 @@ def test_rapid_reset_costs_a_bounded_number_of_backend_connections_and_ends_with
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert client.closed
+    assert cluster.endpoints["a"].attempts == 0
+
+
+def test_streams_reset_one_read_later_cost_a_bounded_number_of_backend_connections() -> None:
+    cluster = h2_cluster()
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    while not client.closed:
+        stream = client.get(request())
+        client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+        client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert cluster.endpoints["a"].attempts == RESET_LIMIT + 1
+
+
+def test_a_stream_answered_and_reset_within_one_read_ends_quietly() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "max_request_body": 4}})
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/", b"POST"), end=False)
+    client.h2.send_data(stream, b"over the limit")  # answered with 413 at once...
+    client.h2.reset_stream(stream, ErrorCodes.CANCEL)  # ...which h2 knows is reset
+    client.pump()
+    assert not client.closed
+    assert client.response(stream).status is None
+    assert cluster.last("a").closed
+    assert client.get(request(b"/next")) == stream + 2
 
 
 def test_resets_spread_over_time_are_not_an_attack() -> None:

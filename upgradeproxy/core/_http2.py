@@ -285,6 +285,13 @@ class HTTP2Connection(Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         h2 = self._h2
+        opened = h2.streams.get(stream_id)
+        if opened is None or opened.closed:
+            # Reset in the same read that opened it (rapid reset): it costs
+            # nothing, not even an exchange, but it counts.
+            if self._resets.spend(self._proxy.clock.seconds()):
+                self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
+            return
         if self._going_away or len(self._streams) >= self._settings.http2_max_concurrent_streams:
             h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             if self._resets.spend(self._proxy.clock.seconds()):
@@ -635,14 +642,20 @@ class _Stream:
 
     def send_interim(self, head: ResponseHead) -> None:
         if not self._closed:
-            self._conn.h2.send_headers(self.id, response_fields(head))
+            self._headers(response_fields(head))
             self._conn.flush()
+
+    def _headers(self, fields: list[tuple[bytes, bytes]], *, end: bool = False) -> None:
+        # The client may have reset the stream in the read being handled:
+        # h2 knows, and the reset's event, handled next, ends the stream.
+        with contextlib.suppress(StreamClosedError):
+            self._conn.h2.send_headers(self.id, fields, end_stream=end)
 
     def send_head(self, exchange: Exchange, head: ResponseHead, framing: Framing) -> None:
         if self._closed:
             return
         body = framing.kind is not BodyKind.NONE
-        self._conn.h2.send_headers(self.id, response_fields(head), end_stream=not body)
+        self._headers(response_fields(head), end=not body)
         if body:
             backend = exchange.backend
             assert backend is not None
@@ -667,7 +680,7 @@ class _Stream:
             return 0
         body = error_body(reason)
         head_only = exchange is not None and exchange.request.method == b"HEAD"
-        self._conn.h2.send_headers(self.id, error_fields(status, len(body)))
+        self._headers(error_fields(status, len(body)))
         if not head_only:
             self.write(body)
         self._end_output(reset=True)
@@ -679,7 +692,7 @@ class _Stream:
 
     def hand_over(self, response: ResponseHead) -> Handover:
         self._exchange = None
-        self._conn.h2.send_headers(self.id, tunnel_fields(response))
+        self._headers(tunnel_fields(response))
         self._conn.flush()
         held = b"".join(self._held)
         self._held = []
@@ -711,8 +724,11 @@ class _Stream:
         h2 = self._conn.h2
         size = min(h2.local_flow_control_window(self.id), len(data))
         frame = h2.max_outbound_frame_size
-        for start in range(0, size, frame):
-            h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+        try:
+            for start in range(0, size, frame):
+                h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+        except StreamClosedError:
+            return len(data)  # reset in the read being handled: dropped, as it ends
         if size:
             self._conn.flush()
         return size
@@ -766,7 +782,8 @@ class _Stream:
             return
         if not self._local_done:
             self._local_done = True
-            self._conn.h2.end_stream(self.id)
+            with contextlib.suppress(StreamClosedError):
+                self._conn.h2.end_stream(self.id)
             self._conn.flush()
         if not self.client_done and self._then_reset:
             self._reset(self._reset_code, "answered before the request ended")
