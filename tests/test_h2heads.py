@@ -12,7 +12,7 @@ from upgradeproxy.core._h2heads import (
     stream_request,
     tunnel_fields,
 )
-from upgradeproxy.http1 import Headers, ResponseHead
+from upgradeproxy.http1 import Headers, ResponseHead, is_upgrade_request
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -37,7 +37,7 @@ def test_a_websocket_keeps_the_client_s_version_and_gets_the_proxy_s_key_only() 
     fields = [*websocket(), (b"sec-websocket-key", b"the client's own")]
     fields = [(n, b"8" if n == b"sec-websocket-version" else v) for n, v in fields]
     parsed = parse(fields, ended=False)
-    assert isinstance(parsed, StreamRequest) and parsed.tunnel
+    assert isinstance(parsed, StreamRequest) and is_upgrade_request(parsed.head)
     headers = parsed.head.headers
     assert headers.get_all(b"sec-websocket-key") == [KEY]
     assert headers.get_all(b"sec-websocket-version") == [b"8"]

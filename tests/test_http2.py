@@ -870,3 +870,16 @@ def test_a_client_that_chose_h2_over_alpn_is_handed_to_the_http2_door() -> None:
     h2.send_headers(1, request(), end_stream=True)
     connection.dataReceived(h2.data_to_send())
     assert cluster.last("a").received.startswith(b"GET /page HTTP/1.1\r\n")
+
+
+def test_a_protocol_error_ends_the_streams_and_tunnels_of_the_connection_at_once() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    _, tunnel = open_websocket(cluster, client)
+    client.get(request(b"/slow"))
+    slow = cluster.last("a")
+    client.transport.loseConnection = lambda: None  # type: ignore[method-assign]  # a slow close
+    client.send_raw(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+    assert tunnel.closed and slow.closed
+    assert not cluster.proxy.tunnels
+    slow.send(OK)  # a backend that answers late writes nothing into the closed connection

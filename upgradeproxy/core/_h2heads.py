@@ -60,11 +60,13 @@ class Malformed:
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """An HTTP/2 request as the HTTP/1.1 request the exchange carries out."""
+    """An HTTP/2 request as the HTTP/1.1 request the exchange carries out.
+
+    An extended CONNECT is an upgrade request: once it is answered, the
+    stream carries the tunnel's bytes.
+    """
 
     head: RequestHead
-    #: An extended CONNECT: once answered, the stream carries a tunnel's bytes.
-    tunnel: bool = False
 
 
 def header_list_size(fields: list[Field]) -> int:
@@ -213,8 +215,7 @@ def _request(
     elif not ended and protocol is None:
         # The body's length is unknown: the HTTP/1.1 request is chunked.
         head_fields.append((b"transfer-encoding", b"chunked"))
-    head = RequestHead(method, path, (1, 1), Headers(tuple(head_fields)))
-    return StreamRequest(head, tunnel=protocol is not None)
+    return StreamRequest(RequestHead(method, path, (1, 1), Headers(tuple(head_fields))))
 
 
 def _host(authority: bytes | None, hosts: list[bytes]) -> bytes | Malformed:

@@ -154,8 +154,9 @@ class HTTP2Connection(Protocol):
     log = Logger()
 
     def __init__(self, proxy: Proxy) -> None:
-        self._proxy = proxy
-        self._settings = proxy.settings
+        #: The proxy, and its settings when the connection was made.
+        self.proxy = proxy
+        self.settings = proxy.settings
         self._h2 = H2Connection(_CONFIG)
         self._streams: dict[int, _Stream] = {}
         self.address = "unknown"
@@ -193,13 +194,13 @@ class HTTP2Connection(Protocol):
         peer = transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(transport)
-        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
+        self.hop = ClientHop(self.address, "https" if secure else self.proxy.scheme)
         if self._replacing is not None:
-            self._proxy.connection_replaced(self._replacing, self)
+            self.proxy.connection_replaced(self._replacing, self)
             self._replacing = None
         else:
-            self._refusal = self._proxy.connection_opened(self)
-        settings = self._settings
+            self._refusal = self.proxy.connection_opened(self)
+        settings = self.settings
         streams = settings.http2_max_concurrent_streams
         h2 = self._h2
         h2.local_settings = Settings(
@@ -249,7 +250,7 @@ class HTTP2Connection(Protocol):
         for stream in list(self._streams.values()):
             stream.gone(reason)
         self._streams.clear()
-        self._proxy.connection_closed(self)
+        self.proxy.connection_closed(self)
 
     # -- IPushProducer: the client's transport says its send buffer is full -------------
 
@@ -289,12 +290,12 @@ class HTTP2Connection(Protocol):
         if opened is None or opened.closed:
             # Reset in the same read that opened it (rapid reset): it costs
             # nothing, not even an exchange, but it counts.
-            if self._resets.spend(self._proxy.clock.seconds()):
+            if self._resets.spend(self.proxy.clock.seconds()):
                 self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
             return
-        if self._going_away or len(self._streams) >= self._settings.http2_max_concurrent_streams:
+        if self._going_away or len(self._streams) >= self.settings.http2_max_concurrent_streams:
             h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            if self._resets.spend(self._proxy.clock.seconds()):
+            if self._resets.spend(self.proxy.clock.seconds()):
                 self._calm_down("too many streams over the limit")
             return
         self._stop_idle()
@@ -304,13 +305,13 @@ class HTTP2Connection(Protocol):
         if self._refusal is not None:
             stream.client_done = ended
             self._go_away()
-            refuse_request(self._proxy, stream, None, None, 503, self._refusal)
+            refuse_request(self.proxy, stream, None, None, 503, self._refusal)
             return
         parsed = stream_request(
             event.headers,
             ended=ended,
             connect_protocol=True,  # advertised in the first SETTINGS
-            max_size=self._settings.max_request_head,
+            max_size=self.settings.max_request_head,
             key=_new_key,
         )
         stream.start(parsed, ended)
@@ -335,7 +336,7 @@ class HTTP2Connection(Protocol):
         if stream is None:
             return
         stream.reset_by_client(event.error_code)
-        if self._resets.spend(self._proxy.clock.seconds()):
+        if self._resets.spend(self.proxy.clock.seconds()):
             self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
 
     def _on_window_updated(self, event: WindowUpdated) -> None:
@@ -378,15 +379,15 @@ class HTTP2Connection(Protocol):
         """``stream`` is over on both sides."""
         if self._streams.pop(stream.id, None) is None or self._streams:
             return
-        if self._going_away or self._proxy.draining:
+        if self._going_away or self.proxy.draining:
             self._close()
         elif not self._ended:
-            self._wait_idle(self._settings.keep_alive_timeout)
+            self._wait_idle(self.settings.keep_alive_timeout)
 
     # -- limits ---------------------------------------------------------------------------
 
     def _flooded(self) -> bool:
-        if self._floods.spend(self._proxy.clock.seconds()):
+        if self._floods.spend(self.proxy.clock.seconds()):
             self._calm_down("too many PING, SETTINGS or empty DATA frames")
             return True
         return False
@@ -400,7 +401,7 @@ class HTTP2Connection(Protocol):
             interval=INTERVAL,
         )
         self._h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=why.encode())
-        self._close()
+        self._close(f"the client's connection was closed: {why}")
 
     def _connection_error(self, e: H2ProtocolError) -> None:
         """A frame broke the protocol: ``h2`` has queued its GOAWAY, except for a bad preface."""
@@ -415,11 +416,11 @@ class HTTP2Connection(Protocol):
             error=str(e) or type(e).__name__,
             code=_code_name(code),
         )
-        self._close()
+        self._close("the client broke the HTTP/2 protocol")
 
     def _wait_idle(self, timeout: float) -> None:
         self._stop_idle()
-        self._idle_timer = self._proxy.clock.callLater(timeout, self._idle_timed_out)
+        self._idle_timer = self.proxy.clock.callLater(timeout, self._idle_timed_out)
 
     def _stop_idle(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
@@ -465,7 +466,12 @@ class HTTP2Connection(Protocol):
         frame.error_code = ErrorCodes.NO_ERROR
         self.transport.write(self._h2.data_to_send() + frame.serialize())
 
-    def _close(self) -> None:
+    def _close(self, why: str = "the HTTP/2 connection closed") -> None:
+        """Send what is queued, then close; streams still open end now.
+
+        They cannot wait for the close to complete: after its GOAWAY, ``h2``
+        sends nothing more on them.
+        """
         if self._ended:
             return
         self._ended = True
@@ -475,6 +481,9 @@ class HTTP2Connection(Protocol):
         data = self._h2.data_to_send()
         if data:
             transport.write(data)
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.gone(Failure(error.ConnectionClosed(why)))
         transport.loseConnection()
 
 
@@ -531,7 +540,6 @@ class _Stream:
         self._then_reset = False
         self._reset_code = ErrorCodes.NO_ERROR
         self._closed = False
-        self._tunnel_request = False
 
     @property
     def in_flight(self) -> bool:
@@ -546,10 +554,9 @@ class _Stream:
             # RFC 9113 §8.1.1: a stream error; the response says why first.
             self._then_reset = True
             self._reset_code = ErrorCodes.PROTOCOL_ERROR
-            refuse_request(self._conn._proxy, self, None, None, parsed.status, parsed.reason)
+            refuse_request(self._conn.proxy, self, None, None, parsed.status, parsed.reason)
             return
-        self._tunnel_request = parsed.tunnel
-        exchange = Exchange.start(self._conn._proxy, self, parsed.head)
+        exchange = Exchange.start(self._conn.proxy, self, parsed.head)
         if exchange is None:
             return
         self._exchange = exchange
@@ -748,8 +755,8 @@ class _Stream:
     def _blocked(self) -> None:
         self.pause(_WINDOW_SHUT)
         if self._stall_timer is None:
-            timeout = self._conn._settings.http2_stall_timeout
-            self._stall_timer = self._conn._proxy.clock.callLater(timeout, self._stalled, timeout)
+            timeout = self._conn.settings.http2_stall_timeout
+            self._stall_timer = self._conn.proxy.clock.callLater(timeout, self._stalled, timeout)
 
     def _stalled(self, timeout: float) -> None:
         self._stall_timer = None
