@@ -32,7 +32,7 @@ def test_a_get_over_prior_knowledge_reaches_the_backend_as_http_1_1() -> None:
     assert cluster.last("a").received == (
         b"GET /page?q=1 HTTP/1.1\r\nhost: app.example\r\naccept: */*\r\n"
         b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
-        b"X-Forwarded-Host: app.example\r\nVia: 1.1 upgradeproxy\r\n\r\n"
+        b"X-Forwarded-Host: app.example\r\nVia: 2 upgradeproxy\r\n\r\n"
     )
     cluster.last("a").send(OK)
     client.pump()

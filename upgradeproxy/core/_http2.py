@@ -86,7 +86,7 @@ from ._h2heads import (
     tunnel_fields,
 )
 from ._handover import Handover
-from ._rewrite import ClientHop, error_body
+from ._rewrite import VIA_HTTP2, ClientHop, error_body
 from ._side import Side
 from ._tunnel import Tunnel
 from .proxy import FrontConnection, Proxy
@@ -194,7 +194,7 @@ class HTTP2Connection(Protocol):
         peer = transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(transport)
-        self.hop = ClientHop(self.address, "https" if secure else self.proxy.scheme)
+        self.hop = ClientHop(self.address, "https" if secure else self.proxy.scheme, VIA_HTTP2)
         if self._replacing is not None:
             self.proxy.connection_replaced(self._replacing, self)
             self._replacing = None
