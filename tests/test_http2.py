@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated
+from h2.events import ConnectionTerminated, InformationalResponseReceived, ResponseReceived
 from h2.settings import SettingCodes
 from h2_support import LAX, H2Client, h2_cluster, request, websocket
 from hpack import Encoder
@@ -883,3 +883,29 @@ def test_a_protocol_error_ends_the_streams_and_tunnels_of_the_connection_at_once
     assert tunnel.closed and slow.closed
     assert not cluster.proxy.tunnels
     slow.send(OK)  # a backend that answers late writes nothing into the closed connection
+
+
+def test_interim_responses_are_relayed_before_the_final_one() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/", b"POST", b"app.example", (b"expect", b"100-continue")), end=False
+    )
+    cluster.last("a").send(b"HTTP/1.1 100 Continue\r\n\r\n")
+    client.pump()
+    client.send(stream, b"body", end=True)
+    cluster.last("a").send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + OK)
+    client.pump()
+    statuses = [
+        int(dict(e.headers)[b":status"])
+        for e in client.of(stream)
+        if isinstance(e, (InformationalResponseReceived, ResponseReceived))
+    ]
+    assert statuses == [100, 103, 200]
+    assert client.response(stream).body == b"hello"
+
+
+def test_a_very_large_stream_limit_keeps_the_window_and_settings_in_range() -> None:
+    client = H2Client(h2_cluster(http2_max_concurrent_streams=10**9).factory)
+    assert client.advertised[SettingCodes.MAX_CONCURRENT_STREAMS] == 10**9
+    assert client.h2.outbound_flow_control_window == 2**31 - 1

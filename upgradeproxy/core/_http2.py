@@ -119,6 +119,9 @@ _CONFIG = H2Configuration(
     normalize_outbound_headers=False,
 )
 
+#: The largest window, and the largest value of a setting (RFC 9113 §6.9.1).
+_LARGEST = 2**31 - 1
+
 # Why a stream's producer (the backend connection) is paused.
 _WINDOW_SHUT = 1
 _CLIENT_FULL = 2
@@ -206,7 +209,7 @@ class HTTP2Connection(Protocol):
         h2.local_settings = Settings(
             client=False,
             initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: streams * STREAM_CEILING,
+                SettingCodes.MAX_CONCURRENT_STREAMS: min(streams * STREAM_CEILING, _LARGEST),
                 SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_request_head,
                 SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
             },
@@ -215,11 +218,13 @@ class HTTP2Connection(Protocol):
         h2.initiate_connection()
         # The window of every stream together: one stalled stream (its bytes
         # unacknowledged) cannot take the window of the others.
-        h2.increment_flow_control_window(streams * STREAM_WINDOW)
+        h2.increment_flow_control_window(min(streams * STREAM_WINDOW, _LARGEST - STREAM_WINDOW))
         # The limit the client is told comes in a second SETTINGS frame: h2
         # enforces the first, a higher ceiling, as a connection error, so that
         # below it a stream over the limit is refused on its own (RFC 9113 §5.1.2).
-        advertised = SettingsFrame(0, settings={SettingCodes.MAX_CONCURRENT_STREAMS: streams})
+        advertised = SettingsFrame(
+            0, settings={SettingCodes.MAX_CONCURRENT_STREAMS: min(streams, _LARGEST)}
+        )
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         transport.write(h2.data_to_send() + advertised.serialize())
         self._wait_idle(settings.request_head_timeout)
