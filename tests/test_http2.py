@@ -705,6 +705,16 @@ def test_a_settings_flood_ends_the_connection_with_enhance_your_calm() -> None:
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+def test_a_flood_of_unknown_frames_ends_the_connection() -> None:
+    client = H2Client(h2_cluster().factory)
+    unknown = b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00"  # type 0xfa, empty, stream 0
+    for _ in range(FLOOD_LIMIT):
+        client.send_raw(unknown)
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def test_a_flood_of_empty_data_frames_ends_the_connection() -> None:
     client = H2Client(h2_cluster().factory)
     stream = client.get(request(b"/", b"POST"), end=False)

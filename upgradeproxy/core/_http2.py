@@ -24,8 +24,8 @@ is a half-close, RST_STREAM a reset.
 
 Hostile clients are bounded: more streams than advertised are refused
 (REFUSED_STREAM), streams reset faster than :data:`RESET_LIMIT` per
-:data:`INTERVAL` (rapid reset, CVE-2023-44487), or PING, SETTINGS and
-empty DATA frames faster than :data:`FLOOD_LIMIT`, end the connection with
+:data:`INTERVAL` (rapid reset, CVE-2023-44487), or PING, SETTINGS, empty
+DATA and unknown frames faster than :data:`FLOOD_LIMIT`, end the connection with
 GOAWAY ENHANCE_YOUR_CALM; header lists are bounded (431 over the advertised
 size, GOAWAY over :data:`HEADER_LIST_CEILING` times it: an HPACK bomb); ``h2``
 ends a header block after 64 CONTINUATION frames; a stream whose window stays
@@ -52,6 +52,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    UnknownFrameReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError as H2ProtocolError
@@ -100,7 +101,7 @@ STREAM_WINDOW = 65_535
 INTERVAL = 10.0
 #: Streams the client may reset (or have refused) per interval before GOAWAY.
 RESET_LIMIT = 200
-#: PING, SETTINGS and empty DATA frames the client may send per interval.
+#: PING, SETTINGS, empty DATA and unknown frames the client may send per interval.
 FLOOD_LIMIT = 500
 #: ``h2`` itself refuses more open streams than this many times the advertised
 #: limit: up to there, a stream over the limit is refused on its own.
@@ -358,7 +359,7 @@ class HTTP2Connection(Protocol):
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._windows_opened()
 
-    def _on_ping(self, event: PingReceived) -> None:
+    def _on_ping(self, event: PingReceived | UnknownFrameReceived) -> None:
         self._flooded()
 
     def _on_terminated(self, event: ConnectionTerminated) -> None:
@@ -393,7 +394,7 @@ class HTTP2Connection(Protocol):
 
     def _flooded(self) -> bool:
         if self._floods.spend(self.proxy.clock.seconds()):
-            self._calm_down("too many PING, SETTINGS or empty DATA frames")
+            self._calm_down("too many PING, SETTINGS, empty DATA or unknown frames")
             return True
         return False
 
@@ -504,6 +505,7 @@ _HANDLERS: dict[type, Callable[[HTTP2Connection, Any], None]] = {
     WindowUpdated: HTTP2Connection._on_window_updated,
     RemoteSettingsChanged: HTTP2Connection._on_settings_changed,
     PingReceived: HTTP2Connection._on_ping,
+    UnknownFrameReceived: HTTP2Connection._on_ping,
     ConnectionTerminated: HTTP2Connection._on_terminated,
 }
 
