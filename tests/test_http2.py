@@ -919,3 +919,36 @@ def test_a_very_large_stream_limit_keeps_the_window_and_settings_in_range() -> N
     client = H2Client(h2_cluster(http2_max_concurrent_streams=10**9).factory)
     assert client.advertised[SettingCodes.MAX_CONCURRENT_STREAMS] == 10**9
     assert client.h2.outbound_flow_control_window == 2**31 - 1
+
+
+def test_a_response_the_backend_cuts_short_resets_the_stream() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    cluster.last("a").send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    cluster.last("a").transport.reset()
+    client.pump()
+    response = client.response(stream)
+    assert (response.status, response.body) == (200, b"abc")
+    assert response.reset == ErrorCodes.INTERNAL_ERROR
+    assert not client.closed
+
+
+@pytest.mark.parametrize("code", [ErrorCodes.NO_ERROR, ErrorCodes.INTERNAL_ERROR])
+def test_a_client_s_goaway_ends_the_connection_and_its_streams(code: ErrorCodes) -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    _, tunnel = open_websocket(cluster, client)
+    client.get(request())
+    client.h2.close_connection(code)
+    client.pump()
+    assert client.closed
+    assert cluster.last("a").closed and tunnel.closed
+    assert not cluster.proxy.connections
+
+
+def test_an_eof_before_the_first_bytes_closes_a_cleartext_connection() -> None:
+    cluster = h2_cluster()
+    client = cluster.client()
+    client.transport.eof()
+    assert client.closed

@@ -363,17 +363,20 @@ class HTTP2Connection(Protocol):
         self._flooded()
 
     def _on_terminated(self, event: ConnectionTerminated) -> None:
-        """The client sent GOAWAY: it opens no more streams."""
-        self._going_away = True
-        if event.error_code != ErrorCodes.NO_ERROR:
+        """The client sent GOAWAY: the connection ends, with the streams still open.
+
+        RFC 9113 lets those streams finish, but ``h2`` sends nothing more once
+        it received GOAWAY; a client sends it when it is done (or on an error).
+        """
+        if event.error_code != ErrorCodes.NO_ERROR or self._streams:
             self.log.info(
-                "HTTP/2 client {client} ended the connection with {code}",
+                "HTTP/2 client {client} ended the connection with {code}, "
+                "{streams} streams still open",
                 client=self.address,
                 code=_code_name(event.error_code),
+                streams=len(self._streams),
             )
-            self._close()
-        elif not self._streams:
-            self._close()
+        self._close("the client ended the connection (GOAWAY)")
 
     def _windows_opened(self) -> None:
         for stream in list(self._streams.values()):
