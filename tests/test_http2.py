@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated, InformationalResponseReceived, ResponseReceived
+from h2.events import (
+    ConnectionTerminated,
+    InformationalResponseReceived,
+    ResponseReceived,
+    TrailersReceived,
+)
 from h2.settings import SettingCodes
 from h2_support import LAX, H2Client, h2_cluster, request, websocket
 from hpack import Encoder
@@ -952,3 +957,18 @@ def test_an_eof_before_the_first_bytes_closes_a_cleartext_connection() -> None:
     client = cluster.client()
     client.transport.eof()
     assert client.closed
+
+
+def test_the_backend_s_trailers_end_the_stream_without_framing_fields() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    cluster.last("a").send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 2\r\n\r\n"
+    )
+    client.pump()
+    [trailers] = [e for e in client.of(stream) if isinstance(e, TrailersReceived)]
+    assert trailers.headers == [(b"grpc-status", b"0")]
+    assert client.response(stream).body == b"ok"
+    assert cluster.last("a").protocol.is_idle

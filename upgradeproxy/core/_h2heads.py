@@ -263,6 +263,21 @@ def tunnel_fields(head: ResponseHead) -> list[Field]:
     return [(b":status", b"200"), *_end_to_end(head.headers, drop)]
 
 
+#: Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, content.
+_NOT_IN_TRAILERS = frozenset(
+    {
+        b"content-length", b"content-encoding", b"content-range", b"content-type",
+        b"host", b"trailer", b"authorization", b"set-cookie", b"cache-control",
+    }
+)  # fmt: skip
+
+
+def trailer_fields(fields: tuple[Field, ...]) -> list[Field]:
+    """The backend's trailer fields that may go to the client, named as HTTP/2 requires."""
+    trailers = Headers(fields).end_to_end().without(_NOT_IN_TRAILERS)
+    return [(name.lower(), value) for name, value in trailers]
+
+
 def error_fields(status: int, length: int) -> list[Field]:
     """The header list of the proxy's own error response, whose body has ``length`` bytes."""
     return [

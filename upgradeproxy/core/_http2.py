@@ -74,7 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._twisted import send_now
-from ..http1 import BodyKind, Framing, ResponseHead
+from ..http1 import BodyKind, Field, Framing, ResponseHead
 from ._backend import BackendConnection
 from ._exchange import Exchange, refuse_request
 from ._flow import no_delay, unregister_producer
@@ -84,6 +84,7 @@ from ._h2heads import (
     error_fields,
     response_fields,
     stream_request,
+    trailer_fields,
     tunnel_fields,
 )
 from ._handover import Handover
@@ -171,7 +172,7 @@ class HTTP2Connection(Protocol):
         self._refusal: str | None = None
         #: True once the client's transport paused this connection as its producer.
         self.paused = False
-        #: GOAWAY was sent (or received): no new stream is served.
+        #: GOAWAY was sent: no new stream is served.
         self._going_away = False
         self._ended = False
         self._idle_timer: IDelayedCall | None = None
@@ -550,6 +551,8 @@ class _Stream:
         self._then_reset = False
         self._reset_code = ErrorCodes.NO_ERROR
         self._closed = False
+        #: The response's trailer fields, sent with END_STREAM.
+        self._trailers: list[Field] = []
 
     @property
     def in_flight(self) -> bool:
@@ -684,6 +687,9 @@ class _Stream:
     def send_body(self, data: bytes) -> None:
         self.write(data)
 
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        self._trailers = trailer_fields(fields)
+
     def send_end(self, exchange: Exchange) -> None:
         self._exchange = None
         self._producer = None  # the exchange resumes its backend connection itself
@@ -800,7 +806,10 @@ class _Stream:
         if not self._local_done:
             self._local_done = True
             with contextlib.suppress(StreamClosedError):
-                self._conn.h2.end_stream(self.id)
+                if self._trailers:
+                    self._conn.h2.send_headers(self.id, self._trailers, end_stream=True)
+                else:
+                    self._conn.h2.end_stream(self.id)
             self._conn.flush()
         if not self.client_done and self._then_reset:
             self._reset(self._reset_code, "answered before the request ended")
