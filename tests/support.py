@@ -24,7 +24,7 @@ from upgradeproxy import BackendSettings, ProxyFactory, ProxySettings
 from upgradeproxy.core.accesslog import AccessLog
 from upgradeproxy.core.address import BackendAddress
 from upgradeproxy.core.balancer import BackendGroup, Policy
-from upgradeproxy.core.proxy import Proxy
+from upgradeproxy.core.proxy import Configuration, Proxy, Reconfigured
 from upgradeproxy.core.routing import Route
 from upgradeproxy.testing import ScriptedBackend, ScriptedBackendEndpoint
 from upgradeproxy.testing import connect_client as _connect_client
@@ -120,8 +120,23 @@ class Cluster:
     ) -> None:
         self.clock = Clock()
         self.endpoints: dict[str, ScriptedBackendEndpoint] = {}
+        built = self.routes(routes or {"default": {"backends": ["a"]}})
+        proxy = Proxy(routes=built, clock=self.clock, settings=settings, access_log=access_log)
+        #: The proxy behind the door.
+        self.proxy = proxy
+        #: What a client connects to: the listening factory, or a twisted.web site.
+        self.factory: IProtocolFactory
+        if door == "listening":
+            self.factory = ProxyFactory(proxy=proxy)
+        else:
+            self.factory = Site(ProxyResource(proxy=proxy), reactor=self.clock)
+        self.factory.doStart()
+
+    def routes(self, routes: dict[str, dict[str, Any]]) -> list[Route]:
+        """Routes over the scripted backends named in ``routes`` (made on first mention)."""
         built = []
-        for name, spec in (routes or {"default": {"backends": ["a"]}}).items():
+        for name, spec in routes.items():
+            spec = dict(spec)
             addresses = []
             for backend in spec.pop("backends"):
                 endpoint = self.endpoints.setdefault(backend, ScriptedBackendEndpoint())
@@ -136,16 +151,18 @@ class Cluster:
             )
             validators = (RFC9110Validator(), WebSocketValidator())
             built.append(Route(name, group, validators, **spec))
-        proxy = Proxy(routes=built, clock=self.clock, settings=settings, access_log=access_log)
-        #: The proxy behind the door.
-        self.proxy = proxy
-        #: What a client connects to: the listening factory, or a twisted.web site.
-        self.factory: IProtocolFactory
-        if door == "listening":
-            self.factory = ProxyFactory(proxy=proxy)
-        else:
-            self.factory = Site(ProxyResource(proxy=proxy), reactor=self.clock)
-        self.factory.doStart()
+        return built
+
+    def reconfigure(
+        self, routes: dict[str, dict[str, Any]], settings: ProxySettings | None = None
+    ) -> Reconfigured:
+        """Give the running proxy new routes (and settings), as a reload does."""
+        current = self.proxy.configuration
+        return self.proxy.reconfigure(
+            Configuration(
+                tuple(self.routes(routes)), settings or current.settings, current.access_log
+            )
+        )
 
     def client(self, host: str = "192.0.2.7", port: int = 50000) -> Client:
         return Client(self.factory, host, port)

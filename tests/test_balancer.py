@@ -944,3 +944,43 @@ def test_the_last_resort_failing_too_gets_the_503(door: str) -> None:
     assert "no healthy backend for route r (a: " in text
     assert "; tried a, down the longest, anyway: " in text and REFUSED_ADVICE in text
     assert (c.endpoints["a"].attempts, c.endpoints["b"].attempts) == (2, 1)
+
+
+# -- across a reload -----------------------------------------------------------------------
+
+
+def test_a_reload_keeps_the_health_of_backends_that_stay_and_moves_the_checks() -> None:
+    from upgradeproxy.core.proxy import Configuration, Proxy
+    from upgradeproxy.core.routing import Route
+
+    before = make_group(2, health=CHECK)
+    before.endpoints[0].refusing = True
+    before.endpoints[1].answer = OK
+    proxy = Proxy(routes=[Route("api", before.group, ())], clock=before.clock)
+    proxy.start()
+    a = before.a
+    assert not a.healthy and a.last_error.startswith("health check could not connect")
+    # The same name for a (at a new endpoint), b gone, c new.
+    endpoints = [FakeEndpoint(), FakeEndpoint()]
+    addresses = [
+        BackendAddress(endpoints[0], b"", "10.0.0.1:9000"),
+        BackendAddress(endpoints[1], b"", "10.0.0.3:9000"),
+    ]
+    group = BackendGroup(
+        addresses, policy=Policy.ROUND_ROBIN, clock=before.clock, settings=BackendSettings(),
+        health=CHECK, route="api",
+    )  # fmt: skip
+    proxy.reconfigure(Configuration((Route("api", group, ()),)))
+    assert group.backends[0] is a, "the backend that stays is the same, with its state"
+    assert not a.healthy and a.failures == 0
+    # The new checks start at once, against the new addresses; b's stop.
+    assert [len(e.attempts) for e in endpoints] == [1, 1]
+    checks_of_b = len(before.endpoints[1].attempts)
+    for endpoint in endpoints:
+        endpoint.answer = OK
+    before.clock.pump([CHECK.interval] * 3)
+    assert len(before.endpoints[1].attempts) == checks_of_b
+    assert len(before.endpoints[0].attempts) == 1, "a's old endpoint is not checked any more"
+    assert all(len(e.attempts) >= 3 for e in endpoints)
+    assert a.healthy
+    proxy.stop()

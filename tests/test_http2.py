@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated
+from h2.events import (
+    ConnectionTerminated,
+    InformationalResponseReceived,
+    ResponseReceived,
+    TrailersReceived,
+)
 from h2.settings import SettingCodes
 from h2_support import LAX, H2Client, h2_cluster, request, websocket
 from hpack import Encoder
@@ -32,7 +37,7 @@ def test_a_get_over_prior_knowledge_reaches_the_backend_as_http_1_1() -> None:
     assert cluster.last("a").received == (
         b"GET /page?q=1 HTTP/1.1\r\nhost: app.example\r\naccept: */*\r\n"
         b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
-        b"X-Forwarded-Host: app.example\r\nVia: 1.1 upgradeproxy\r\n\r\n"
+        b"X-Forwarded-Host: app.example\r\nVia: 2 upgradeproxy\r\n\r\n"
     )
     cluster.last("a").send(OK)
     client.pump()
@@ -383,7 +388,8 @@ def test_the_client_s_end_stream_half_closes_the_backend_and_its_fin_ends_the_st
 
 
 def test_a_client_s_reset_closes_the_backend_connection() -> None:
-    cluster = h2_cluster()
+    lines: list[str] = []
+    cluster = h2_cluster(access_log=AccessLog(observer=lambda e: lines.append(formatEvent(e))))
     client = H2Client(cluster.factory)
     stream, backend = open_websocket(cluster, client)
     client.h2.reset_stream(stream, ErrorCodes.CANCEL)
@@ -391,6 +397,7 @@ def test_a_client_s_reset_closes_the_backend_connection() -> None:
     assert backend.closed
     assert not cluster.proxy.tunnels
     assert not client.closed
+    assert 'closed_by=client reason="the client reset the stream (CANCEL)"' in lines[-1]
 
 
 def test_a_backend_that_resets_ends_the_stream() -> None:
@@ -571,9 +578,8 @@ def test_a_connection_over_the_limit_gets_503_saying_why() -> None:
 # -- hostile input (RFC 9113 and the published attacks) ----------------------------------------
 
 
-def test_rapid_reset_costs_a_bounded_number_of_backend_connections_and_ends_with_goaway() -> None:
+def test_streams_opened_and_reset_at_once_cost_no_backend_connection_and_end_with_goaway() -> None:
     cluster = h2_cluster()
-    cluster.endpoints["a"].hold_connections = True
     client = H2Client(cluster.factory)
     for _ in range(RESET_LIMIT * 3):
         stream = client.h2.get_next_available_stream_id()
@@ -583,7 +589,33 @@ def test_rapid_reset_costs_a_bounded_number_of_backend_connections_and_ends_with
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert client.closed
+    assert cluster.endpoints["a"].attempts == 0
+
+
+def test_streams_reset_one_read_later_cost_a_bounded_number_of_backend_connections() -> None:
+    cluster = h2_cluster()
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    while not client.closed:
+        stream = client.get(request())
+        client.h2.reset_stream(stream, ErrorCodes.CANCEL)
+        client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert cluster.endpoints["a"].attempts == RESET_LIMIT + 1
+
+
+def test_a_stream_answered_and_reset_within_one_read_ends_quietly() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "max_request_body": 4}})
+    client = H2Client(cluster.factory)
+    stream = client.get(request(b"/", b"POST"), end=False)
+    client.h2.send_data(stream, b"over the limit")  # answered with 413 at once...
+    client.h2.reset_stream(stream, ErrorCodes.CANCEL)  # ...which h2 knows is reset
+    client.pump()
+    assert not client.closed
+    assert client.response(stream).status is None
+    assert cluster.last("a").closed
+    assert client.get(request(b"/next")) == stream + 2
 
 
 def test_resets_spread_over_time_are_not_an_attack() -> None:
@@ -673,6 +705,16 @@ def test_a_settings_flood_ends_the_connection_with_enhance_your_calm() -> None:
     client = H2Client(h2_cluster().factory)
     for _ in range(FLOOD_LIMIT + 1):
         client.h2.update_settings({SettingCodes.HEADER_TABLE_SIZE: 4096})
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_flood_of_unknown_frames_ends_the_connection() -> None:
+    client = H2Client(h2_cluster().factory)
+    unknown = b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00"  # type 0xfa, empty, stream 0
+    for _ in range(FLOOD_LIMIT):
+        client.send_raw(unknown)
     client.pump()
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
@@ -814,3 +856,119 @@ def test_a_content_length_that_is_no_number_ends_the_connection_before_the_backe
     goaway = client.goaway()
     assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
     assert cluster.count("a") == 0
+
+
+def test_a_tunnel_s_lifetime_closes_its_stream_only() -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "tunnel_lifetime": 30}})
+    client = H2Client(cluster.factory)
+    old, first = open_websocket(cluster, client)
+    cluster.clock.advance(20)
+    young, second = open_websocket(cluster, client)
+    cluster.clock.advance(10)
+    client.pump()
+    assert first.closed and not second.closed
+    assert client.response(old).ended and not client.response(young).ended
+    assert not client.closed
+
+
+def test_a_client_that_chose_h2_over_alpn_is_handed_to_the_http2_door() -> None:
+    cluster = Cluster()
+    client = cluster.client()
+    client.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    client.protocol.handshakeCompleted()  # type: ignore[attr-defined]
+    [connection] = cluster.proxy.connections
+    assert type(connection) is HTTP2Connection
+    assert client.transport.protocol is connection
+    assert cluster.proxy.stats.connections_total == 1
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    connection.dataReceived(h2.data_to_send())
+    assert cluster.last("a").received.startswith(b"GET /page HTTP/1.1\r\n")
+
+
+def test_a_protocol_error_ends_the_streams_and_tunnels_of_the_connection_at_once() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    _, tunnel = open_websocket(cluster, client)
+    client.get(request(b"/slow"))
+    slow = cluster.last("a")
+    client.transport.loseConnection = lambda: None  # type: ignore[method-assign]  # a slow close
+    client.send_raw(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+    assert tunnel.closed and slow.closed
+    assert not cluster.proxy.tunnels
+    slow.send(OK)  # a backend that answers late writes nothing into the closed connection
+
+
+def test_interim_responses_are_relayed_before_the_final_one() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(
+        request(b"/", b"POST", b"app.example", (b"expect", b"100-continue")), end=False
+    )
+    cluster.last("a").send(b"HTTP/1.1 100 Continue\r\n\r\n")
+    client.pump()
+    client.send(stream, b"body", end=True)
+    cluster.last("a").send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + OK)
+    client.pump()
+    statuses = [
+        int(dict(e.headers)[b":status"])
+        for e in client.of(stream)
+        if isinstance(e, (InformationalResponseReceived, ResponseReceived))
+    ]
+    assert statuses == [100, 103, 200]
+    assert client.response(stream).body == b"hello"
+
+
+def test_a_very_large_stream_limit_keeps_the_window_and_settings_in_range() -> None:
+    client = H2Client(h2_cluster(http2_max_concurrent_streams=10**9).factory)
+    assert client.advertised[SettingCodes.MAX_CONCURRENT_STREAMS] == 10**9
+    assert client.h2.outbound_flow_control_window == 2**31 - 1
+
+
+def test_a_response_the_backend_cuts_short_resets_the_stream() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    cluster.last("a").send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    cluster.last("a").transport.reset()
+    client.pump()
+    response = client.response(stream)
+    assert (response.status, response.body) == (200, b"abc")
+    assert response.reset == ErrorCodes.INTERNAL_ERROR
+    assert not client.closed
+
+
+@pytest.mark.parametrize("code", [ErrorCodes.NO_ERROR, ErrorCodes.INTERNAL_ERROR])
+def test_a_client_s_goaway_ends_the_connection_and_its_streams(code: ErrorCodes) -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    _, tunnel = open_websocket(cluster, client)
+    client.get(request())
+    client.h2.close_connection(code)
+    client.pump()
+    assert client.closed
+    assert cluster.last("a").closed and tunnel.closed
+    assert not cluster.proxy.connections
+
+
+def test_an_eof_before_the_first_bytes_closes_a_cleartext_connection() -> None:
+    cluster = h2_cluster()
+    client = cluster.client()
+    client.transport.eof()
+    assert client.closed
+
+
+def test_the_backend_s_trailers_end_the_stream_without_framing_fields() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory)
+    stream = client.get(request())
+    cluster.last("a").send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\nContent-Length: 2\r\n\r\n"
+    )
+    client.pump()
+    [trailers] = [e for e in client.of(stream) if isinstance(e, TrailersReceived)]
+    assert trailers.headers == [(b"grpc-status", b"0")]
+    assert client.response(stream).body == b"ok"
+    assert cluster.last("a").protocol.is_idle

@@ -109,6 +109,7 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "active": 2,
                 "failures": 0,
                 "last_error": "",
+                "draining": False,
             },
             {
                 "route": "chat",
@@ -117,9 +118,25 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "active": 0,
                 "failures": 6,
                 "last_error": "connection refused",
+                "draining": False,
+            },
+            {
+                "route": "old",
+                "backend": "127.0.0.1:8000",
+                "healthy": True,
+                "active": 1,
+                "failures": 0,
+                "last_error": "",
+                "draining": True,
             },
         ],
         "limits": {"max_connections": 1000, "max_tunnels": None},
+        "config": {
+            "loaded": NOW - 60,
+            "digest": "3f2a9c0d1e4b5a67",
+            "reloads": {"ok": 2, "failed": 1},
+            "last_reload_ok": False,
+        },
     }
     snapshot.update(changes)
     return snapshot
@@ -179,6 +196,17 @@ def test_collector_reports_every_metric_of_one_process() -> None:
         key("upgradeproxy_backend_active", route="chat", backend="127.0.0.1:9001"): 0,
         key("upgradeproxy_backend_failures_total", route="chat", backend="127.0.0.1:9000"): 0,
         key("upgradeproxy_backend_failures_total", route="chat", backend="127.0.0.1:9001"): 6,
+        key("upgradeproxy_backend_up", route="old", backend="127.0.0.1:8000"): 1,
+        key("upgradeproxy_backend_active", route="old", backend="127.0.0.1:8000"): 1,
+        key("upgradeproxy_backend_failures_total", route="old", backend="127.0.0.1:8000"): 0,
+        key("upgradeproxy_backend_draining", route="chat", backend="127.0.0.1:9000"): 0,
+        key("upgradeproxy_backend_draining", route="chat", backend="127.0.0.1:9001"): 0,
+        key("upgradeproxy_backend_draining", route="old", backend="127.0.0.1:8000"): 1,
+        key("upgradeproxy_config_reloads_total", result="ok"): 2,
+        key("upgradeproxy_config_reloads_total", result="failed"): 1,
+        key("upgradeproxy_config_last_reload_success"): 0,
+        key("upgradeproxy_config_loaded_timestamp_seconds"): NOW - 60,
+        key("upgradeproxy_config_info", hash="3f2a9c0d1e4b5a67"): 1,
         key("upgradeproxy_client_connections_open"): 3,
         key("upgradeproxy_client_connections_total"): 17,
         key("upgradeproxy_limit", name="max_connections"): 1000,
@@ -205,6 +233,11 @@ def test_collector_declares_counters_and_gauges() -> None:
         "upgradeproxy_client_connections": "counter",
         "upgradeproxy_limit": "gauge",
         "upgradeproxy_started_time_seconds": "gauge",
+        "upgradeproxy_backend_draining": "gauge",
+        "upgradeproxy_config_reloads": "counter",
+        "upgradeproxy_config_last_reload_success": "gauge",
+        "upgradeproxy_config_loaded_timestamp_seconds": "gauge",
+        "upgradeproxy_config_info": "gauge",
     }
 
 
@@ -452,6 +485,20 @@ def test_status_page_shows_backend_health() -> None:
         '<tr class="down"><td>chat</td><td>127.0.0.1:9001</td><td>down</td><td>0</td><td>6</td>'
         "<td>connection refused</td></tr>"
     ) in text
+    assert (
+        "<tr><td>old</td><td>127.0.0.1:8000</td><td>healthy, draining (removed by a reload)</td>"
+        "<td>1</td><td>0</td><td></td></tr>"
+    ) in text
+
+
+def test_status_page_shows_the_configuration_and_its_reloads() -> None:
+    text = page([(None, make_snapshot())])
+    assert (
+        '<tr class="down"><td>13:45:40 UTC</td><td>3f2a9c0d1e4b5a67</td><td>2</td><td>1</td>'
+        "<td>failed: the configuration above serves</td></tr>"
+    ) in text
+    config = dict(make_snapshot()["config"], last_reload_ok=True)
+    assert "<td>ok</td></tr>" in page([(None, make_snapshot(config=config))])
 
 
 def test_status_page_lists_refusals_of_the_last_15_minutes() -> None:
@@ -469,17 +516,21 @@ def test_status_page_escapes_every_string_from_a_snapshot() -> None:
     refusal = dict(snapshot["recent_refusals"][1], target=f"/{hostile}", reason=f'"{hostile}" & co')
     tunnel = dict(snapshot["tunnels"][0], client=hostile, protocol=hostile)
     backend = dict(snapshot["backends"][1], last_error=hostile)
+    config = dict(snapshot["config"], digest=hostile)
     text = page(
         [
             (
                 hostile,
-                make_snapshot(recent_refusals=[refusal], tunnels=[tunnel], backends=[backend]),
+                make_snapshot(
+                    recent_refusals=[refusal], tunnels=[tunnel], backends=[backend], config=config
+                ),
             )
         ]
     )
     assert "<script" not in text
-    # Three worker cells, a tunnel's client and protocol, an error, a target and a reason.
-    assert text.count("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;") == 8
+    # Four worker cells, a tunnel's client and protocol, an error, a target, a reason
+    # and the configuration's hash.
+    assert text.count("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;") == 10
     assert "&quot;&lt;script&gt;" in text
     assert "&amp; co" in text
 

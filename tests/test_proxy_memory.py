@@ -644,11 +644,14 @@ def test_an_eof_inside_a_body_waiting_for_its_backend_still_ends_the_exchange() 
 
 
 def test_the_access_record_of_an_error_response_counts_its_body_bytes() -> None:
+    from dataclasses import replace
+
     from upgradeproxy.core.accesslog import AccessLog
 
     events: list[dict[str, object]] = []
     h = ProxyHarness()
-    h.factory.proxy.access_log = AccessLog("text", events.append)
+    proxy = h.factory.proxy
+    proxy.reconfigure(replace(proxy.configuration, access_log=AccessLog("text", events.append)))
     h.client_sends(UPGRADE)
     h.backend.send(SWITCH.replace(b"Connection: Upgrade\r\n", b""))
     received = h.client_received

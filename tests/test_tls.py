@@ -308,6 +308,48 @@ def h2_get(sock: ssl.SSLSocket, path: str) -> tuple[int, bytes]:
         sock.sendall(connection.data_to_send())
 
 
+def h2_websocket_echo(sock: ssl.SSLSocket, payload: bytes) -> tuple[int, bytes]:
+    """An RFC 8441 WebSocket over HTTP/2 on ``sock`` (blocking): its status, and the echo."""
+    connection = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    connection.initiate_connection()
+    sock.sendall(connection.data_to_send())
+    headers = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+               (":authority", "localhost"), (":path", "/chat"),
+               ("sec-websocket-version", "13")]  # fmt: skip
+    status, echoed, sent = 0, b"", False
+    while len(echoed) < len(payload):
+        if not sent and connection.remote_settings.enable_connect_protocol:
+            connection.send_headers(1, headers)
+            sent = True
+        sock.sendall(connection.data_to_send())
+        data = sock.recv(65536)
+        assert data, "the proxy closed the connection"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+                connection.send_data(1, payload)
+            elif isinstance(event, h2.events.DataReceived):
+                echoed += event.data
+                connection.acknowledge_received_data(event.flow_controlled_length, 1)
+    return status, echoed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_over_http2_is_tunnelled_to_the_backend_over_tls(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca, ["h2"])
+    status, echoed = await loopback.run(h2_websocket_echo, client.sock, b"frame" * 1000)
+    assert (status, echoed) == (200, b"frame" * 1000)
+    [tunnel] = proxy.factory.proxy.snapshot()["tunnels"]
+    assert (tunnel["protocol"], tunnel["client_protocol"]) == ("websocket", "HTTP/2")
+    head = backend.connections[-1].head
+    assert head is not None and head.startswith(b"GET /chat HTTP/1.1\r\n")
+    assert b"\r\nsec-websocket-key: " in head
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_client_offering_h2_and_http_1_1_over_alpn_gets_h2_and_is_served_over_it(
     loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from loopback import (
     free_port,
     upgrade_request,
 )
-from twistd_support import TWISTD, Running, check_get, run, start
+from twistd_support import TWISTD, Running, check_get, http_get, run, start
 from twisted.internet import reactor
 
 pytestmark = pytest.mark.loopback
@@ -36,17 +35,6 @@ def proxy_args(port: int, *extra: str) -> list[str]:
         f"tcp:{port}:interface={HOST}",
         *extra,
     ]
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    """A blocking GET with Connection: close; the status and the body."""
-    with socket.create_connection((HOST, port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 # -- the configuration file ------------------------------------------------------------

@@ -88,6 +88,17 @@ async def start(processes: list[Running], args: list[str], cwd: Path, port: int)
     return running
 
 
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """A blocking GET with Connection: close; the status and the body."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
 async def check_get(loopback: Loopback, port: int, running: Running) -> None:
     client = loopback.client(port)
     client.send_once(b"GET /hello HTTP/1.1\r\nHost: app.example\r\n\r\n")

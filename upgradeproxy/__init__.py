@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .core.address import BackendAddress, BadBackend, parse_backend
     from .core.balancer import BackendGroup, HealthCheck, Policy
     from .core.factory import ProxyFactory
-    from .core.proxy import Proxy, ProxySettings
+    from .core.proxy import Configuration, Proxy, ProxySettings, Reconfigured
     from .core.routing import Route
     from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
     from .registry import ValidatorPlugin
@@ -31,6 +31,7 @@ _PUBLIC = {
     "BackendGroup": ".core.balancer",
     "BackendSettings": ".core._backend",
     "BadBackend": ".core.address",
+    "Configuration": ".core.proxy",
     "HealthCheck": ".core.balancer",
     "IUpgradeValidator": ".interfaces",
     "IValidatorPlugin": ".interfaces",
@@ -41,6 +42,7 @@ _PUBLIC = {
     "ProxyResource": ".web",
     "ProxySettings": ".core.proxy",
     "RFC9110Validator": ".validators",
+    "Reconfigured": ".core.proxy",
     "Refusal": ".interfaces",
     "Route": ".core.routing",
     "UpgradeAttempt": ".interfaces",
@@ -57,6 +59,7 @@ __all__ = [
     "BackendGroup",
     "BackendSettings",
     "BadBackend",
+    "Configuration",
     "HealthCheck",
     "IUpgradeValidator",
     "IValidatorPlugin",
@@ -67,6 +70,7 @@ __all__ = [
     "ProxyResource",
     "ProxySettings",
     "RFC9110Validator",
+    "Reconfigured",
     "Refusal",
     "Route",
     "UpgradeAttempt",

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .cli import check
+from .cli import check, reload
 
 DESCRIPTION = """\
 Tools for running upgradeproxy, the HTTP/1.1 reverse proxy that gets protocol
@@ -22,7 +22,9 @@ upgrades right. The proxy itself runs with: twistd -n upgradeproxy --backend URL
 EPILOG = """\
 examples:
   upgradeproxy check http://127.0.0.1:9000/ws
-  upgradeproxy check --help"""
+  upgradeproxy check --help
+  upgradeproxy reload                  (SIGHUP to the proxy named by ./twistd.pid)
+  upgradeproxy reload --pidfile /run/upgradeproxy.pid"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         title="commands", dest="command", metavar="COMMAND", required=True
     )
     check.add_parser(subparsers)
+    reload.add_parser(subparsers)
     return parser
 
 

@@ -46,7 +46,7 @@ from .core.accesslog import AccessLog
 from .core.address import BackendAddress
 from .core.proxy import Proxy, ProxySettings
 from .core.routing import Route
-from .http1 import BodyKind, Framing, Headers, RequestHead, ResponseHead
+from .http1 import BodyKind, Field, Framing, Headers, RequestHead, ResponseHead
 from .interfaces import IUpgradeValidator
 
 #: Request fields that twisted.web consumed: it has decoded the body already.
@@ -199,6 +199,9 @@ class _WebClientSide:
 
     def send_body(self, data: bytes) -> None:
         self._request.write(data)
+
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        pass  # twisted.web has no way to send trailers
 
     def send_end(self, exchange: Exchange) -> None:
         request = self._request

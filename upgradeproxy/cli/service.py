@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -28,11 +30,11 @@ from ..core.accesslog import AccessLog, access_log_to
 from ..core.address import BackendAddress, parse_backend
 from ..core.balancer import BackendGroup
 from ..core.factory import ProxyFactory
-from ..core.proxy import ProxySettings
+from ..core.proxy import Configuration, Proxy, ProxySettings
 from ..core.routing import Route
 from ..core.tls import choose_protocols_on
 from ..registry import build_chain
-from .config import ProxyConfig, RouteConfig
+from .config import ProxyConfig, RouteConfig, dump_config
 
 log = Logger()
 
@@ -90,6 +92,35 @@ def build_route(
     )
 
 
+def config_digest(config: ProxyConfig) -> str:
+    """A short hash of what ``config`` sets up, for metrics: equal for equal settings.
+
+    Where the file was read from is left out; every worker computes the same.
+    """
+    text = dump_config(dataclasses.replace(config, source=None))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def build_configuration(
+    config: ProxyConfig,
+    reactor: IReactorTime,
+    *,
+    access_log: AccessLog | None = None,
+    backends: Sequence[BackendAddress] | None = None,
+) -> Configuration:
+    """What the proxy runs with for ``config``: its routes, backends, settings and access log.
+
+    ``backends`` replaces the backends of a configuration with one route
+    (the built-in demo backend is one such).
+    """
+    routes = tuple(
+        build_route(route, reactor, backends=backends if len(config.routes) == 1 else None)
+        for route in config.routes
+    )
+    access_log = access_log or AccessLog(config.access_log.format)
+    return Configuration(routes, settings_for(config), access_log, config_digest(config))
+
+
 def build_factory(
     config: ProxyConfig,
     reactor: IReactorTime,
@@ -97,19 +128,9 @@ def build_factory(
     access_log: AccessLog | None = None,
     backends: Sequence[BackendAddress] | None = None,
 ) -> ProxyFactory:
-    """The proxy that ``config`` describes.
-
-    ``backends`` replaces the backends of a configuration with one route
-    (the built-in demo backend is one such).
-    """
-    routes = [
-        build_route(route, reactor, backends=backends if len(config.routes) == 1 else None)
-        for route in config.routes
-    ]
-    access_log = access_log or AccessLog(config.access_log.format)
-    return ProxyFactory(
-        routes=routes, clock=reactor, settings=settings_for(config), access_log=access_log
-    )
+    """The proxy that ``config`` describes (see :func:`build_configuration`)."""
+    configuration = build_configuration(config, reactor, access_log=access_log, backends=backends)
+    return ProxyFactory(proxy=Proxy(configuration=configuration, clock=reactor))
 
 
 def open_access_log(config: ProxyConfig) -> tuple[AccessLog, IO[str] | None]:
@@ -121,19 +142,79 @@ def open_access_log(config: ProxyConfig) -> tuple[AccessLog, IO[str] | None]:
     return log, stream
 
 
+class ConfiguredProxy:
+    """A proxy built from a :class:`ProxyConfig`, and the access log file it writes to.
+
+    :meth:`apply` swaps both for a new configuration (a reload); the access
+    log file is opened again even when its path stays, so that a reload
+    after log rotation writes to the new file.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: IReactorTime,
+        *,
+        backends: Sequence[BackendAddress] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        #: The configuration in use.
+        self.config = config
+        access_log, self._stream = open_access_log(config)
+        self.factory = build_factory(config, reactor, access_log=access_log, backends=backends)
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.factory.proxy
+
+    def apply(self, config: ProxyConfig, *, before: Callable[[], object] = lambda: None) -> None:
+        """Serve new requests and connections with ``config`` (see :meth:`Proxy.reconfigure`).
+
+        ``config`` was checked already; what can still fail (the access log
+        file cannot be opened, ``before`` raises) raises, and changes nothing.
+        ``before`` runs once everything else is ready (the service opens new
+        listeners there).
+        """
+        access_log, stream = open_access_log(config)
+        try:
+            configuration = build_configuration(config, self._reactor, access_log=access_log)
+            before()
+        except BaseException:
+            _close(stream)
+            raise
+        self.proxy.reconfigure(configuration)
+        previous, self._stream = self._stream, stream
+        self.config = config
+        _close(previous)
+
+    def close(self) -> None:
+        """Close the access log file, if it is one (at the end)."""
+        stream, self._stream = self._stream, None
+        _close(stream)
+
+
+def _close(stream: IO[str] | None) -> None:
+    if stream is not None and stream is not sys.stdout:
+        stream.close()
+
+
 class StartFailed(Exception):
     """The proxy cannot start; the message is the one line that says why."""
 
 
 def listen_now(
-    reactor: Any, description: str, factory: IProtocolFactory
+    reactor: Any,
+    description: str,
+    factory: IProtocolFactory,
+    *,
+    failed_later: Callable[[str], None] | None = None,
 ) -> Deferred[IListeningPort]:
     """Listen on the endpoint ``description`` at once.
 
     The endpoints that ship with Twisted bind before they return: a failure
     among them raises :class:`StartFailed` naming the endpoint and the
-    reason. An endpoint that binds later ends a running process the same way
-    (see :func:`fail_while_running`).
+    reason. An endpoint that binds later calls ``failed_later`` with that
+    line; by default it ends a running process (see :func:`fail_while_running`).
     """
     endpoint = serverFromString(reactor, description)
     choose_protocols_on(endpoint)
@@ -143,7 +224,8 @@ def listen_now(
     if failed:
         raise StartFailed(_cannot_listen(description, failed[0]))
     if not listening.called:
-        listening.addErrback(lambda reason: fail_while_running(_cannot_listen(description, reason)))
+        report = failed_later or fail_while_running
+        listening.addErrback(lambda reason: report(_cannot_listen(description, reason)))
     return listening
 
 
@@ -221,8 +303,49 @@ class ProxyService(MultiService):
         self.grace = grace
         self._reactor = reactor
         self._on_stopped = on_stopped
+        self._listeners: dict[str, _Listening] = {}
         for description in listen:
-            _Listening(listen_now(reactor, description, factory)).setServiceParent(self)
+            self._listen(description, failed_later=None)
+
+    def _listen(self, description: str, failed_later: Callable[[str], None] | None) -> None:
+        listening = listen_now(self._reactor, description, self.factory, failed_later=failed_later)
+        self._listeners[description] = _Listening(listening)
+        self._listeners[description].setServiceParent(self)
+
+    def open_listeners(self, listen: Sequence[str]) -> None:
+        """Listen on the endpoints of ``listen`` not listened on yet (a reload).
+
+        Raises :class:`StartFailed` when one cannot be bound; those opened
+        by this call are closed again first.
+        """
+        opened: list[str] = []
+        try:
+            for description in listen:
+                if description not in self._listeners:
+                    self._listen(description, failed_later=_log_late_listen_failure)
+                    opened.append(description)
+        except StartFailed:
+            for description in opened:
+                self._stop_listening(description)
+            raise
+        for description in opened:
+            log.info("listening on {endpoint}", endpoint=description)
+
+    def close_listeners(self, keep: Sequence[str]) -> None:
+        """Stop listening on every endpoint not in ``keep``; their connections stay open."""
+        for description in [d for d in self._listeners if d not in keep]:
+            self._stop_listening(description)
+            log.info(
+                "no longer listening on {endpoint}; its open connections stay",
+                endpoint=description,
+            )
+
+    def _stop_listening(self, description: str) -> None:
+        listener = self._listeners.pop(description)
+        running = listener.running
+        listener.disownServiceParent()  # which stops it, if it runs
+        if not running:
+            listener.stopService()
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[Any] = Deferred.fromCoroutine(self._stop())
@@ -233,6 +356,10 @@ class ProxyService(MultiService):
         await self.factory.proxy.drain(self.grace)
         if self._on_stopped is not None:
             self._on_stopped()
+
+
+def _log_late_listen_failure(message: str) -> None:
+    log.error("{message}; the other listeners serve on", message=message)
 
 
 def metrics_service(

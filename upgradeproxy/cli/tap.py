@@ -31,6 +31,7 @@ from ._endpoints import (
     check_server_endpoint,
     listen_address,
 )
+from ._reloader import Reloader
 from .config import (
     AccessLogConfig,
     ConfigError,
@@ -43,13 +44,12 @@ from .config import (
     load_config,
 )
 from .service import (
+    ConfiguredProxy,
     ProxyService,
     StartFailed,
-    build_factory,
     fail_while_running,
     local_snapshots,
     metrics_service,
-    open_access_log,
 )
 from .workers import STOP_MARGIN, WorkerPool, open_sockets
 
@@ -57,11 +57,12 @@ log = Logger()
 
 
 def _exit_usage(message: str) -> NoReturn:
-    """Leave with one line that says what to change, and exit status 2.
+    """Leave with one line that says what to change (one per mistake), and exit status 2.
 
     twistd would print the whole usage text and exit with 1, burying the one
     line that matters.
     """
+    message = message.replace("\n", "\nupgradeproxy: ")
     sys.stderr.write(f"upgradeproxy: {message}\n")
     raise SystemExit(2)
 
@@ -295,16 +296,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        settings = self._settings()
-        config = self._from_file(settings) if self["config"] else self._from_flags(settings)
-        config = self._over_file_or_flags(config, settings)
-        # A port out of range is for --check to refuse, or for the start to
-        # fail on when it binds, with the other reasons a port cannot be used.
-        check = bool(self["check"])
-        for description in config.listen:
-            _check_endpoint(reactor, description, "--listen", port_range=check)
-        if config.metrics is not None:
-            _check_endpoint(reactor, config.metrics, "--metrics", port_range=check)
+        try:
+            config = self.read_config(check=bool(self["check"]))
+        except ConfigError as e:
+            _exit_usage(str(e))
         if self["check"]:
             sys.stdout.write(describe_config(config) + "\n")
             raise SystemExit(0)
@@ -314,6 +309,33 @@ class Options(usage.Options):
                 self["listen_addresses"] = [listen_address(reactor, d) for d in config.listen]
             except WorkersUnsupported as e:
                 _exit_usage(str(e))
+
+    def read_config(self, *, check: bool = True) -> ProxyConfig:
+        """The configuration these options describe; the file (``--config``) is read again.
+
+        Raises :class:`~upgradeproxy.cli.config.ConfigError` listing every
+        mistake, each line as ``--check`` prints it. ``--check``, the start and
+        every reload (SIGHUP) go through here; ``check=False`` leaves a port
+        out of range to fail when it is bound, with the other reasons a port
+        cannot be used.
+        """
+        from twisted.internet import reactor
+
+        settings = self._settings()
+        config = self._from_file(settings) if self["config"] else self._from_flags(settings)
+        config = self._over_file_or_flags(config, settings)
+        problems = []
+        endpoints = [("--listen", description) for description in config.listen]
+        if config.metrics is not None:
+            endpoints.append(("--metrics", config.metrics))
+        for flag, description in endpoints:
+            try:
+                check_server_endpoint(reactor, description, port_range=check)
+            except NotAnEndpoint as e:
+                problems.append(f"{flag}: {e}")
+        if problems:
+            raise ConfigError(problems)
+        return config
 
     def _settings(self) -> dict[str, Any]:
         """The options of :data:`_SETTINGS` that were given, parsed, by option name."""
@@ -340,10 +362,7 @@ class Options(usage.Options):
                 f"--config {self['config']} describes the routes; leave out "
                 + ", ".join(f"{flag} (write {where} in the file)" for flag, where in refused)
             )
-        try:
-            return load_config(self["config"])
-        except ConfigError as e:
-            _exit_usage(f"{e}".replace("\n", "\nupgradeproxy: "))
+        return load_config(self["config"])
 
     def _over_file_or_flags(self, config: ProxyConfig, settings: dict[str, Any]) -> ProxyConfig:
         """``config`` with the proxy-wide options given on the command line applied over it."""
@@ -430,13 +449,6 @@ class Options(usage.Options):
         return ProxyConfig(routes=(route,))
 
 
-def _check_endpoint(reactor: object, description: str, flag: str, *, port_range: bool) -> None:
-    try:
-        check_server_endpoint(reactor, description, port_range=port_range)
-    except NotAnEndpoint as e:
-        _exit_usage(f"{flag}: {e}")
-
-
 @implementer(IStreamClientEndpoint)
 class _DemoEndpoint:
     """Connects to the in-process demo backend once it is listening."""
@@ -504,6 +516,7 @@ def makeService(options: Options) -> IService:
             options["proxy_config"],
             demo=bool(options["demo"]),
             addresses=options.get("listen_addresses"),
+            read=options.read_config if options["config"] else None,
         )
     except StartFailed as e:
         sys.stderr.write(f"upgradeproxy: {e}\n")
@@ -511,7 +524,11 @@ def makeService(options: Options) -> IService:
 
 
 def _make_service(
-    config: ProxyConfig, *, demo: bool, addresses: list[ListenAddress] | None
+    config: ProxyConfig,
+    *,
+    demo: bool,
+    addresses: list[ListenAddress] | None,
+    read: Callable[[], ProxyConfig] | None,
 ) -> IService:
     from twisted.internet import reactor
 
@@ -523,33 +540,82 @@ def _make_service(
         demo_service.setServiceParent(top)
     if config.workers > 1:
         assert addresses is not None
-        snapshots = tempfile.mkdtemp(prefix="upgradeproxy-metrics-") if config.metrics else None
-        pool = WorkerPool(
-            reactor,
-            open_sockets(addresses, config.workers),
-            lambda: _worker_config(config, demo_service),
-            stop_timeout=config.shutdown_grace + STOP_MARGIN,
-            snapshots=snapshots,
-            cannot_start=fail_while_running,
-        )
-        pool.setServiceParent(top)
-        if config.metrics and snapshots is not None:
-            directory = snapshots
-
-            def source() -> list[tuple[str | None, dict[str, Any]]]:
-                return list(read_snapshots(directory, time.time()))
-
-            metrics_service(config.metrics, reactor, source).setServiceParent(top)
+        _workers_service(config, addresses, demo_service, read).setServiceParent(top)
         return top
-    access_log, stream = open_access_log(config)
     backends = None
     if demo_service is not None:
         backends = [BackendAddress(_DemoEndpoint(demo_service), b"", "built-in demo backend")]
-    factory = build_factory(config, reactor, access_log=access_log, backends=backends)
-    on_stopped = stream.close if stream is not None and stream is not sys.stdout else None
-    ProxyService(
-        factory, config.listen, reactor=reactor, grace=config.shutdown_grace, on_stopped=on_stopped
-    ).setServiceParent(top)
+    configured = ConfiguredProxy(config, reactor, backends=backends)
+    factory = configured.factory
+    service = ProxyService(
+        factory,
+        config.listen,
+        reactor=reactor,
+        grace=config.shutdown_grace,
+        on_stopped=configured.close,
+    )
+    service.setServiceParent(top)
+
+    def apply(new: ProxyConfig) -> None:
+        configured.apply(new, before=lambda: service.open_listeners(new.listen))
+        service.close_listeners(new.listen)
+        service.grace = new.shutdown_grace
+
+    reloader = Reloader(
+        reactor,
+        read,
+        running=lambda: configured.config,
+        apply=apply,
+        refused=configured.proxy.reconfigure_failed,
+    )
+    reloader.install()
+    reloader.setServiceParent(top)
     if config.metrics:
         metrics_service(config.metrics, reactor, local_snapshots(factory)).setServiceParent(top)
+    return top
+
+
+def _workers_service(
+    config: ProxyConfig,
+    addresses: list[ListenAddress],
+    demo: _DemoBackendService | None,
+    read: Callable[[], ProxyConfig] | None,
+) -> IService:
+    """The parent of ``--workers``: the pool of workers, their metrics, and reloads.
+
+    A reload is checked here and passed on to every worker, which swaps its
+    proxy's configuration as a single process does: no worker is replaced,
+    so no tunnel is closed, and health state stays where it is.
+    """
+    from twisted.internet import reactor
+
+    top = MultiService()
+    running = [config]
+    snapshots = tempfile.mkdtemp(prefix="upgradeproxy-metrics-") if config.metrics else None
+    pool = WorkerPool(
+        reactor,
+        open_sockets(addresses, config.workers),
+        lambda: _worker_config(running[0], demo),
+        stop_timeout=config.shutdown_grace + STOP_MARGIN,
+        snapshots=snapshots,
+        cannot_start=fail_while_running,
+    )
+    pool.setServiceParent(top)
+
+    def apply(new: ProxyConfig) -> None:
+        running[0] = new
+        pool.reload(_worker_config(new, demo))
+
+    reloader = Reloader(
+        reactor, read, running=lambda: running[0], apply=apply, refused=pool.reload_failed
+    )
+    reloader.install()
+    reloader.setServiceParent(top)
+    if config.metrics and snapshots is not None:
+        directory = snapshots
+
+        def source() -> list[tuple[str | None, dict[str, Any]]]:
+            return list(read_snapshots(directory, time.time()))
+
+        metrics_service(config.metrics, reactor, source).setServiceParent(top)
     return top

@@ -7,7 +7,11 @@ connections evenly over them), starts each worker with
 configuration, already checked (workers do not read the command line). The parent
 serves nothing itself: it re-emits its workers' log events (they write them
 to it as JSON lines, tagged with their PID), restarts a worker that dies, and
-passes SIGTERM on when it is stopped. A worker that cannot start at all
+passes SIGTERM on when it is stopped. It checks a reload (SIGHUP) itself and
+passes the new configuration on to every worker as one line on its standard
+input, in the form ``--config`` takes (:meth:`WorkerPool.reload`): a worker
+swaps its proxy's configuration in place, as a single process does, so no
+tunnel is closed and no worker is replaced. A worker that cannot start at all
 (its exit status is :data:`CANNOT_START`) is not restarted: the parent ends,
 with the worker's reason. A worker exits when the parent goes away (its
 standard input closes).
@@ -30,11 +34,12 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessTerminated, ReactorNotRunning
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from ..core.accesslog import NAMESPACE
 from ._endpoints import ListenAddress
-from .service import StartFailed
+from .service import ConfiguredProxy, StartFailed
 
 log = Logger()
 
@@ -48,6 +53,13 @@ RESTART_DELAY = 1.0
 STOP_MARGIN = 10.0
 #: The exit status of a worker that cannot start; it is not started again.
 CANNOT_START = 3
+#: Starts the line a parent writes to a worker's standard input to reload it:
+#: the configuration follows, as ``--config`` takes it.
+RELOAD = b"reload "
+#: The line that tells a worker a reload was refused (the parent logged why).
+RELOAD_FAILED = b"reload-failed"
+#: The longest line a worker reads from its parent.
+MAX_CONFIG_LINE = 64 * 1024 * 1024
 
 
 def open_sockets(addresses: Sequence[ListenAddress], count: int) -> list[list[socket.socket]]:
@@ -199,6 +211,25 @@ class WorkerPool(Service):
         clock: IReactorTime = self._reactor  # type: ignore[assignment]
         clock.callLater(RESTART_DELAY, self._restart, worker.slot)
 
+    def reload(self, config: str) -> None:
+        """Pass a checked configuration (as ``config`` gives them) on to every worker.
+
+        Each worker swaps its proxy's configuration, keeping its connections
+        and tunnels; a worker started later starts with the newest one,
+        which ``config`` must give from now on.
+        """
+        self._tell_workers(RELOAD + config.encode("utf-8") + b"\n")
+        log.info("reload passed on to {count} workers", count=len(self._workers))
+
+    def reload_failed(self) -> None:
+        """Tell every worker that a reload was refused, for their metrics."""
+        self._tell_workers(RELOAD_FAILED + b"\n")
+
+    def _tell_workers(self, line: bytes) -> None:
+        for worker in self._workers.values():
+            if worker.transport is not None:
+                worker.transport.write(line)
+
     def _restart(self, slot: int) -> None:
         if not self._stopping and slot not in self._workers:
             self._spawn(slot)
@@ -242,8 +273,35 @@ def _signal(worker: _WorkerProcess, name: str) -> None:
 # -- the worker side ----------------------------------------------------------------------
 
 
-class _ParentWatch(protocol.Protocol):
-    """Stops the worker when its parent goes away (standard input closes)."""
+class _FromParent(LineReceiver):
+    """The worker's standard input: reloads from the parent, and its end.
+
+    The worker stops when its parent goes away (standard input closes).
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_CONFIG_LINE
+
+    def __init__(self, configured: ConfiguredProxy) -> None:
+        self._configured = configured
+
+    def lineReceived(self, line: bytes) -> None:
+        from .config import undump_config
+
+        if line == RELOAD_FAILED:
+            self._configured.proxy.reconfigure_failed()
+            return
+        if not line.startswith(RELOAD):
+            log.error("unknown line from the parent process: {line!r}", line=line[:80])
+            return
+        try:
+            self._configured.apply(undump_config(line[len(RELOAD) :].decode("utf-8")))
+        except Exception as e:
+            self._configured.proxy.reconfigure_failed()
+            log.error(
+                "reload failed in this worker ({why}); it keeps its configuration",
+                why=str(e) or repr(e),
+            )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         from twisted.internet import reactor
@@ -260,7 +318,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from ..ops.metrics import SnapshotWriter
     from .config import undump_config
-    from .service import build_factory, open_access_log
 
     parser = argparse.ArgumentParser(prog="python -m upgradeproxy.cli.workers")
     parser.add_argument("--fd", action="append", default=[], help="FD:FAMILY to serve on")
@@ -271,10 +328,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = undump_config(args.config)
 
     _log_to_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
+    # The parent decides: it sends SIGTERM, and passes reloads on through standard input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        access_log, stream = open_access_log(config)
-        factory = build_factory(config, reactor, access_log=access_log)
+        configured = ConfiguredProxy(config, reactor)
+        factory = configured.factory
         factory.doStart()
         ports = [_adopt(reactor, spec, factory) for spec in args.fd]
     except Exception as e:  # whatever it is, restarting would meet it again
@@ -290,18 +349,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         """SIGTERM: stop accepting, then finish gracefully within the grace period."""
         for port in ports:
             await port.stopListening()
-        await factory.proxy.drain(config.shutdown_grace)
+        await factory.proxy.drain(configured.config.shutdown_grace)
         factory.doStop()
         if writer is not None:
             writer.stop()
-        if stream is not None and stream is not sys.stdout:
-            stream.close()
+        configured.close()
 
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.Deferred.fromCoroutine(shut_down())
     )
     stdio.StandardIO(  # type: ignore[call-arg]
-        _ParentWatch(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
+        _FromParent(configured), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY)
     )
     reactor.run()
 

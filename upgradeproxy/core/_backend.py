@@ -32,6 +32,7 @@ from .._twisted import send_now, tcp_client_parts
 from ..http1 import (
     BodyDecoder,
     BodyKind,
+    Field,
     Framing,
     HeadReader,
     ProtocolError,
@@ -73,6 +74,9 @@ class ResponseSink(TypingProtocol):
     def response_head(self, head: ResponseHead, framing: Framing) -> None: ...
 
     def response_body(self, data: bytes) -> None: ...
+
+    def response_trailers(self, fields: tuple[Field, ...]) -> None:
+        """The trailer fields a chunked response ended with; :meth:`response_end` follows."""
 
     def response_end(self) -> None:
         """The response is complete; the connection may already be back in the pool.
@@ -340,7 +344,7 @@ class BackendConnection(Protocol):
     def _finish(self) -> None:
         sink = self._sink
         self._sink = None
-        self._decoder = None
+        decoder, self._decoder = self._decoder, None
         # A response that overtook its request body leaves the backend
         # waiting for the rest: the next request on it would be read as body.
         if (
@@ -355,6 +359,8 @@ class BackendConnection(Protocol):
             self._state = _State.CLOSED
             self.transport.loseConnection()  # type: ignore[union-attr]
         if sink is not None:
+            if decoder is not None and decoder.trailers:
+                sink.response_trailers(decoder.trailers)
             sink.response_end()
 
     def _fail(self, failure: BackendFailure) -> None:
@@ -450,6 +456,8 @@ class BackendPool:
         self._idle_timers: dict[BackendConnection, IDelayedCall] = {}
         self._factory = _BackendConnectionFactory(self)
         self._direct = _DirectTCP.of(endpoint)
+        # Set by retire(): a newer configuration has a pool of its own.
+        self._retired = False
 
     @property
     def idle_count(self) -> int:
@@ -486,7 +494,7 @@ class BackendPool:
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""
-        if len(self._idle) >= self.settings.max_idle:
+        if self._retired or len(self._idle) >= self.settings.max_idle:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._idle.append(connection)
@@ -506,6 +514,17 @@ class BackendPool:
     def close_idle(self) -> None:
         """Close every idle connection (at shutdown)."""
         for connection in list(self._idle):
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+
+    def retire(self) -> None:
+        """A reload replaced this pool: close its idle connections, and each busy one when done.
+
+        Connections in a tunnel are not the pool's any more; they live on.
+        """
+        self._retired = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._idle_timers.pop(connection).cancel()
             connection.transport.loseConnection()  # type: ignore[union-attr]
 
 

@@ -35,6 +35,7 @@ from ..http1 import (
     LAST_CHUNK,
     BodyDecoder,
     BodyKind,
+    Field,
     Framing,
     HeadReader,
     ProtocolError,
@@ -326,6 +327,9 @@ class ClientConnection(Protocol):
 
     def send_body(self, data: bytes) -> None:
         self._send(encode_chunk(data) if self._chunked_response else data)
+
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        pass  # dropped: the response is re-framed for this client, trailers are not kept
 
     def send_end(self, exchange: Exchange) -> None:
         if self._chunked_response:

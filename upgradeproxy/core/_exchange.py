@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from ..http1 import (
     LAST_CHUNK,
     BodyKind,
+    Field,
     Framing,
     ProtocolError,
     RequestHead,
@@ -88,6 +89,12 @@ class ClientSide(Protocol):
 
     def send_body(self, data: bytes) -> None:
         """Send response body bytes."""
+
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        """The response's trailer fields, just before :meth:`send_end`.
+
+        A door whose client cannot take them drops them.
+        """
 
     def send_end(self, exchange: Exchange) -> None:
         """The response is complete: the connection may serve its next request."""
@@ -370,6 +377,9 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         self._response_bytes += len(data)
         self._client.send_body(data)
+
+    def response_trailers(self, fields: tuple[Field, ...]) -> None:
+        self._client.send_trailers(fields)
 
     def response_end(self) -> None:
         self._finish()

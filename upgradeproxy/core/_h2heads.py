@@ -60,11 +60,13 @@ class Malformed:
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """An HTTP/2 request as the HTTP/1.1 request the exchange carries out."""
+    """An HTTP/2 request as the HTTP/1.1 request the exchange carries out.
+
+    An extended CONNECT is an upgrade request: once it is answered, the
+    stream carries the tunnel's bytes.
+    """
 
     head: RequestHead
-    #: An extended CONNECT: once answered, the stream carries a tunnel's bytes.
-    tunnel: bool = False
 
 
 def header_list_size(fields: list[Field]) -> int:
@@ -213,8 +215,7 @@ def _request(
     elif not ended and protocol is None:
         # The body's length is unknown: the HTTP/1.1 request is chunked.
         head_fields.append((b"transfer-encoding", b"chunked"))
-    head = RequestHead(method, path, (1, 1), Headers(tuple(head_fields)))
-    return StreamRequest(head, tunnel=protocol is not None)
+    return StreamRequest(RequestHead(method, path, (1, 1), Headers(tuple(head_fields))))
 
 
 def _host(authority: bytes | None, hosts: list[bytes]) -> bytes | Malformed:
@@ -260,6 +261,21 @@ def tunnel_fields(head: ResponseHead) -> list[Field]:
     """
     drop = (b"sec-websocket-accept", b"content-length")
     return [(b":status", b"200"), *_end_to_end(head.headers, drop)]
+
+
+#: Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, content.
+_NOT_IN_TRAILERS = frozenset(
+    {
+        b"content-length", b"content-encoding", b"content-range", b"content-type",
+        b"host", b"trailer", b"authorization", b"set-cookie", b"cache-control",
+    }
+)  # fmt: skip
+
+
+def trailer_fields(fields: tuple[Field, ...]) -> list[Field]:
+    """The backend's trailer fields that may go to the client, named as HTTP/2 requires."""
+    trailers = Headers(fields).end_to_end().without(_NOT_IN_TRAILERS)
+    return [(name.lower(), value) for name, value in trailers]
 
 
 def error_fields(status: int, length: int) -> list[Field]:

@@ -24,8 +24,8 @@ is a half-close, RST_STREAM a reset.
 
 Hostile clients are bounded: more streams than advertised are refused
 (REFUSED_STREAM), streams reset faster than :data:`RESET_LIMIT` per
-:data:`INTERVAL` (rapid reset, CVE-2023-44487), or PING, SETTINGS and
-empty DATA frames faster than :data:`FLOOD_LIMIT`, end the connection with
+:data:`INTERVAL` (rapid reset, CVE-2023-44487), or PING, SETTINGS, empty
+DATA and unknown frames faster than :data:`FLOOD_LIMIT`, end the connection with
 GOAWAY ENHANCE_YOUR_CALM; header lists are bounded (431 over the advertised
 size, GOAWAY over :data:`HEADER_LIST_CEILING` times it: an HPACK bomb); ``h2``
 ends a header block after 64 CONTINUATION frames; a stream whose window stays
@@ -52,6 +52,7 @@ from h2.events import (
     RequestReceived,
     StreamEnded,
     StreamReset,
+    UnknownFrameReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError as H2ProtocolError
@@ -73,7 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._twisted import send_now
-from ..http1 import BodyKind, Framing, ResponseHead
+from ..http1 import BodyKind, Field, Framing, ResponseHead
 from ._backend import BackendConnection
 from ._exchange import Exchange, refuse_request
 from ._flow import no_delay, unregister_producer
@@ -83,10 +84,11 @@ from ._h2heads import (
     error_fields,
     response_fields,
     stream_request,
+    trailer_fields,
     tunnel_fields,
 )
 from ._handover import Handover
-from ._rewrite import ClientHop, error_body
+from ._rewrite import VIA_HTTP2, ClientHop, error_body
 from ._side import Side
 from ._tunnel import Tunnel
 from .proxy import FrontConnection, Proxy
@@ -100,7 +102,7 @@ STREAM_WINDOW = 65_535
 INTERVAL = 10.0
 #: Streams the client may reset (or have refused) per interval before GOAWAY.
 RESET_LIMIT = 200
-#: PING, SETTINGS and empty DATA frames the client may send per interval.
+#: PING, SETTINGS, empty DATA and unknown frames the client may send per interval.
 FLOOD_LIMIT = 500
 #: ``h2`` itself refuses more open streams than this many times the advertised
 #: limit: up to there, a stream over the limit is refused on its own.
@@ -118,6 +120,9 @@ _CONFIG = H2Configuration(
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
+
+#: The largest window, and the largest value of a setting (RFC 9113 §6.9.1).
+_LARGEST = 2**31 - 1
 
 # Why a stream's producer (the backend connection) is paused.
 _WINDOW_SHUT = 1
@@ -154,8 +159,9 @@ class HTTP2Connection(Protocol):
     log = Logger()
 
     def __init__(self, proxy: Proxy) -> None:
-        self._proxy = proxy
-        self._settings = proxy.settings
+        #: The proxy, and its settings when the connection was made.
+        self.proxy = proxy
+        self.settings = proxy.settings
         self._h2 = H2Connection(_CONFIG)
         self._streams: dict[int, _Stream] = {}
         self.address = "unknown"
@@ -166,7 +172,7 @@ class HTTP2Connection(Protocol):
         self._refusal: str | None = None
         #: True once the client's transport paused this connection as its producer.
         self.paused = False
-        #: GOAWAY was sent (or received): no new stream is served.
+        #: GOAWAY was sent: no new stream is served.
         self._going_away = False
         self._ended = False
         self._idle_timer: IDelayedCall | None = None
@@ -193,19 +199,19 @@ class HTTP2Connection(Protocol):
         peer = transport.getPeer()
         self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(transport)
-        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
+        self.hop = ClientHop(self.address, "https" if secure else self.proxy.scheme, VIA_HTTP2)
         if self._replacing is not None:
-            self._proxy.connection_replaced(self._replacing, self)
+            self.proxy.connection_replaced(self._replacing, self)
             self._replacing = None
         else:
-            self._refusal = self._proxy.connection_opened(self)
-        settings = self._settings
+            self._refusal = self.proxy.connection_opened(self)
+        settings = self.settings
         streams = settings.http2_max_concurrent_streams
         h2 = self._h2
         h2.local_settings = Settings(
             client=False,
             initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: streams * STREAM_CEILING,
+                SettingCodes.MAX_CONCURRENT_STREAMS: min(streams * STREAM_CEILING, _LARGEST),
                 SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_request_head,
                 SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
             },
@@ -214,11 +220,13 @@ class HTTP2Connection(Protocol):
         h2.initiate_connection()
         # The window of every stream together: one stalled stream (its bytes
         # unacknowledged) cannot take the window of the others.
-        h2.increment_flow_control_window(streams * STREAM_WINDOW)
+        h2.increment_flow_control_window(min(streams * STREAM_WINDOW, _LARGEST - STREAM_WINDOW))
         # The limit the client is told comes in a second SETTINGS frame: h2
         # enforces the first, a higher ceiling, as a connection error, so that
         # below it a stream over the limit is refused on its own (RFC 9113 §5.1.2).
-        advertised = SettingsFrame(0, settings={SettingCodes.MAX_CONCURRENT_STREAMS: streams})
+        advertised = SettingsFrame(
+            0, settings={SettingCodes.MAX_CONCURRENT_STREAMS: min(streams, _LARGEST)}
+        )
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         transport.write(h2.data_to_send() + advertised.serialize())
         self._wait_idle(settings.request_head_timeout)
@@ -249,7 +257,7 @@ class HTTP2Connection(Protocol):
         for stream in list(self._streams.values()):
             stream.gone(reason)
         self._streams.clear()
-        self._proxy.connection_closed(self)
+        self.proxy.connection_closed(self)
 
     # -- IPushProducer: the client's transport says its send buffer is full -------------
 
@@ -285,9 +293,16 @@ class HTTP2Connection(Protocol):
     def _on_request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         h2 = self._h2
-        if self._going_away or len(self._streams) >= self._settings.http2_max_concurrent_streams:
+        opened = h2.streams.get(stream_id)
+        if opened is None or opened.closed:
+            # Reset in the same read that opened it (rapid reset): it costs
+            # nothing, not even an exchange, but it counts.
+            if self._resets.spend(self.proxy.clock.seconds()):
+                self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
+            return
+        if self._going_away or len(self._streams) >= self.settings.http2_max_concurrent_streams:
             h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            if self._resets.spend(self._proxy.clock.seconds()):
+            if self._resets.spend(self.proxy.clock.seconds()):
                 self._calm_down("too many streams over the limit")
             return
         self._stop_idle()
@@ -297,13 +312,13 @@ class HTTP2Connection(Protocol):
         if self._refusal is not None:
             stream.client_done = ended
             self._go_away()
-            refuse_request(self._proxy, stream, None, None, 503, self._refusal)
+            refuse_request(self.proxy, stream, None, None, 503, self._refusal)
             return
         parsed = stream_request(
             event.headers,
             ended=ended,
             connect_protocol=True,  # advertised in the first SETTINGS
-            max_size=self._settings.max_request_head,
+            max_size=self.settings.max_request_head,
             key=_new_key,
         )
         stream.start(parsed, ended)
@@ -328,7 +343,7 @@ class HTTP2Connection(Protocol):
         if stream is None:
             return
         stream.reset_by_client(event.error_code)
-        if self._resets.spend(self._proxy.clock.seconds()):
+        if self._resets.spend(self.proxy.clock.seconds()):
             self._calm_down("too many streams reset (rapid reset, CVE-2023-44487)")
 
     def _on_window_updated(self, event: WindowUpdated) -> None:
@@ -345,26 +360,24 @@ class HTTP2Connection(Protocol):
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._windows_opened()
 
-    def _on_ping(self, event: PingReceived) -> None:
+    def _on_ping(self, event: PingReceived | UnknownFrameReceived) -> None:
         self._flooded()
 
     def _on_terminated(self, event: ConnectionTerminated) -> None:
-        """The client sent GOAWAY: it opens no more streams."""
-        self._going_away = True
-        if event.error_code != ErrorCodes.NO_ERROR:
+        """The client sent GOAWAY: the connection ends, with the streams still open.
+
+        RFC 9113 lets those streams finish, but ``h2`` sends nothing more once
+        it received GOAWAY; a client sends it when it is done (or on an error).
+        """
+        if event.error_code != ErrorCodes.NO_ERROR or self._streams:
             self.log.info(
-                "HTTP/2 client {client} ended the connection with {code}",
+                "HTTP/2 client {client} ended the connection with {code}, "
+                "{streams} streams still open",
                 client=self.address,
                 code=_code_name(event.error_code),
+                streams=len(self._streams),
             )
-            self._close()
-        elif not self._streams:
-            self._close()
-        else:
-            # The streams already open go on to completion (RFC 9113 §6.8), but h2
-            # sends nothing more once it has received GOAWAY: its connection is
-            # CLOSED. Back to open; a new stream is refused (_going_away).
-            self._h2.state_machine.state = ConnectionState.SERVER_OPEN
+        self._close("the client ended the connection (GOAWAY)")
 
     def _windows_opened(self) -> None:
         for stream in list(self._streams.values()):
@@ -376,16 +389,16 @@ class HTTP2Connection(Protocol):
         """``stream`` is over on both sides."""
         if self._streams.pop(stream.id, None) is None or self._streams:
             return
-        if self._going_away or self._proxy.draining:
+        if self._going_away or self.proxy.draining:
             self._close()
         elif not self._ended:
-            self._wait_idle(self._settings.keep_alive_timeout)
+            self._wait_idle(self.settings.keep_alive_timeout)
 
     # -- limits ---------------------------------------------------------------------------
 
     def _flooded(self) -> bool:
-        if self._floods.spend(self._proxy.clock.seconds()):
-            self._calm_down("too many PING, SETTINGS or empty DATA frames")
+        if self._floods.spend(self.proxy.clock.seconds()):
+            self._calm_down("too many PING, SETTINGS, empty DATA or unknown frames")
             return True
         return False
 
@@ -398,7 +411,7 @@ class HTTP2Connection(Protocol):
             interval=INTERVAL,
         )
         self._h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, additional_data=why.encode())
-        self._close()
+        self._close(f"the client's connection was closed: {why}")
 
     def _connection_error(self, e: H2ProtocolError) -> None:
         """A frame broke the protocol: ``h2`` has queued its GOAWAY, except for a bad preface."""
@@ -413,11 +426,11 @@ class HTTP2Connection(Protocol):
             error=str(e) or type(e).__name__,
             code=_code_name(code),
         )
-        self._close()
+        self._close("the client broke the HTTP/2 protocol")
 
     def _wait_idle(self, timeout: float) -> None:
         self._stop_idle()
-        self._idle_timer = self._proxy.clock.callLater(timeout, self._idle_timed_out)
+        self._idle_timer = self.proxy.clock.callLater(timeout, self._idle_timed_out)
 
     def _stop_idle(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
@@ -463,7 +476,12 @@ class HTTP2Connection(Protocol):
         frame.error_code = ErrorCodes.NO_ERROR
         self.transport.write(self._h2.data_to_send() + frame.serialize())
 
-    def _close(self) -> None:
+    def _close(self, why: str = "the HTTP/2 connection closed") -> None:
+        """Send what is queued, then close; streams still open end now.
+
+        They cannot wait for the close to complete: after its GOAWAY, ``h2``
+        sends nothing more on them.
+        """
         if self._ended:
             return
         self._ended = True
@@ -473,6 +491,9 @@ class HTTP2Connection(Protocol):
         data = self._h2.data_to_send()
         if data:
             transport.write(data)
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.gone(Failure(error.ConnectionClosed(why)))
         transport.loseConnection()
 
 
@@ -488,6 +509,7 @@ _HANDLERS: dict[type, Callable[[HTTP2Connection, Any], None]] = {
     WindowUpdated: HTTP2Connection._on_window_updated,
     RemoteSettingsChanged: HTTP2Connection._on_settings_changed,
     PingReceived: HTTP2Connection._on_ping,
+    UnknownFrameReceived: HTTP2Connection._on_ping,
     ConnectionTerminated: HTTP2Connection._on_terminated,
 }
 
@@ -529,7 +551,8 @@ class _Stream:
         self._then_reset = False
         self._reset_code = ErrorCodes.NO_ERROR
         self._closed = False
-        self._tunnel_request = False
+        #: The response's trailer fields, sent with END_STREAM.
+        self._trailers: list[Field] = []
 
     @property
     def in_flight(self) -> bool:
@@ -544,10 +567,9 @@ class _Stream:
             # RFC 9113 §8.1.1: a stream error; the response says why first.
             self._then_reset = True
             self._reset_code = ErrorCodes.PROTOCOL_ERROR
-            refuse_request(self._conn._proxy, self, None, None, parsed.status, parsed.reason)
+            refuse_request(self._conn.proxy, self, None, None, parsed.status, parsed.reason)
             return
-        self._tunnel_request = parsed.tunnel
-        exchange = Exchange.start(self._conn._proxy, self, parsed.head)
+        exchange = Exchange.start(self._conn.proxy, self, parsed.head)
         if exchange is None:
             return
         self._exchange = exchange
@@ -640,14 +662,20 @@ class _Stream:
 
     def send_interim(self, head: ResponseHead) -> None:
         if not self._closed:
-            self._conn.h2.send_headers(self.id, response_fields(head))
+            self._headers(response_fields(head))
             self._conn.flush()
+
+    def _headers(self, fields: list[tuple[bytes, bytes]], *, end: bool = False) -> None:
+        # The client may have reset the stream in the read being handled:
+        # h2 knows, and the reset's event, handled next, ends the stream.
+        with contextlib.suppress(StreamClosedError):
+            self._conn.h2.send_headers(self.id, fields, end_stream=end)
 
     def send_head(self, exchange: Exchange, head: ResponseHead, framing: Framing) -> None:
         if self._closed:
             return
         body = framing.kind is not BodyKind.NONE
-        self._conn.h2.send_headers(self.id, response_fields(head), end_stream=not body)
+        self._headers(response_fields(head), end=not body)
         if body:
             backend = exchange.backend
             assert backend is not None
@@ -658,6 +686,9 @@ class _Stream:
 
     def send_body(self, data: bytes) -> None:
         self.write(data)
+
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        self._trailers = trailer_fields(fields)
 
     def send_end(self, exchange: Exchange) -> None:
         self._exchange = None
@@ -672,7 +703,7 @@ class _Stream:
             return 0
         body = error_body(reason)
         head_only = exchange is not None and exchange.request.method == b"HEAD"
-        self._conn.h2.send_headers(self.id, error_fields(status, len(body)))
+        self._headers(error_fields(status, len(body)))
         if not head_only:
             self.write(body)
         self._end_output(reset=True)
@@ -684,7 +715,7 @@ class _Stream:
 
     def hand_over(self, response: ResponseHead) -> Handover:
         self._exchange = None
-        self._conn.h2.send_headers(self.id, tunnel_fields(response))
+        self._headers(tunnel_fields(response))
         self._conn.flush()
         held = b"".join(self._held)
         self._held = []
@@ -716,8 +747,11 @@ class _Stream:
         h2 = self._conn.h2
         size = min(h2.local_flow_control_window(self.id), len(data))
         frame = h2.max_outbound_frame_size
-        for start in range(0, size, frame):
-            h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+        try:
+            for start in range(0, size, frame):
+                h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+        except StreamClosedError:
+            return len(data)  # reset in the read being handled: dropped, as it ends
         if size:
             self._conn.flush()
         return size
@@ -737,8 +771,8 @@ class _Stream:
     def _blocked(self) -> None:
         self.pause(_WINDOW_SHUT)
         if self._stall_timer is None:
-            timeout = self._conn._settings.http2_stall_timeout
-            self._stall_timer = self._conn._proxy.clock.callLater(timeout, self._stalled, timeout)
+            timeout = self._conn.settings.http2_stall_timeout
+            self._stall_timer = self._conn.proxy.clock.callLater(timeout, self._stalled, timeout)
 
     def _stalled(self, timeout: float) -> None:
         self._stall_timer = None
@@ -771,7 +805,11 @@ class _Stream:
             return
         if not self._local_done:
             self._local_done = True
-            self._conn.h2.end_stream(self.id)
+            with contextlib.suppress(StreamClosedError):
+                if self._trailers:
+                    self._conn.h2.send_headers(self.id, self._trailers, end_stream=True)
+                else:
+                    self._conn.h2.end_stream(self.id)
             self._conn.flush()
         if not self.client_done and self._then_reset:
             self._reset(self._reset_code, "answered before the request ended")
@@ -828,7 +866,8 @@ class _Stream:
         if self._closed:
             return
         self._closed = True
-        self._cleanup(Failure(error.ConnectionLost(why)))
+        # Neither a clean close nor a lost connection: the words say which end.
+        self._cleanup(Failure(error.ConnectionClosed(why)))
 
     def gone(self, reason: Failure) -> None:
         """The client connection is gone."""

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from ..http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
 
 VIA = b"1.1 upgradeproxy"
+#: The ``Via`` entry of a request the proxy received over HTTP/2 (RFC 9110 §7.6.3).
+VIA_HTTP2 = b"2 upgradeproxy"
 
 _FORWARDING = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
@@ -25,6 +27,8 @@ class ClientHop:
 
     address: str
     scheme: str = "http"
+    #: What the proxy adds to a request's ``Via``: the protocol it received it with.
+    via: bytes = VIA
 
 
 def without_h2c(head: RequestHead) -> RequestHead:
@@ -120,7 +124,7 @@ def request_for_backend(
     added.append((b"X-Forwarded-Proto", hop.scheme.encode("ascii")))
     if host:
         added.append((b"X-Forwarded-Host", host))
-    added.append((b"Via", b", ".join([*prior_via, VIA])))
+    added.append((b"Via", b", ".join([*prior_via, hop.via])))
     return RequestHead(head.method, _behind(prefix, path), (1, 1), kept.plus(added))
 
 

@@ -44,6 +44,25 @@ class ProxyStats:
     ended_tunnel_bytes: dict[Side, int] = field(
         default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0}
     )
+    #: Unix time the configuration in use was applied, and what names its content.
+    config_loaded: float = field(default_factory=time.time)
+    config_digest: str = ""
+    #: "ok" or "failed" -> reconfigurations (reloads) with that result.
+    reloads: Counter[str] = field(default_factory=Counter)
+    #: False while the last reload failed (the configuration before it serves).
+    last_reload_ok: bool = True
+
+    def reconfigured(self, digest: str) -> None:
+        """A new configuration was applied."""
+        self.config_loaded = time.time()
+        self.config_digest = digest
+        self.reloads["ok"] += 1
+        self.last_reload_ok = True
+
+    def reload_failed(self) -> None:
+        """A new configuration was refused; the one in use stays."""
+        self.reloads["failed"] += 1
+        self.last_reload_ok = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +93,8 @@ class BackendState:
     active: int
     failures: int
     last_error: str
+    #: True for a backend a reload removed, kept until its last request or tunnel ends.
+    draining: bool = False
 
 
 def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
@@ -84,12 +105,17 @@ def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
     )  # fmt: skip
 
 
-def backend_states(routes: Iterable[Route]) -> list[BackendState]:
-    return [
-        BackendState(route.name, b.name, b.healthy, b.active, b.failures, b.last_error)
-        for route in routes
-        for b in route.group.backends
-    ]
+def backend_state(route: str, b: Backend, draining: bool = False) -> BackendState:
+    return BackendState(route, b.name, b.healthy, b.active, b.failures, b.last_error, draining)
+
+
+def backend_states(
+    routes: Iterable[Route], draining: Iterable[tuple[str, Backend]] = ()
+) -> list[BackendState]:
+    """The backends of ``routes``, then those drained after a reload."""
+    states = [backend_state(route.name, b) for route in routes for b in route.group.backends]
+    states += (backend_state(route, b, draining=True) for route, b in draining)
+    return states
 
 
 def take_snapshot(
@@ -97,6 +123,7 @@ def take_snapshot(
     connections: int,
     tunnels: Mapping[Tunnel, Backend],
     routes: Iterable[Route],
+    draining: Iterable[tuple[str, Backend]],
     max_connections: int | None,
     max_tunnels: int | None,
     now: float,
@@ -125,6 +152,12 @@ def take_snapshot(
             "client_to_backend": ended[Side.CLIENT] + sum(t.client_to_backend for t in live),
             "backend_to_client": ended[Side.BACKEND] + sum(t.backend_to_client for t in live),
         },
-        "backends": [asdict(b) for b in backend_states(routes)],
+        "backends": [asdict(b) for b in backend_states(routes, draining)],
         "limits": {"max_connections": max_connections, "max_tunnels": max_tunnels},
+        "config": {
+            "loaded": stats.config_loaded,
+            "digest": stats.config_digest,
+            "reloads": {"ok": stats.reloads["ok"], "failed": stats.reloads["failed"]},
+            "last_reload_ok": stats.last_reload_ok,
+        },
     }

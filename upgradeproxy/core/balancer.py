@@ -400,6 +400,34 @@ class BackendGroup:
         for backend in self.backends:
             backend.pool.close_idle()
 
+    def take_over(self, previous: BackendGroup) -> tuple[Backend, ...]:
+        """Put ``previous``'s backends of the same names in place of this group's own.
+
+        For a reload: a backend that stays keeps its health, failure count
+        and load (requests in flight and tunnels are counted on it), and takes
+        this group's address and connection pool; its old pool is retired.
+        Returns the backends taken over. Call it before :meth:`start`.
+        """
+        assert not self._checkers, "take over backends before the health checks start"
+        before: dict[str, list[Backend]] = {}
+        for backend in previous.backends:
+            before.setdefault(backend.name, []).append(backend)
+        taken: list[Backend] = []
+        backends: list[Backend] = []
+        for new in self.backends:
+            same = before.get(new.name)
+            if not same:
+                backends.append(new)
+                continue
+            old = same.pop(0)
+            old.pool.retire()
+            old.address, old.pool, old._hash_key = new.address, new.pool, new._hash_key
+            backends.append(old)
+            taken.append(old)
+        self.backends = tuple(backends)
+        self._only = self.backends[0] if len(self.backends) == 1 else None
+        return tuple(taken)
+
     def _check_done(self, backend: Backend, error: str) -> None:
         was_down = backend.down
         backend._check_error = error

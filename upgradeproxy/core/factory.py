@@ -43,10 +43,6 @@ class ProxyFactory(ServerFactory):
 
     noisy = False  # startFactory logs a line that says more
 
-    #: The application protocols offered to TLS clients over ALPN, in order of
-    #: preference: ``h2`` then ``http/1.1``, or only ``http/1.1`` with HTTP/2 off.
-    protocols: tuple[bytes, ...]
-
     def __init__(
         self,
         backend: IStreamClientEndpoint | BackendAddress | None = None,
@@ -68,10 +64,6 @@ class ProxyFactory(ServerFactory):
             raise TypeError("give either a proxy, or what to build one with")
         #: The proxy this factory's connections go through.
         self.proxy = proxy
-        self.protocols = application_protocols(proxy.settings.http2)
-        # Only where cleartext HTTP/2 is on does a connection's first bytes
-        # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
-        self._sniff = proxy.settings.http2_cleartext
 
     def startFactory(self) -> None:
         self.proxy.start()
@@ -79,10 +71,19 @@ class ProxyFactory(ServerFactory):
     def stopFactory(self) -> None:
         self.proxy.stop()
 
+    @property
+    def protocols(self) -> tuple[bytes, ...]:
+        """The application protocols offered to TLS clients over ALPN, in order of
+        preference: ``h2`` then ``http/1.1``, or only ``http/1.1`` with HTTP/2 off."""
+        return application_protocols(self.proxy.settings.http2)
+
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
     def buildProtocol(self, addr: object) -> ClientConnection | PrefaceSniffer:
-        if self._sniff:
-            return PrefaceSniffer(self.proxy)
-        return ClientConnection(self.proxy)
+        proxy = self.proxy
+        # Only where cleartext HTTP/2 is on do a connection's first bytes
+        # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
+        if proxy.settings.http2_cleartext:
+            return PrefaceSniffer(proxy)
+        return ClientConnection(proxy)

@@ -1,8 +1,10 @@
 """The proxy itself, apart from any front door: :class:`Proxy`.
 
-It owns the routes, the validator chains, admission and limits, the
-registries of client connections and tunnels, the moment of a switch
-(:meth:`Proxy.start_tunnel`), graceful shutdown and the snapshot that
+It owns its :class:`Configuration` (routes, backends, validators,
+timeouts, limits, access log), admission, the registries of client
+connections and tunnels, the moment of a switch
+(:meth:`Proxy.start_tunnel`), swapping the configuration while it runs
+(:meth:`Proxy.reconfigure`), graceful shutdown and the snapshot that
 metrics and the status page read. It never reads or writes a client
 connection: the front doors (:mod:`upgradeproxy.core._client`,
 :mod:`upgradeproxy.web`) do, each through an
@@ -84,6 +86,52 @@ class ProxySettings:
     http2_stall_timeout: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """Everything a :class:`Proxy` is told to do, as one value it swaps whole.
+
+    New requests and new connections read the configuration of the moment;
+    a request or tunnel keeps the route (and with it the backends,
+    validators, timeouts and limits) it started with. A setting added here,
+    to :class:`ProxySettings` or to :class:`~upgradeproxy.core.routing.Route`
+    is swapped by :meth:`Proxy.reconfigure` with no further work.
+    """
+
+    routes: tuple[Route, ...]
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    #: Names this configuration's content, for metrics; the twistd plugin
+    #: sets a hash of the checked configuration. "" when nobody named it.
+    digest: str = ""
+    router: Router = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for route in self.routes:
+            for validator in route.validators:
+                if not IUpgradeValidator.providedBy(validator):
+                    raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
+        object.__setattr__(self, "routes", tuple(self.routes))
+        object.__setattr__(self, "router", Router(self.routes))
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigured:
+    """What :meth:`Proxy.reconfigure` did to the backends, by ``route/backend`` name."""
+
+    #: Backends of the new configuration that the old one did not have.
+    added: tuple[str, ...]
+    #: Backends that stayed (same route, same name): their health and counts live on.
+    kept: tuple[str, ...]
+    #: Backends that left: no new requests; those still busy are drained.
+    removed: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line for the log."""
+        changes = (("added", self.added), ("kept", self.kept), ("removed", self.removed))
+        parts = [f"{label} {', '.join(names)}" for label, names in changes if names]
+        return "backends " + "; ".join(parts) if parts else "no backends"
+
+
 class FrontConnection(TypingProtocol):
     """A client connection as the proxy tracks it, whatever door it came through."""
 
@@ -126,6 +174,7 @@ class Proxy:
         settings: ProxySettings | None = None,
         scheme: str = "http",
         access_log: AccessLog | None = None,
+        configuration: Configuration | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -133,24 +182,26 @@ class Proxy:
             clock = reactor
         assert clock is not None
         self.clock = clock
-        self.settings = settings or ProxySettings()
         self.scheme = scheme
-        self.access_log = access_log or AccessLog()
-        if (backend is None) == (routes is None):
-            raise TypeError("give either a backend or routes")
-        if routes is None:
-            assert backend is not None
-            routes = [self._only_route(backend, validators)]
-        elif validators is not None:
-            raise TypeError("with routes, each route carries its own validators")
-        for route in routes:
-            for validator in route.validators:
-                if not IUpgradeValidator.providedBy(validator):
-                    raise TypeError(f"{validator!r} does not provide IUpgradeValidator")
-        self.router = Router(routes)
+        if configuration is None:
+            settings = settings or ProxySettings()
+            if (backend is None) == (routes is None):
+                raise TypeError("give either a backend, routes or a configuration")
+            if routes is None:
+                assert backend is not None
+                routes = [self._only_route(backend, validators, settings)]
+            elif validators is not None:
+                raise TypeError("with routes, each route carries its own validators")
+            configuration = Configuration(tuple(routes), settings, access_log or AccessLog())
+        elif (backend, validators, routes, settings, access_log) != (None,) * 5:
+            raise TypeError("give either a configuration, or what to build one with")
+        self._configuration = configuration
+        #: Backends that a reconfiguration removed while requests or tunnels
+        #: still used them, with their route's name: drained, still counted.
+        self._retired: dict[Backend, str] = {}
         self.connections: set[FrontConnection] = set()
         self.tunnels: dict[Tunnel, Backend] = {}
-        self.stats = ProxyStats()
+        self.stats = ProxyStats(config_digest=configuration.digest)
         #: Where the front doors report TLS handshakes with clients that failed.
         self.tls_failures = HandshakeFailures(clock)
         self.draining = False
@@ -161,10 +212,10 @@ class Proxy:
         self,
         backend: IStreamClientEndpoint | BackendAddress,
         validators: Iterable[IUpgradeValidator] | None,
+        settings: ProxySettings,
     ) -> Route:
         if not isinstance(backend, BackendAddress):
             backend = BackendAddress(backend, b"", describe_endpoint(backend))
-        settings = self.settings
         group = BackendGroup(
             [backend], policy=Policy.LEAST_CONN, clock=self.clock, settings=settings.backend,
             route="default",
@@ -177,6 +228,110 @@ class Proxy:
             tunnel_idle_timeout=settings.tunnel_idle_timeout,
             tunnel_lifetime=settings.tunnel_lifetime,
         )
+
+    # -- the configuration ---------------------------------------------------------
+
+    @property
+    def configuration(self) -> Configuration:
+        """What new requests and connections follow (see :meth:`reconfigure`)."""
+        return self._configuration
+
+    @property
+    def settings(self) -> ProxySettings:
+        """The limits and timeouts of the current configuration."""
+        return self._configuration.settings
+
+    @property
+    def router(self) -> Router:
+        """The router of the current configuration."""
+        return self._configuration.router
+
+    @property
+    def access_log(self) -> AccessLog:
+        """Where requests and tunnels are recorded, the current configuration's."""
+        return self._configuration.access_log
+
+    def reconfigure(self, configuration: Configuration) -> Reconfigured:
+        """Serve new requests and new connections with ``configuration``; drop nothing.
+
+        Everything the configuration holds changes at once, for what starts
+        from now on: routes, backends and their policies, validators,
+        timeouts, limits, the access log and health checks. Requests in flight
+        and open tunnels keep the route and backend they started with (a
+        client connection keeps the head limits and timeouts it was accepted
+        with) and stay counted on their backend.
+
+        Backends are matched by route name and backend name. One that stays
+        keeps its health, failure count and load; it gets the new connection
+        settings, so its idle pooled connections are closed. One that leaves
+        takes no new request, its idle connections are closed, and its tunnels
+        live on, counted on it, which the snapshot lists as draining until
+        they end. Health checks of the old routes stop and those of the new
+        ones start.
+
+        Returns what happened to the backends, which is also logged. Raises
+        nothing once ``configuration`` exists: whatever could be wrong with it
+        was refused when it was built.
+        """
+        old = self._configuration
+        self.draining_backends()  # forgets those that have drained
+        previous = {route.name: route for route in old.routes}
+        added: list[str] = []
+        kept: list[str] = []
+        removed: list[str] = []
+        taken: set[Route] = set()
+        for route in configuration.routes:
+            before = previous.pop(route.name, None)
+            kept_here: tuple[Backend, ...] = ()
+            if before is not None:
+                taken.add(before)
+                if before.group is route.group:
+                    kept_here = route.group.backends
+                else:
+                    kept_here = route.group.take_over(before.group)
+                    left = [b for b in before.group.backends if b not in kept_here]
+                    self._retire(route.name, left, removed)
+            kept += (f"{route.name}/{b.name}" for b in kept_here)
+            added += (f"{route.name}/{b.name}" for b in route.group.backends if b not in kept_here)
+        for route in old.routes:
+            if route not in taken:
+                self._retire(route.name, route.group.backends, removed)
+        for route in old.routes:
+            route.group.stop()
+        self._configuration = configuration
+        self.stats.reconfigured(configuration.digest)
+        done = Reconfigured(tuple(added), tuple(kept), tuple(removed))
+        self.log.info(
+            "configuration applied: {routes} routes; {backends}",
+            routes=len(configuration.routes),
+            backends=done.describe(),
+        )
+        if self.running:
+            self._start_routes(configuration.routes)
+        return done
+
+    def _retire(self, route: str, backends: Iterable[Backend], names: list[str]) -> None:
+        for backend in backends:
+            names.append(f"{route}/{backend.name}")
+            backend.pool.retire()
+            self._retired[backend] = route
+
+    def reconfigure_failed(self) -> None:
+        """Count a reconfiguration that was refused before it reached the proxy.
+
+        Whoever checks new configurations (the twistd plugin, on SIGHUP)
+        calls it, so that the metrics say the last reload failed.
+        """
+        self.stats.reload_failed()
+
+    def draining_backends(self) -> list[tuple[str, Backend]]:
+        """Backends a reconfiguration removed that requests or tunnels still use, by route.
+
+        Those no request or tunnel uses any more are forgotten here.
+        """
+        for backend in [b for b in self._retired if not b.active]:
+            del self._retired[backend]
+        return [(route, backend) for backend, route in self._retired.items()]
 
     # -- single-backend conveniences ------------------------------------------------
 
@@ -206,10 +361,13 @@ class Proxy:
         if self.running:
             return
         self.running = True
-        for route in self.router.routes:
+        self._start_routes(self.router.routes)
+
+    def _start_routes(self, routes: Sequence[Route]) -> None:
+        for route in routes:
             names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
             backends = ", ".join(b.name for b in route.group.backends)
-            where = " ".join([*route.hosts, route.path]) if len(self.router.routes) > 1 else ""
+            where = " ".join([*route.hosts, route.path]) if len(routes) > 1 else ""
             self.log.info(
                 "proxying {where}to {backends}; upgrade validators: {validators}",
                 where=f"{where} " if where else "",
@@ -479,7 +637,9 @@ class Proxy:
 
     def snapshot(self) -> dict[str, Any]:
         """The proxy's state as plain data (JSON-ready), for metrics and the status page."""
+        settings = self.settings
         return take_snapshot(
             self.stats, len(self.connections), self.tunnels, self.router.routes,
-            self.settings.max_connections, self.settings.max_tunnels, self.clock.seconds(),
+            self.draining_backends(), settings.max_connections, settings.max_tunnels,
+            self.clock.seconds(),
         )  # fmt: skip

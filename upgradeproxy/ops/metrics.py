@@ -46,6 +46,18 @@ The metrics (counters are cumulative since the process started):
     The configured ``max_connections`` and ``max_tunnels``; absent when unlimited.
 ``upgradeproxy_started_time_seconds`` (gauge)
     Unix time the process started proxying.
+``upgradeproxy_backend_draining{route, backend}`` (gauge)
+    1 for a backend a reload removed while requests or tunnels still use it
+    (it takes no new request; it is listed until they end), 0 otherwise.
+``upgradeproxy_config_reloads_total{result}``
+    Reloads of the configuration (SIGHUP), by result: ``ok`` or ``failed``.
+``upgradeproxy_config_last_reload_success`` (gauge)
+    0 while the last reload failed (the configuration before it still
+    serves), 1 otherwise.
+``upgradeproxy_config_loaded_timestamp_seconds`` (gauge)
+    Unix time the configuration in use was applied.
+``upgradeproxy_config_info{hash}`` (gauge)
+    Always 1; ``hash`` names the content of the configuration in use.
 
 The open-connections gauge is not named ``upgradeproxy_client_connections``:
 that is the family name of the ``_total`` counter, and OpenMetrics parsers
@@ -98,6 +110,7 @@ _SNAPSHOT_KEYS = frozenset(
         "tunnel_bytes",
         "backends",
         "limits",
+        "config",
     }
 )
 
@@ -138,6 +151,21 @@ def _tunnels_active(snapshot: Snapshot) -> _Samples:
 
 def _tunnel_bytes(snapshot: Snapshot) -> _Samples:
     return (([direction], snapshot["tunnel_bytes"][direction]) for direction in _DIRECTIONS)
+
+
+def _reloads(snapshot: Snapshot) -> _Samples:
+    return (([result], count) for result, count in snapshot["config"]["reloads"].items())
+
+
+def _config(key: str) -> Callable[[Snapshot], _Samples]:
+    def samples(snapshot: Snapshot) -> _Samples:
+        return [((), float(snapshot["config"][key]))]
+
+    return samples
+
+
+def _config_info(snapshot: Snapshot) -> _Samples:
+    return [([snapshot["config"]["digest"]], 1.0)]
 
 
 def _limits(snapshot: Snapshot) -> _Samples:
@@ -256,6 +284,41 @@ _METRICS = (
         "Unix time the process started proxying.",
         (),
         _scalar("started"),
+    ),
+    _Metric(
+        "upgradeproxy_backend_draining",
+        False,
+        "1 for a backend a reload removed that requests or tunnels still use.",
+        ("route", "backend"),
+        _entries("backends", ("route", "backend"), "draining"),
+    ),
+    _Metric(
+        "upgradeproxy_config_reloads_total",
+        True,
+        "Reloads of the configuration, by result (ok or failed).",
+        ("result",),
+        _reloads,
+    ),
+    _Metric(
+        "upgradeproxy_config_last_reload_success",
+        False,
+        "0 while the last reload failed (the configuration before it serves), else 1.",
+        (),
+        _config("last_reload_ok"),
+    ),
+    _Metric(
+        "upgradeproxy_config_loaded_timestamp_seconds",
+        False,
+        "Unix time the configuration in use was applied.",
+        (),
+        _config("loaded"),
+    ),
+    _Metric(
+        "upgradeproxy_config_info",
+        False,
+        "Always 1; hash names the content of the configuration in use.",
+        ("hash",),
+        _config_info,
     ),
 )
 

@@ -1,7 +1,8 @@
 """The status page: one small HTML view of the proxy's snapshots, for people.
 
-It shows a summary, the live tunnels, the backends' health and the upgrades
-refused in the last 15 minutes. It is plain HTML with inline CSS, reloading
+It shows a summary, the live tunnels, the backends' health, the upgrades
+refused in the last 15 minutes and the configuration in use (when it was
+loaded, its hash, and how its reloads went). It is plain HTML with inline CSS, reloading
 itself every few seconds; no script.
 
 Every string that comes from a snapshot is HTML-escaped: clients choose
@@ -174,7 +175,7 @@ def _backends(snapshots: _Snapshots, by_worker: bool) -> str:
                 worker,
                 backend["route"],
                 backend["backend"],
-                "healthy" if backend["healthy"] else "down",
+                _health(backend),
                 backend["active"],
                 backend["failures"],
                 backend["last_error"],
@@ -188,6 +189,34 @@ def _backends(snapshots: _Snapshots, by_worker: bool) -> str:
         by_worker, "route", "backend", "health", "active", "failures", "last error"
     )
     return _table(headings, rows, "No backends.")
+
+
+def _health(backend: Mapping[str, Any]) -> str:
+    health = "healthy" if backend["healthy"] else "down"
+    return f"{health}, draining (removed by a reload)" if backend["draining"] else health
+
+
+def _configuration(snapshots: _Snapshots, by_worker: bool) -> str:
+    rows = (
+        _Row(
+            _cells(
+                by_worker,
+                worker,
+                _clock_time(config["loaded"]),
+                config["digest"] or "-",
+                config["reloads"]["ok"],
+                config["reloads"]["failed"],
+                "ok" if config["last_reload_ok"] else "failed: the configuration above serves",
+            ),
+            alarm=not config["last_reload_ok"],
+        )
+        for worker, snapshot in snapshots
+        for config in (snapshot["config"],)
+    )
+    headings = _headings(
+        by_worker, "loaded at", "hash", "reloads ok", "reloads failed", "last reload"
+    )
+    return _table(headings, rows, "No process is reporting.")
 
 
 def _refusals(snapshots: _Snapshots, now: float, by_worker: bool) -> str:
@@ -236,6 +265,8 @@ def render_status(snapshots: _Snapshots, now: float) -> bytes:
             _backends(snapshots, by_worker),
             "<h2>Upgrades refused in the last 15 minutes, newest first</h2>",
             _refusals(snapshots, now, by_worker),
+            "<h2>Configuration</h2>",
+            _configuration(snapshots, by_worker),
             f"<footer>Drawn at {_clock_time(now)}; reloads every {REFRESH} s. "
             '<a href="metrics">Metrics for Prometheus</a> · '
             '<a href="status.json">the same as JSON</a></footer>',
