@@ -172,7 +172,7 @@ class HTTP2Connection(Protocol):
         self._refusal: str | None = None
         #: True once the client's transport paused this connection as its producer.
         self.paused = False
-        #: GOAWAY was sent: no new stream is served.
+        #: GOAWAY was sent or received: no new stream is served.
         self._going_away = False
         self._ended = False
         self._idle_timer: IDelayedCall | None = None
@@ -364,12 +364,13 @@ class HTTP2Connection(Protocol):
         self._flooded()
 
     def _on_terminated(self, event: ConnectionTerminated) -> None:
-        """The client sent GOAWAY: the connection ends, with the streams still open.
+        """The client sent GOAWAY: it opens no more streams.
 
-        RFC 9113 lets those streams finish, but ``h2`` sends nothing more once
-        it received GOAWAY; a client sends it when it is done (or on an error).
+        With NO_ERROR, those already open go on to completion (RFC 9113 §6.8),
+        and the connection closes after the last; with an error, it closes now.
         """
-        if event.error_code != ErrorCodes.NO_ERROR or self._streams:
+        self._going_away = True
+        if event.error_code != ErrorCodes.NO_ERROR:
             self.log.info(
                 "HTTP/2 client {client} ended the connection with {code}, "
                 "{streams} streams still open",
@@ -377,7 +378,14 @@ class HTTP2Connection(Protocol):
                 code=_code_name(event.error_code),
                 streams=len(self._streams),
             )
-        self._close("the client ended the connection (GOAWAY)")
+            self._close(f"the client ended the connection ({_code_name(event.error_code)})")
+        elif not self._streams:
+            self._close()
+        else:
+            # h2 sends nothing more once it has received GOAWAY (its connection
+            # is CLOSED): back to open for the streams that go on; a new
+            # stream is refused (_going_away).
+            self._h2.state_machine.state = ConnectionState.SERVER_OPEN
 
     def _windows_opened(self) -> None:
         for stream in list(self._streams.values()):
