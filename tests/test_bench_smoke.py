@@ -50,19 +50,24 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> build.Programs:
 
 
 @pytest.fixture
-def backend_port(programs: build.Programs, tmp_path: Path) -> Iterator[int]:
-    backend = procs.Process(
+def backend(programs: build.Programs, tmp_path: Path) -> Iterator[targets.Backend]:
+    process = procs.Process(
         "backend",
         [str(programs.backend), "--port", "0"],
         log_path=tmp_path / "backend.log",
         pipe_stdout=True,
     )
-    with backend:
-        line = backend.read_line(timeout=10)
+    with process:
+        line = process.read_line(timeout=10)
         assert line.startswith("listening ")
-        yield int(line.split()[1])
-        assert backend.exited() is None, backend.log_tail()
-    assert backend.log_text() == ""
+        yield targets.Backend(int(line.split()[1]), process)
+        assert process.exited() is None, process.log_tail()
+    assert process.log_text() == ""
+
+
+@pytest.fixture
+def backend_port(backend: targets.Backend) -> int:
+    return backend.port
 
 
 def loadgen(programs: build.Programs, mode: str, port: int, *options: str) -> dict[str, Any]:
@@ -324,3 +329,21 @@ def test_a_rate_per_second_of_proxy_cpu_is_what_a_whole_core_would_reach() -> No
     assert http2.per_cpu_second(1000.0, {"proxy_cpu": 0.4}) == 2500.0
     assert http2.per_cpu_second(None, {"proxy_cpu": 0.4}) is None
     assert http2.per_cpu_second(1000.0, {}) is None  # no proxy process: nothing to divide by
+
+
+def test_the_http2_scenarios_measure_through_haproxy(
+    programs: build.Programs,
+    backend: targets.Backend,
+    haproxy_over_tls: targets.Running,
+    tls_files: targets.TLSFiles,
+    tmp_path: Path,
+) -> None:
+    """h2-http and h2-rtt as ``--quick`` runs them, shorter: every value there, no problem."""
+    if shutil.which("h2load") is None or programs.h2ws is None:
+        pytest.skip("h2load or h2ws is missing (nghttp2-client, libnghttp2-dev)")
+    ctx = targets.Context(programs, tmp_path, None, None, 1024, None, certificate=tls_files)
+    settings = scenarios.Settings(warmup=0.1, duration=0.3)
+    for run in (http2.run_h2_http, http2.run_h2_rtt):
+        outcome = run(ctx, settings, haproxy_over_tls, backend)
+        assert (outcome.problems, outcome.unsupported) == ([], None)
+        assert outcome.values and all(value for value in outcome.values.values()), outcome.values
