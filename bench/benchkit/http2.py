@@ -130,7 +130,7 @@ def _h2load_problems(result: dict[str, Any], output: str, name: str, protocol: s
 
 def run_h2_http(ctx: Context, settings: Settings, running: Running, backend: Backend) -> Outcome:
     outcome = Outcome()
-    rates = {}
+    rates: dict[str, float | None] = {}
     for name, http1, protocol in (("h2", False, "h2"), ("h1", True, "http/1.1")):
         output = ""
 
@@ -141,6 +141,13 @@ def run_h2_http(ctx: Context, settings: Settings, running: Running, backend: Bac
 
         keys = [f"h2http_{name}_rps"]
         result = _measured(ctx, outcome, name, keys, running, backend, measure)
+        if protocol == "h2" and result["protocol"] == "http/1.1":
+            # (h2load falls back when the server chooses http/1.1 by ALPN)
+            outcome.unsupported = "HTTP/2: the server did not choose h2 by ALPN (http/1.1)"
+            outcome.load_bound.pop(keys[0], None)
+            outcome.disturbed.pop(keys[0], None)
+            rates[name] = None
+            continue
         outcome.problems += _h2load_problems(result, output, name, protocol)
         rates[name] = result["per_s"]
         outcome.values[f"h2http_{name}_rps"] = result["per_s"]
