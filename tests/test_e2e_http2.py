@@ -225,7 +225,11 @@ async def _httpx_streams(url: str, ca: Path) -> list[tuple[str, int, bytes, byte
     import httpx  # (imported here: only this test needs it)
 
     context = ssl.create_default_context(cafile=str(ca))
-    bodies = [b""] * 8 + [bytes([n]) * (100_000 + n) for n in range(1, 5)]
+    # Bodies within a stream's first window (65,535 bytes): httpcore's HTTP/2
+    # can hang one of several concurrent uploads that wait for WINDOW_UPDATE
+    # (its _wait_for_outgoing_flow reads again after another stream read the
+    # update). Large bodies are curl's test above.
+    bodies = [b""] * 8 + [bytes([n]) * (30_000 + n) for n in range(1, 5)]
     async with httpx.AsyncClient(http2=True, verify=context, timeout=20) as client:
 
         async def one(body: bytes) -> tuple[str, int, bytes, bytes, int]:
