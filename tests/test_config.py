@@ -596,7 +596,7 @@ def test_a_key_written_in_the_wrong_table_says_where_it_belongs() -> None:
     ) == [
         "proxy.toml:1: max_connections: unknown key here; it belongs in [limits]",
         "proxy.toml:3: timeouts.max_request_body: unknown key here; "
-        "it belongs in [limits] or [[route]]",
+        "it belongs in [limits] or [[route]] or [route.limits]",
         "proxy.toml:6: route[1].tunnel_idle: unknown key here; "
         "it belongs in [timeouts] or [route.timeouts]",
         "proxy.toml:8: route[1].timeouts.client_head: unknown key here; it belongs in [timeouts]",

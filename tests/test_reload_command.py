@@ -118,6 +118,27 @@ def test_a_process_that_is_not_ours_gets_no_signal(
     assert status == 1
     assert err == (
         f"upgradeproxy reload: process {sleeper.pid} (given on the command line) is not an "
-        "upgradeproxy (sleep 30); the PID file is stale or names another program\n"
+        "upgradeproxy (sleep 30); give the PID of the proxy (twistd's PID file has it)\n"
     )
     assert sleeper.poll() is None, "no signal was sent"
+
+
+def test_a_pid_file_naming_another_program(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pidfile = tmp_path / "proxy.pid"
+    pidfile.write_text(str(sleeper.pid))
+    status, _, err = reload("--pidfile", str(pidfile), capsys=capsys)
+    assert status == 1
+    assert err.endswith("(sleep 30); the PID file is stale or names another program\n")
+    assert sleeper.poll() is None
+
+
+@pytest.mark.parametrize("pid", ["0", "x"])
+def test_a_pid_that_names_no_single_process_is_refused(
+    pid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        reload(pid, capsys=capsys)
+    assert exit.value.code == 2
+    assert f"a process ID is a whole number above 0, not '{pid}'" in capsys.readouterr().err

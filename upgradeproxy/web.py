@@ -145,7 +145,8 @@ class _WebClientSide:
         self._request = request
         address = request.getClientAddress()
         self.address = str(getattr(address, "host", address))
-        self.hop = ClientHop(self.address, "https" if request.isSecure() else "http")
+        scheme = "https" if request.isSecure() else "http"
+        self.hop = ClientHop(self.address, scheme, peer=address, local=request.getHost())
         self._body = b""
         self._finished = False
         self._exchange: Exchange | None = None
@@ -212,12 +213,16 @@ class _WebClientSide:
                 backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._finish()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         if self._finished:
             return 0
         request = self._request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         body = error_body(reason)
         if request.method != b"HEAD":
             request.write(body)

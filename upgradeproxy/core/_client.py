@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -51,6 +52,7 @@ from ._handover import Handover
 from ._http2 import HTTP2Connection
 from ._rewrite import (
     ClientHop,
+    client_hop,
     error_body,
     error_response,
     interim_for_client,
@@ -87,8 +89,11 @@ class ClientConnection(Protocol):
     log = Logger()
     protocol = "HTTP/1.1"
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, peer: IAddress | None = None) -> None:
+        """``peer`` is the client's address when it is not the transport's own
+        (a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`)."""
         self._proxy = proxy
+        self._peer = peer
         self._settings = proxy.settings
         self._phase = Phase.HEAD
         self._buf = bytearray()
@@ -121,14 +126,22 @@ class ClientConnection(Protocol):
         assert self.transport is not None
         no_delay(self.transport)
         self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self.address = str(getattr(peer, "host", None) or peer)
+        peer = self._peer or self.transport.getPeer()
+        self._peer = None
         secure = ISSLTransport.providedBy(self.transport)
         self._handshaking = secure
-        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
-        why = self._proxy.connection_opened(self)
-        if why is not None:
-            self._refuse_connection(503, why)
+        self.hop = client_hop(
+            peer, self.transport.getHost(), secure=secure, scheme=self._proxy.scheme
+        )
+        self.address = self.hop.address
+        refusal = self._proxy.connection_opened(self)
+        if refusal is not None:
+            self._refuse_connection(
+                refusal.status,
+                refusal.reason,
+                retry_after=refusal.retry_after,
+                logged=refusal.logged,
+            )
             return
         self._wait_for_head(self._settings.request_head_timeout)
 
@@ -169,7 +182,7 @@ class ClientConnection(Protocol):
         self._phase = Phase.CLOSING
         received = bytes(self._buf)
         self._buf.clear()
-        connection = HTTP2Connection(self._proxy)
+        connection = HTTP2Connection(self._proxy, self.hop.peer)  # type: ignore[arg-type]
         connection.replace(self)
         switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 
@@ -348,13 +361,16 @@ class ClientConnection(Protocol):
         self._wait_for_head(self._settings.keep_alive_timeout, idle=True)
         self._advance()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         request = exchange.request if exchange is not None else None
         self._exchange = None
         unregister_producer(self.transport)
         head_only = request is not None and request.method == b"HEAD"
         self.uncork()
-        self.transport.write(error_response(status, reason, head_only=head_only))  # type: ignore[union-attr]
+        response = error_response(status, reason, head_only=head_only, retry_after=retry_after)
+        self.transport.write(response)  # type: ignore[union-attr]
         self._close_after_error()
         return 0 if head_only else len(error_body(reason))
 
@@ -422,11 +438,14 @@ class ClientConnection(Protocol):
 
     # -- endings -----------------------------------------------------------------
 
-    def _refuse_connection(self, status: int, reason: str) -> None:
+    def _refuse_connection(
+        self, status: int, reason: str, *, retry_after: int | None = None, logged: bool = False
+    ) -> None:
         """Refuse what came before any request could be read (a bad head, a limit)."""
         self._stop_head_timer()
-        log_error_response(status, self.address, reason)
-        self.refuse(None, status, reason)
+        if not logged:
+            log_error_response(status, self.address, reason)
+        self.refuse(None, status, reason, retry_after=retry_after)
 
     def _close(self) -> None:
         self.uncork()

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._clientlimits import ClientLimits
 from ._side import Side
 from ._tunnel import Tunnel
 from .balancer import Backend
@@ -127,8 +128,15 @@ def take_snapshot(
     max_connections: int | None,
     max_tunnels: int | None,
     now: float,
+    *,
+    client_limits: ClientLimits | None = None,
+    client_entries: int = 0,
 ) -> dict[str, Any]:
-    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock)."""
+    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock).
+
+    ``client_entries`` is how many client addresses the per-client limits track.
+    """
+    client_limits = client_limits or ClientLimits()
     live = [tunnel_state(tunnel, now) for tunnel in tunnels]
     ended = stats.ended_tunnel_bytes
     return {
@@ -153,7 +161,14 @@ def take_snapshot(
             "backend_to_client": ended[Side.BACKEND] + sum(t.backend_to_client for t in live),
         },
         "backends": [asdict(b) for b in backend_states(routes, draining)],
-        "limits": {"max_connections": max_connections, "max_tunnels": max_tunnels},
+        "limits": {
+            "max_connections": max_connections,
+            "max_tunnels": max_tunnels,
+            "client_connections": client_limits.connections,
+            "client_tunnels": client_limits.tunnels,
+            "client_upgrade_rate": client_limits.upgrade_rate,
+        },
+        "client_entries": client_entries,
         "config": {
             "loaded": stats.config_loaded,
             "digest": stats.config_digest,

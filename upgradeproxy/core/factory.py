@@ -15,6 +15,7 @@ from zope.interface import implementer
 from ..interfaces import IUpgradeValidator
 from ._client import ClientConnection
 from ._preface import PrefaceSniffer
+from ._proxyheader import ProxiedAddress
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .proxy import Proxy, ProxySettings
@@ -80,10 +81,18 @@ class ProxyFactory(ServerFactory):
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
-    def buildProtocol(self, addr: object) -> ClientConnection | PrefaceSniffer:
+    def buildProtocol(self, addr: object) -> ClientConnection | PrefaceSniffer | None:
+        """The connection's protocol; None (closed at once) for a client far over its limit.
+
+        ``addr`` is the client's: a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`
+        behind a load balancer speaking the PROXY protocol.
+        """
         proxy = self.proxy
+        if not proxy.accepts(str(getattr(addr, "host", addr))):
+            return None
+        peer = addr if isinstance(addr, ProxiedAddress) else None
         # Only where cleartext HTTP/2 is on do a connection's first bytes
         # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
         if proxy.settings.http2_cleartext:
-            return PrefaceSniffer(proxy)
-        return ClientConnection(proxy)
+            return PrefaceSniffer(proxy, peer)
+        return ClientConnection(proxy, peer)
