@@ -25,6 +25,7 @@ from zope.interface import implementer
 from upgradeproxy import rfc6455
 from upgradeproxy.core._client import ClientConnection
 from upgradeproxy.core._http2 import FLOOD_LIMIT, INTERVAL, PREFACE, RESET_LIMIT, HTTP2Connection
+from upgradeproxy.core._proxyheader import ProxiedAddress
 from upgradeproxy.core.accesslog import AccessLog
 from upgradeproxy.interfaces import IUpgradeValidator, UpgradeAttempt
 from upgradeproxy.testing import MemoryTransport
@@ -983,3 +984,22 @@ def test_the_backend_s_trailers_end_the_stream_without_framing_fields() -> None:
     assert trailers.headers == [(b"grpc-status", b"0")]
     assert client.response(stream).body == b"ok"
     assert cluster.last("a").protocol.is_idle
+
+
+def test_behind_a_proxy_protocol_balancer_a_stream_names_the_client_the_header_named() -> None:
+    cluster = h2_cluster()
+    client = IPv4Address("TCP", "198.51.100.4", 40000)
+    address = ProxiedAddress(client, IPv4Address("TCP", "203.0.113.1", 443), "balancer")
+    protocol = cluster.factory.buildProtocol(address)
+    assert protocol is not None
+    transport = MemoryTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+        peerAddress=IPv4Address("TCP", "10.0.0.9", 50000),
+    )
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    transport.protocol.dataReceived(h2.data_to_send())
+    assert b"\r\nX-Forwarded-For: 198.51.100.4\r\n" in cluster.last("a").received
