@@ -655,6 +655,7 @@ class _Stream:
         held, size = self._held, self._held_size
         self._held, self._held_size = [], 0
         if held and not exchange.body_data(held):
+            self._acknowledge(size)  # refused: dropped
             return
         self._taken(size)
         if self.client_done:
@@ -718,7 +719,8 @@ class _Stream:
     ) -> int:
         self._exchange = None
         self._producer = None
-        self._held, self._held_size = [], 0
+        self._held, size, self._held_size = [], self._held_size, 0
+        self._acknowledge(size)  # what was held is dropped
         if self._closed or self._local_done:
             return 0
         body = error_body(reason)
