@@ -609,6 +609,7 @@ class _Stream:
             self._held_size += size
             return
         if data and not exchange.body_data((data,)):
+            self._acknowledge(size)  # refused: dropped
             return
         self._taken(size)
 
