@@ -24,7 +24,14 @@ from zope.interface import implementer
 
 from upgradeproxy import rfc6455
 from upgradeproxy.core._client import ClientConnection
-from upgradeproxy.core._http2 import FLOOD_LIMIT, INTERVAL, PREFACE, RESET_LIMIT, HTTP2Connection
+from upgradeproxy.core._http2 import (
+    FLOOD_LIMIT,
+    INTERVAL,
+    PREFACE,
+    RESET_LIMIT,
+    STREAM_CEILING,
+    HTTP2Connection,
+)
 from upgradeproxy.core._proxyheader import ProxiedAddress
 from upgradeproxy.core.accesslog import AccessLog
 from upgradeproxy.interfaces import IUpgradeValidator, UpgradeAttempt
@@ -1023,3 +1030,29 @@ def test_bodies_refused_give_the_connection_s_window_back(held: bool) -> None:
             client.pump()
         assert client.response(stream).status == 413
     assert client.h2.outbound_flow_control_window >= 65_535
+
+
+def test_streams_far_over_the_limit_in_one_read_end_the_connection() -> None:
+    cluster = h2_cluster(http2_max_concurrent_streams=2)
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    client.ignore_stream_limit()
+    for _ in range(2 * STREAM_CEILING + 1):
+        client.h2.send_headers(client.h2.get_next_available_stream_id(), request())
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert client.closed
+
+
+def test_a_tunnel_whose_client_keeps_its_window_shut_is_closed_after_the_stall_timeout() -> None:
+    cluster = h2_cluster(http2_stall_timeout=20)
+    client = H2Client(cluster.factory, window=5)
+    stream, backend = open_websocket(cluster, client)
+    backend.send(b"more than five bytes")
+    assert backend.transport.producerState == "paused"
+    cluster.clock.advance(20)
+    client.pump()
+    assert client.response(stream).reset == ErrorCodes.CANCEL
+    assert backend.closed
+    assert not cluster.proxy.tunnels
