@@ -3,14 +3,20 @@ tunnels, the rate of upgrade attempts, the log and the counters."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 from support import DOORS, GET, OK, SWITCH, UPGRADE, Client, Cluster, messages, status_of
 from twisted.internet.address import IPv4Address
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from upgradeproxy import ProxySettings
 from upgradeproxy.core._clientlimits import ClientLimits
+from upgradeproxy.testing import MemoryTransport
 
 BOB = "198.51.100.20"
 
@@ -86,16 +92,43 @@ def test_a_client_far_over_its_limit_is_closed_at_accept_unanswered() -> None:
         held.append(transport)
     assert [status_of(t.value()) for t in held[2:]] == [503, 503]
     with capturedLogs() as logs:
-        assert factory.buildProtocol(address) is None
+        assert closed_at_accept(factory, address)
     assert messages(logs) == "", "the client's 503 was logged less than a minute ago"
-    assert factory.buildProtocol(IPv4Address("TCP", BOB, 1)) is not None
+    assert not closed_at_accept(factory, IPv4Address("TCP", BOB, 1))
     c.clock.advance(61)
     with capturedLogs() as logs:
-        assert factory.buildProtocol(address) is None
-        assert factory.buildProtocol(address) is None
+        assert closed_at_accept(factory, address)
+        assert closed_at_accept(factory, address)
     assert c.proxy.stats.limit_rejections["client_connections_closed_at_accept"] == 3
     text = messages(logs)
     assert "twice its limit of 2 connections" in text and text.count("\n") == 0
+
+
+def closed_at_accept(factory: object, address: IPv4Address) -> bool:
+    """True when a new connection from ``address`` was closed at once, with no HTTP written.
+
+    (Under TLS, the TLS layer's own close alert is written before the abort.)
+    """
+    protocol = factory.buildProtocol(address)  # type: ignore[attr-defined]
+    transport = MemoryTransport(peerAddress=address)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return not transport.connected and b"HTTP/" not in transport.value()
+
+
+def test_closing_at_accept_works_under_tls_too(tmp_path: Path) -> None:
+    c = limited(connections=1)
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    key = issued.private_key_pem.bytes()
+    cert = issued.cert_chain_pems[0].bytes()
+    options = PrivateCertificate.loadPEM(key + cert).options()
+    tls = TLSMemoryBIOFactory(options, False, c.factory)
+    address = IPv4Address("TCP", "192.0.2.7", 1)
+    # Held open on another listener: the count is the client's, wherever it connects.
+    for _ in range(2):
+        c.factory.buildProtocol(address).makeConnection(StringTransport(peerAddress=address))
+    assert closed_at_accept(tls, address), "a TLS factory is handed a protocol that closes"
 
 
 def test_ipv6_clients_of_one_slash_64_share_a_limit() -> None:

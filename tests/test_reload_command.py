@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,20 @@ def reload(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, st
     return status, out, err
 
 
+def _wait_for_exec(process: subprocess.Popen[bytes], program: bytes) -> None:
+    """Wait until ``process`` runs ``program``: until then its command line is its parent's."""
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes().startswith(program):
+        assert time.monotonic() < deadline, f"{program!r} did not start"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A process that is not an upgradeproxy."""
     process = subprocess.Popen(["sleep", "30"])
+    _wait_for_exec(process, b"sleep")
     try:
         yield process
     finally:

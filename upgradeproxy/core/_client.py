@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -89,9 +88,10 @@ class ClientConnection(Protocol):
     log = Logger()
     protocol = "HTTP/1.1"
 
-    def __init__(self, proxy: Proxy, peer: IAddress | None = None) -> None:
-        """``peer`` is the client's address when it is not the transport's own
-        (a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`)."""
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a load
+        balancer); None: the transport's peer."""
         self._proxy = proxy
         self._peer = peer
         self._settings = proxy.settings
@@ -182,7 +182,7 @@ class ClientConnection(Protocol):
         self._phase = Phase.CLOSING
         received = bytes(self._buf)
         self._buf.clear()
-        connection = HTTP2Connection(self._proxy, self.hop.peer)  # type: ignore[arg-type]
+        connection = HTTP2Connection(self._proxy, self.hop.peer)
         connection.replace(self)
         switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 

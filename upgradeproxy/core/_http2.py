@@ -61,7 +61,6 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 from twisted.internet import error
 from twisted.internet.interfaces import (
-    IAddress,
     IConsumer,
     IDelayedCall,
     IProducer,
@@ -159,9 +158,10 @@ class HTTP2Connection(Protocol):
 
     log = Logger()
 
-    def __init__(self, proxy: Proxy, peer: IAddress | None = None) -> None:
-        """``peer`` is the client's address when it is not the transport's own
-        (a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`)."""
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a
+        balancer); None: the transport's peer."""
         #: The proxy, and its settings when the connection was made.
         self.proxy = proxy
         self._peer = peer

@@ -13,7 +13,6 @@ It is only used where cleartext HTTP/2 is turned on; over TLS, ALPN decides
 from __future__ import annotations
 
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     ISSLTransport,
@@ -32,9 +31,10 @@ from .proxy import Proxy
 class PrefaceSniffer(Protocol):
     """Reads a connection's first bytes, and gives it to the door they call for."""
 
-    def __init__(self, proxy: Proxy, peer: IAddress | None = None) -> None:
-        """``peer`` is the client's address when it is not the transport's own
-        (a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`)."""
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a
+        balancer); None: the transport's peer."""
         self._proxy = proxy
         self._peer = peer
         self._buf = b""
