@@ -14,15 +14,16 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.settings import SettingCodes
-from h2_support import LAX, H2Client, h2_cluster, request, websocket
+from h2_support import LAX, H2Client, h2_cluster, request, websocket, without_goaway
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 from support import GET, OK, SWITCH, Cluster
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import formatEvent
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
-from upgradeproxy import rfc6455
+from upgradeproxy import ProxySettings, rfc6455
 from upgradeproxy.core._client import ClientConnection
 from upgradeproxy.core._http2 import (
     FLOOD_LIMIT,
@@ -1056,3 +1057,50 @@ def test_a_tunnel_whose_client_keeps_its_window_shut_is_closed_after_the_stall_t
     assert client.response(stream).reset == ErrorCodes.CANCEL
     assert backend.closed
     assert not cluster.proxy.tunnels
+
+
+def tls_client_connection(cluster: Cluster) -> tuple[Any, MemoryTransport]:
+    """A client connection whose transport says it is TLS, its handshake not done yet."""
+    transport = MemoryTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+        peerAddress=IPv4Address("TCP", "192.0.2.7", 50000),
+    )
+    directlyProvides(transport, ISSLTransport)
+    transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+    protocol = cluster.factory.buildProtocol(transport.getPeer())
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_tls_client_over_the_limit_that_chose_h2_gets_its_503_in_http2() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0))
+    protocol, transport = tls_client_connection(cluster)
+    assert transport.value() == b"", "the answer waits for ALPN"
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.handshakeCompleted()
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    transport.protocol.dataReceived(h2.data_to_send())
+    frames, goaways = without_goaway(transport.value())
+    [response] = [e for e in h2.receive_data(frames) if isinstance(e, ResponseReceived)]
+    assert dict(response.headers)[b":status"] == b"503"
+    assert len(goaways) == 1
+    assert cluster.count("a") == 0
+
+
+def test_a_tls_client_over_the_limit_that_chose_http_1_1_gets_its_503_after_the_handshake() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0))
+    protocol, transport = tls_client_connection(cluster)
+    assert transport.value() == b""
+    transport.negotiatedProtocol = b"http/1.1"  # type: ignore[attr-defined]
+    protocol.handshakeCompleted()
+    assert transport.value().startswith(b"HTTP/1.1 503 ")
+
+
+def test_a_tls_client_that_never_finishes_its_handshake_is_closed_after_the_head_timeout() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0, request_head_timeout=5))
+    _, transport = tls_client_connection(cluster)
+    cluster.clock.advance(5)
+    assert not transport.connected

@@ -60,7 +60,7 @@ from ._rewrite import (
 )
 from ._side import Side
 from ._tunnel import Tunnel
-from .proxy import Proxy
+from .proxy import LimitRefusal, Proxy
 from .tls import H2
 
 # Reasons for which the client's reads are paused.
@@ -87,6 +87,8 @@ class ClientConnection(Protocol):
 
     log = Logger()
     protocol = "HTTP/1.1"
+    #: Why a TLS connection is refused, until its handshake says in which protocol.
+    _refusal: LimitRefusal | None = None
 
     def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
         """``peer`` is the client's address, as the factory was given it (a
@@ -135,14 +137,12 @@ class ClientConnection(Protocol):
         )
         self.address = self.hop.address
         refusal = self._proxy.connection_opened(self)
-        if refusal is not None:
-            self._refuse_connection(
-                refusal.status,
-                refusal.reason,
-                retry_after=refusal.retry_after,
-                logged=refusal.logged,
-            )
+        if refusal is not None and not secure:
+            self._refuse(refusal)
             return
+        # Over TLS, a refusal waits for the handshake: ALPN says whether it
+        # must be answered in HTTP/2. The head timer bounds the wait.
+        self._refusal = refusal
         self._wait_for_head(self._settings.request_head_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -172,18 +172,21 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        refusal, self._refusal = self._refusal, None
         negotiated = getattr(self.transport, "negotiatedProtocol", None)
         if negotiated == H2 and self._phase is Phase.HEAD:
-            self._become_http2()
+            self._become_http2(refusal)
+        elif refusal is not None:
+            self._refuse(refusal)
 
-    def _become_http2(self) -> None:
+    def _become_http2(self, refusal: LimitRefusal | None) -> None:
         """The client chose ``h2`` over ALPN: the HTTP/2 door serves this connection."""
         self._stop_head_timer()
         self._phase = Phase.CLOSING
         received = bytes(self._buf)
         self._buf.clear()
         connection = HTTP2Connection(self._proxy, self.hop.peer)
-        connection.replace(self)
+        connection.replace(self, refusal)
         switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -437,6 +440,12 @@ class ClientConnection(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     # -- endings -----------------------------------------------------------------
+
+    def _refuse(self, refusal: LimitRefusal) -> None:
+        """Refuse the connection for a limit, before any request was read."""
+        self._refuse_connection(
+            refusal.status, refusal.reason, retry_after=refusal.retry_after, logged=refusal.logged
+        )
 
     def _refuse_connection(
         self, status: int, reason: str, *, retry_after: int | None = None, logged: bool = False

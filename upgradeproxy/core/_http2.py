@@ -187,12 +187,14 @@ class HTTP2Connection(Protocol):
 
     # -- taking a connection over ----------------------------------------------------
 
-    def replace(self, previous: FrontConnection) -> None:
+    def replace(self, previous: FrontConnection, refusal: LimitRefusal | None = None) -> None:
         """Serve what was ``previous``'s connection, without counting it again.
 
-        Call before :meth:`makeConnection`.
+        ``refusal`` is why the proxy refused it when it was counted. Call
+        before :meth:`makeConnection`.
         """
         self._replacing = previous
+        self._refusal = refusal
 
     # -- Twisted protocol events -----------------------------------------------------
 
