@@ -6,13 +6,16 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import upgradeproxy
 from upgradeproxy.__main__ import main
+from upgradeproxy.cli import service, tap
 from upgradeproxy.cli.config import DEFAULT_LISTEN, ProxyConfig
 from upgradeproxy.cli.tap import Options
+from upgradeproxy.core import address
 from upgradeproxy.registry import BadValidator, ValidatorPlugin, build_chain
 from upgradeproxy.validators import WebSocketValidator
 
@@ -224,6 +227,35 @@ def test_every_route_option_beside_a_file_is_named(
         "leave out --backend-ca (write ca in a route's [route.tls] in the file), "
         "--max-body (write [limits] max_request_body in the file)"
     )
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+def test_a_backend_given_on_the_command_line_is_parsed_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls: list[str] = []
+    split = address._split_url
+
+    def counted(text: str) -> Any:
+        urls.append(text)
+        return split(text)
+
+    monkeypatch.setattr(address, "_split_url", counted)  # where every backend URL is parsed
+    monkeypatch.setattr(tap.Reloader, "install", lambda self: None)  # no SIGHUP handler here
+    options = Options()
+    options.parseOptions([*BACKEND, "--listen", "tcp:0:interface=127.0.0.1"])
+    top = tap.makeService(options)
+    try:
+        assert urls == ["http://127.0.0.1:9000"]
+    finally:
+        for child in top:
+            if isinstance(child, service.ProxyService):
+                child.close_listeners([])
+    assert refused(capsys, "--backend", "ftp://x").startswith(
+        "upgradeproxy: backend URL 'ftp://x' must start with http:// or https://"
+    ), "a mistake is reported once, in one line"
 
 
 # -- where it listens ----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def retry_after(data: bytes) -> int:
     return int(head.lower().split("retry-after: ", 1)[1].split("\r\n", 1)[0])
 
 
-# -- connections (the listening door counts them) -------------------------------------------
+# -- connections ----------------------------------------------------------------------------
 
 
 def test_connections_beyond_a_clients_limit_get_503_with_retry_after() -> None:
@@ -69,6 +69,20 @@ def test_a_closed_connection_frees_its_place() -> None:
     first.transport.loseConnection()
     second = c.client(port=2)
     assert not second.closed and second.received == b""
+
+
+def test_through_the_web_door_a_clients_requests_and_tunnels_are_its_connections() -> None:
+    c = limited("web", connections=1)
+    tunnel = switched(c, port=1)
+    refused = c.client(port=2)
+    refused.send(GET)
+    assert status_of(refused.received) == 503 and retry_after(refused.received) == 5
+    assert "client 192.0.2.7 has its limit of 1 connections open" in refused.received.decode()
+    tunnel.transport.loseConnection()
+    served = c.client(port=3)
+    served.send(GET)
+    c.last("a").send(OK)
+    assert served.received.endswith(b"hello")
 
 
 def test_without_limits_a_client_may_open_many_connections() -> None:

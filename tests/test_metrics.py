@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import GET, OK, Cluster
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -113,6 +114,8 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 0,
                 "last_error": "",
                 "draining": False,
+                "in_rotation": True,
+                "failures_in_a_row": 0,
             },
             {
                 "route": "chat",
@@ -122,6 +125,8 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 6,
                 "last_error": "connection refused",
                 "draining": False,
+                "in_rotation": False,
+                "failures_in_a_row": 6,
             },
             {
                 "route": "old",
@@ -131,6 +136,8 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 0,
                 "last_error": "",
                 "draining": True,
+                "in_rotation": True,
+                "failures_in_a_row": 0,
             },
         ],
         "limits": {
@@ -506,6 +513,35 @@ def test_status_page_shows_backend_health() -> None:
         "<tr><td>old</td><td>127.0.0.1:8000</td><td>healthy, draining (removed by a reload)</td>"
         "<td>1</td><td>0</td><td></td></tr>"
     ) in text
+
+
+def test_a_route_s_only_backend_that_fails_is_shown_failing_not_healthy() -> None:
+    # A route's only backend stays in use while it fails: the status and the
+    # metrics must still say that it fails, and since when.
+    c = Cluster()
+    c.endpoints["a"].refuse = True
+    for port in (1, 2):
+        c.client(port=port).send(GET)
+    snapshot = c.proxy.snapshot()
+    text = page([(None, snapshot)])
+    assert (
+        '<tr class="down"><td>default</td><td>a</td>'
+        "<td>failing (2 failed connections in a row), still in use</td><td>0</td><td>2</td>"
+        "<td>Connection was refused by other side: scripted refusal.</td></tr>"
+    ) in text
+    metrics = samples_of(exposition(alone(snapshot)))
+    assert metrics[key("upgradeproxy_backend_up", route="default", backend="a")] == 0
+    c.endpoints["a"].refuse = False
+    client = c.client(port=3)
+    client.send(GET)
+    c.last("a").send(OK)
+    snapshot = c.proxy.snapshot()
+    text = page([(None, snapshot)])
+    assert "<tr><td>default</td><td>a</td><td>healthy</td><td>0</td><td>2</td><td></td></tr>" in (
+        text
+    )
+    metrics = samples_of(exposition(alone(snapshot)))
+    assert metrics[key("upgradeproxy_backend_up", route="default", backend="a")] == 1
 
 
 def test_status_page_shows_the_configuration_and_its_reloads() -> None:

@@ -182,6 +182,19 @@ def test_a_reload_opens_the_access_log_again_so_that_it_follows_log_rotation(
     configured.close()
 
 
+def test_the_proxy_adds_no_description_of_its_own_at_the_start_or_a_reload() -> None:
+    # The start and each reload log the fuller description that --check prints
+    # (the Reloader's is tested above); a line per route from the proxy would repeat it.
+    config = replace(RUNNING, metrics=None)
+    configured = ConfiguredProxy(config, MemoryReactorClock())
+    with capturedLogs() as events:
+        configured.factory.doStart()
+        configured.apply(replace(config, shutdown_grace=5.0))
+        configured.factory.doStop()
+    lines = [formatEvent(e) for e in events]
+    assert lines == ["configuration applied: 1 routes; backends kept app/127.0.0.1:9000"]
+
+
 # -- in a worker --------------------------------------------------------------------------
 
 

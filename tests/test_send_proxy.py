@@ -67,8 +67,9 @@ def test_an_upgrade_sends_it_before_its_request_and_the_tunnel_follows() -> None
     assert rest.count(b"PROXY") == 0 and backend.received.count(header) == 1
 
 
-def test_a_pooled_connection_serves_only_the_client_connection_it_names() -> None:
-    c = sending("v1")
+@pytest.mark.parametrize("door", DOORS)
+def test_a_pooled_connection_serves_only_the_client_connection_it_names(door: str) -> None:
+    c = sending("v1", door=door)
     first = c.client(port=1)
     first.send(GET)
     c.last("a").send(OK)

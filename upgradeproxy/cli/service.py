@@ -34,7 +34,7 @@ from .._twisted import tcp_server_parts, tls_server_options
 from ..core._backend import BackendSettings
 from ..core._clientlimits import ClientLimits
 from ..core.accesslog import AccessLog, access_log_to
-from ..core.address import BackendAddress, parse_backend
+from ..core.address import BackendAddress, parse_backend, warn_unverified
 from ..core.balancer import BackendGroup
 from ..core.factory import ProxyFactory
 from ..core.proxy import Configuration, Proxy, ProxySettings
@@ -90,21 +90,40 @@ def listeners(config: ProxyConfig) -> list[Listener]:
 Behind = Callable[[IProtocolFactory], IProtocolFactory]
 
 
+def parse_backends(route: RouteConfig, reactor: object) -> list[BackendAddress]:
+    """The addresses of ``route``'s backends, with its connect timeout and TLS settings.
+
+    Raises :class:`~upgradeproxy.core.address.BadBackend` for the first that
+    cannot be used. An unverified backend is warned of by :func:`build_route`.
+    """
+    return [
+        parse_backend(
+            reactor,
+            url,
+            connect_timeout=route.backend_connect_timeout,
+            tls_ca=route.tls_ca,
+            tls_verify=route.tls_verify,
+            warn=False,
+        )
+        for url in route.backends
+    ]
+
+
 def build_route(
     route: RouteConfig, reactor: IReactorTime, *, backends: Sequence[BackendAddress] | None = None
 ) -> Route:
-    """The running route for ``route``; ``backends`` replaces its backend list."""
+    """The running route for ``route``; ``backends``, parsed already, replace its backend list.
+
+    An ``https://`` backend whose certificate is not verified is warned of here,
+    once for each proxy built with it.
+    """
     if backends is None:
-        backends = [
-            parse_backend(
-                reactor,
-                url,
-                connect_timeout=route.backend_connect_timeout,
-                tls_ca=route.tls_ca,
-                tls_verify=route.tls_verify,
-            )
-            for url in route.backends
-        ]
+        backends = parse_backends(route, reactor)
+    if not route.tls_verify:
+        # The demo's backend is given without a URL in the route.
+        for url, backend in zip(route.backends, backends, strict=False):
+            if backend.tls:
+                warn_unverified(url)
     group = BackendGroup(
         backends,
         policy=route.policy,
@@ -159,7 +178,10 @@ def build_configuration(
         for route in config.routes
     )
     access_log = access_log or AccessLog(config.access_log.format)
-    return Configuration(routes, settings_for(config), access_log, config_digest(config))
+    # describe_config's lines say it all, logged at the start and on each reload.
+    return Configuration(
+        routes, settings_for(config), access_log, config_digest(config), log_routes=False
+    )
 
 
 def build_factory(

@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..core.accesslog import FORMATS
-from ..core.address import BackendAddress, BadBackend, parse_backend
+from ..core.address import BackendAddress, BadBackend
 from ..core.proxyprotocol import parse_network
 from ..ops.metrics import read_snapshots
 from ..registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
@@ -52,6 +52,7 @@ from .service import (
     listeners,
     local_snapshots,
     metrics_service,
+    parse_backends,
 )
 from .workers import STOP_MARGIN, WorkerPool, open_sockets
 
@@ -494,14 +495,8 @@ class Options(usage.Options):
         )
         if self["backend"]:
             try:
-                parse_backend(
-                    reactor,
-                    self["backend"],
-                    connect_timeout=route.backend_connect_timeout,
-                    tls_ca=route.tls_ca,
-                    tls_verify=route.tls_verify,
-                    warn=False,  # the factory's build warns, once
-                )
+                # The one parse: a single process proxies with them (see makeService).
+                self["backends"] = parse_backends(route, reactor)
             except BadBackend as e:
                 _exit_usage(str(e))
         try:
@@ -599,6 +594,7 @@ def makeService(options: Options) -> IService:
         return _make_service(
             options["proxy_config"],
             demo=bool(options["demo"]),
+            backends=options.get("backends"),
             addresses=options.get("listen_addresses"),
             read=options.read_config if options["config"] else None,
         )
@@ -611,9 +607,11 @@ def _make_service(
     config: ProxyConfig,
     *,
     demo: bool,
+    backends: list[BackendAddress] | None,
     addresses: list[ListenAddress] | None,
     read: Callable[[], ProxyConfig] | None,
 ) -> IService:
+    """``backends`` are the route's, parsed already (from the command line), or None."""
     from twisted.internet import reactor
 
     log.info("{description}", description=describe_config(config))
@@ -626,7 +624,6 @@ def _make_service(
         assert addresses is not None
         _workers_service(config, addresses, demo_service, read).setServiceParent(top)
         return top
-    backends = None
     if demo_service is not None:
         backends = [BackendAddress(_DemoEndpoint(demo_service), b"", "built-in demo backend")]
     configured = ConfiguredProxy(config, reactor, backends=backends)

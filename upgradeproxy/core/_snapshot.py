@@ -89,13 +89,20 @@ class BackendState:
 
     route: str
     backend: str
+    #: False from a failed connection or health check until one works again,
+    #: even while the backend is still in use (a route's only backend stays).
     healthy: bool
     #: Requests in flight plus tunnels open.
     active: int
     failures: int
+    #: Why it is not healthy; "" while it is.
     last_error: str
     #: True for a backend a reload removed, kept until its last request or tunnel ends.
     draining: bool = False
+    #: False while new requests skip it (see ``Backend.healthy``).
+    in_rotation: bool = True
+    #: Connections to it that failed since the last one that worked.
+    failures_in_a_row: int = 0
 
 
 def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
@@ -107,7 +114,10 @@ def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
 
 
 def backend_state(route: str, b: Backend, draining: bool = False) -> BackendState:
-    return BackendState(route, b.name, b.healthy, b.active, b.failures, b.last_error, draining)
+    return BackendState(
+        route, b.name, not b.down, b.active, b.failures, b.error, draining, b.healthy,
+        b.failures_in_a_row,
+    )  # fmt: skip
 
 
 def backend_states(

@@ -169,6 +169,7 @@ class Backend:
         "active",
         "address",
         "failures",
+        "failures_in_a_row",
         "name",
         "pool",
     )
@@ -183,6 +184,8 @@ class Backend:
         self.active = 0
         #: Connections to it that failed, since the start.
         self.failures = 0
+        #: Connections to it that failed since the last one that worked.
+        self.failures_in_a_row = 0
         self._clock = clock
         self._hash_key = hash_key
         # Why the last connection failed; "" once one succeeds again.
@@ -217,8 +220,11 @@ class Backend:
     @property
     def last_error(self) -> str:
         """Why it is not :attr:`healthy`, in words; ``""`` when it is."""
-        if self.healthy:
-            return ""
+        return "" if self.healthy else self.error
+
+    @property
+    def error(self) -> str:
+        """Why it is :attr:`down`, in words, even while it is still tried; ``""`` when it is not."""
         return self._check_error or self._unreachable
 
     def __repr__(self) -> str:
@@ -352,6 +358,7 @@ class BackendGroup:
         was_down = backend.down
         now = self._clock.seconds()
         backend.failures += 1
+        backend.failures_in_a_row += 1
         backend._unreachable = reason
         backend._failed_at = now
         if self._only is not None:
@@ -381,6 +388,7 @@ class BackendGroup:
         """A connection to ``backend`` was made: it works again if it did not."""
         if backend._unreachable:
             backend._unreachable = ""
+            backend.failures_in_a_row = 0
             self._maybe_back(backend)
 
     # -- active health ---------------------------------------------------------------
@@ -453,6 +461,7 @@ class BackendGroup:
             return
         # The check connected, so connections work again too.
         backend._unreachable = ""
+        backend.failures_in_a_row = 0
         if was_down:
             self._maybe_back(backend)
 

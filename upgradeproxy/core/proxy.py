@@ -121,6 +121,10 @@ class Configuration:
     #: Names this configuration's content, for metrics; the twistd plugin
     #: sets a hash of the checked configuration. "" when nobody named it.
     digest: str = ""
+    #: Log a line per route (its backends and validators) when the proxy
+    #: starts and when it is reconfigured; the twistd plugin, which logs a
+    #: fuller description of its configuration, turns it off.
+    log_routes: bool = True
     router: Router = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -395,16 +399,20 @@ class Proxy:
 
     def _start_routes(self, routes: Sequence[Route]) -> None:
         for route in routes:
-            names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
-            backends = ", ".join(b.name for b in route.group.backends)
-            where = " ".join([*route.hosts, route.path]) if len(routes) > 1 else ""
-            self.log.info(
-                "proxying {where}to {backends}; upgrade validators: {validators}",
-                where=f"{where} " if where else "",
-                backends=backends,
-                validators=names,
-            )
+            if self._configuration.log_routes:
+                self._log_route(route, len(routes) > 1)
             route.group.start()
+
+    def _log_route(self, route: Route, several: bool) -> None:
+        names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
+        backends = ", ".join(b.name for b in route.group.backends)
+        where = " ".join([*route.hosts, route.path]) if several else ""
+        self.log.info(
+            "proxying {where}to {backends}; upgrade validators: {validators}",
+            where=f"{where} " if where else "",
+            backends=backends,
+            validators=names,
+        )
 
     def stop(self) -> None:
         """Stop the health checks and close idle backend connections."""
@@ -541,8 +549,9 @@ class Proxy:
     def keep_private(self, client: object, backend: BackendConnection) -> None:
         """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
 
-        Only for connections the proxy tracks (a twisted.web door's are not:
-        its private connections close at the pool's idle timeout).
+        Only for connections the proxy tracks (the twisted.web door tracks each
+        request apart from its client side, since twisted.web's connection
+        outlives it: its private connections close at the pool's idle timeout).
         """
         if client in self.connections:
             self._private[client] = backend

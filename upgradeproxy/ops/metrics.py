@@ -36,7 +36,9 @@ The metrics (counters are cumulative since the process started):
     Bytes moved through tunnels, live ones included; ``direction`` is
     ``client_to_backend`` or ``backend_to_client``.
 ``upgradeproxy_backend_up{route, backend}`` (gauge)
-    1 while the backend is considered healthy, 0 while it is down.
+    1 while the backend is considered healthy, 0 while it is down: from a
+    failed connection or health check until one works again, also while a
+    route's only backend is still in use.
 ``upgradeproxy_backend_active{route, backend}`` (gauge)
     Requests and tunnels using the backend now.
 ``upgradeproxy_backend_failures_total{route, backend}``

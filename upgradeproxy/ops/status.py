@@ -205,7 +205,14 @@ def _limits(snapshots: _Snapshots) -> str:
 
 
 def _health(backend: Mapping[str, Any]) -> str:
-    health = "healthy" if backend["healthy"] else "down"
+    if backend["healthy"]:
+        health = "healthy"
+    elif backend["in_rotation"]:
+        # A route's only backend, or one tried again after its fail timeout.
+        failed = backend["failures_in_a_row"]
+        health = f"failing ({failed} failed connection{'s' * (failed != 1)} in a row), still in use"
+    else:
+        health = "down"
     return f"{health}, draining (removed by a reload)" if backend["draining"] else health
 
 
