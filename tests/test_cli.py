@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -320,3 +321,16 @@ def test_importing_the_package_leaves_the_command_line_and_the_version_lookup_ou
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout == "[]\n"
+
+
+def test_workers_auto_is_one_per_usable_cpu_and_check_shows_how_many(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    with pytest.raises(SystemExit) as exited:
+        parsed(*BACKEND, "--listen", "tcp:8080:interface=127.0.0.1", "--workers", "auto", "--check")
+    assert exited.value.code == 0
+    assert "; 3 workers" in capsys.readouterr().out.splitlines()[0]
+    # Given one CPU (taskset -c 1), "auto" serves in this one process, as --workers 1 does.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert parsed(*BACKEND, "--workers", "auto").workers == 1

@@ -121,10 +121,18 @@ def proxy_protocol_version(value: Any) -> str:
     )
 
 
-def workers(value: Any) -> int:
-    """A number of processes, or "auto" for one per core."""
-    if value == "auto":
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def workers(value: Any) -> int:
+    """A number of processes, or "auto" for one per core this process may run on."""
+    if value == "auto":
+        return usable_cpus()
     if _is_whole(value) and value > 0:
         return int(value)
     raise ValueError(f'must be a number of processes (1 or more) or "auto", not {show(value)}')

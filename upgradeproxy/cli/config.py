@@ -9,7 +9,7 @@ running services.
 The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
 
     listen = ["tcp:8080"]           # Twisted server endpoints; absent: tcp:8080:interface=127.0.0.1
-    workers = 1                     # or "auto": one per core
+    workers = 1                     # or "auto": one per CPU it may run on
     metrics = "tcp:9100:interface=127.0.0.1"
     forward_h2c = false
     splice = true

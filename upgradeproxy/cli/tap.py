@@ -204,8 +204,8 @@ _SETTINGS = {
         "workers",
         _values.workers,
         None,
-        "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one "
-        "per core. With more than one, a parent process starts, watches and restarts them",
+        "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one per "
+        "CPU it may run on. With more than one, a parent process starts, watches and restarts them",
     ),
 }
 
