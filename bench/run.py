@@ -2,8 +2,9 @@
 """upgradeproxy's benchmark, in one command: ``python3 bench/run.py``.
 
 Builds the C load generator and backend (``bench/c``, into ``bench/build``),
-runs every scenario against a direct connection, upgradeproxy and whichever
-of nginx, HAProxy and Caddy are installed, and prints one table.
+runs every scenario against a direct connection, upgradeproxy, whichever
+of nginx, HAProxy and Caddy are installed, and mitmproxy and proxy.py (from
+PyPI, into ``bench/build/peers``), and prints one table.
 ``python3 bench/run.py --help`` lists the options; ``bench/README.md``
 explains the scenarios and how to read the table. The work is done by
 :mod:`benchkit` (next to this file).

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
-from e2e_support import chromium, curl, node  # noqa: F401  (fixtures of the end-to-end tests)
+from e2e_support import chromium, curl, haproxy, node  # noqa: F401  (fixtures of the end-to-end tests)
 from loopback import Loopback
 from twistd_support import processes  # noqa: F401  (a fixture of the twistd tests)
 

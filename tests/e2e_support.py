@@ -431,6 +431,15 @@ WRITE_OUT = "%{num_connects} %{http_code} %{size_download}\\n"
 
 
 @pytest.fixture(scope="module")
+def haproxy() -> str:
+    # Debian installs it in /usr/sbin, which a user's PATH may not have.
+    path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if path is None:
+        pytest.skip("haproxy is not installed (see .ci/install-e2e)")
+    return path
+
+
+@pytest.fixture(scope="module")
 def curl() -> str:
     path = shutil.which("curl")
     if path is None:

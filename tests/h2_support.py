@@ -110,7 +110,7 @@ class H2Client:
             back = self.transport.value()
             self.transport.clear()
             if back:
-                back, goaways = _without_goaway(back)
+                back, goaways = without_goaway(back)
                 if back:
                     new += self.h2.receive_data(back)
                 new += goaways
@@ -160,7 +160,7 @@ class H2Client:
         return found[-1] if found else None
 
 
-def _without_goaway(data: bytes) -> tuple[bytes, list[Event]]:
+def without_goaway(data: bytes) -> tuple[bytes, list[Event]]:
     """``data`` less its GOAWAY frames, and those as events.
 
     After h2 receives GOAWAY it takes no more frames, even of the streams
@@ -210,4 +210,12 @@ class Response:
         return cls(headers, status, body, ended, reset)
 
 
-__all__ = ["H2Client", "Response", "SettingCodes", "h2_cluster", "request", "websocket"]
+__all__ = [
+    "H2Client",
+    "Response",
+    "SettingCodes",
+    "h2_cluster",
+    "request",
+    "websocket",
+    "without_goaway",
+]

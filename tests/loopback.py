@@ -559,6 +559,14 @@ class Loopback:
         self.proxies.append(proxy)
         return proxy
 
+    def listen(self, proxy: ProxyFactory, factory: Any = None) -> Proxy:
+        """Listen on 127.0.0.1 with ``factory`` (a wrapper around ``proxy``, or ``proxy``)."""
+        port = reactor.listenTCP(0, factory or proxy, interface=HOST)
+        self._ports.append(port)
+        listening = Proxy(proxy, port.getHost().port)
+        self.proxies.append(listening)
+        return listening
+
     def client(self, port: int, timeout: float = TIMEOUT) -> Client:
         """A connected client socket (connecting to a loopback listener does not block)."""
         client = Client(port, timeout)

@@ -148,6 +148,8 @@ class Cluster:
                 settings=BackendSettings(),
                 fail_timeout=spec.pop("fail_timeout", 10.0),
                 route=name,
+                send_proxy=spec.pop("send_proxy", None),
+                health=spec.pop("health", None),
             )
             validators = (RFC9110Validator(), WebSocketValidator())
             built.append(Route(name, group, validators, **spec))

@@ -429,6 +429,21 @@ def test_a_sole_backend_stays_in_rotation_after_a_failed_connection(
     assert lines(logs)[1:] == [("info", "backend 10.0.0.1:9000 of route api is back in use")]
 
 
+def test_failed_connections_in_a_row_are_counted_until_a_connection_or_check_works() -> None:
+    s = checked_group(1)
+    for _ in range(3):
+        refused(s, s.a)
+    assert s.a.failures_in_a_row == 3 and s.a.error == "Connection refused"
+    assert s.a.last_error == "", "still in use: it is the route's only backend"
+    s.group.connect_succeeded(s.a)
+    assert s.a.failures_in_a_row == 0 and s.a.error == ""
+    refused(s, s.a)
+    s.endpoints[0].last.accept()
+    s.endpoints[0].last.reply(OK)
+    assert s.a.failures_in_a_row == 0 and s.a.failures == 4 and not s.a.down
+    s.group.stop()
+
+
 def test_a_sole_backend_failing_its_check_is_down_but_still_tried() -> None:
     s = checked_group(1)
     s.endpoints[0].last.accept()

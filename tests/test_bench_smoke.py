@@ -6,11 +6,15 @@ base64, and runs the load generator against the backend directly for a very
 short round-trip run and handshake run. It also checks the helpers the
 ``http-workers`` scenario relies on: counting each process's connections,
 waiting until every process answers, metering CPU with nothing pinned, and
-starting upgradeproxy with ``--workers``. For the HTTP/2 scenarios it runs
-``h2ws`` (WebSocket over HTTP/2, and over TLS HTTP/1.1) and ``h2load``
+starting upgradeproxy with ``--workers``; and what the all-cores scenarios
+and the Python peers rely on: two load generators on separate source
+addresses, programs run side by side, each proxy's one-worker and all-cores
+configuration, proxy.py's route plugin, and installing the peers (reused when
+there, skipped with the reason when pip fails). For the HTTP/2 scenarios it
+runs ``h2ws`` (WebSocket over HTTP/2, and over TLS HTTP/1.1) and ``h2load``
 through HAProxy configured as they configure it, where HAProxy is installed.
-upgradeproxy is not run: this only proves that ``python3 bench/run.py``
-still has working tools.
+upgradeproxy is not run: this only proves that ``python3 bench/run.py`` still
+has working tools.
 """
 
 from __future__ import annotations
@@ -35,7 +39,16 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from benchkit import build, http2, procs, report, scenarios, targets  # noqa: E402 (bench/ is not on the path)
+from benchkit import (  # noqa: E402 (bench/ is not on the path)
+    allcores,
+    build,
+    http2,
+    peers,
+    procs,
+    report,
+    scenarios,
+    targets,
+)
 
 pytestmark = pytest.mark.loopback
 
@@ -189,7 +202,7 @@ def test_http_workers_pins_nothing_and_passes_workers_to_upgradeproxy(
     assert workers.runs_on("upgradeproxy") and not workers.runs_on("nginx")
     unpinned = workers.context(ctx)
     assert (unpinned.load_cpu, unpinned.proxy_cpu, unpinned.workers) == (None, None, 1)
-    assert chosen["http"].context(ctx) == ctx
+    assert chosen["http"].context(ctx) == replace(ctx, keep_alive=True)
 
     def argv(context: targets.Context) -> list[str]:
         return targets.UpgradeProxy().prepare(context, 8080, 9000, tmp_path).argv
@@ -347,3 +360,147 @@ def test_the_http2_scenarios_measure_through_haproxy(
         outcome = run(ctx, settings, haproxy_over_tls, backend)
         assert (outcome.problems, outcome.unsupported) == ([], None)
         assert outcome.values and all(value for value in outcome.values.values()), outcome.values
+
+
+def test_two_load_generators_use_separate_source_addresses(programs: build.Programs) -> None:
+    with socket.create_server((procs.HOST, 0)) as server:
+        server.settimeout(5)
+        argv = [str(programs.loadgen), "handshake", "--port", str(server.getsockname()[1])]
+        argv += ["--conns", "1", "--src-ips", "1", "--src-ip-first", "17"]
+        argv += ["--warmup", "0", "--duration", "0.2", "--timeout", "1"]
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL) as loadgen:
+            accepted, (address, _) = server.accept()
+            accepted.close()
+            assert loadgen.wait(timeout=10) == 0
+    assert address == "127.0.0.17"
+
+
+def test_run_json_all_returns_each_programs_object_in_order() -> None:
+    argvs = [[sys.executable, "-c", f"print('noise'); print('{{\"n\": {n}}}')"] for n in (1, 2)]
+    assert procs.run_json_all(argvs, cpu=None, timeout=20) == [{"n": 1}, {"n": 2}]
+    with pytest.raises(RuntimeError, match="failed \\(status 3\\)"):
+        procs.run_json_all([argvs[0], [sys.executable, "-c", "exit(3)"]], cpu=None, timeout=20)
+
+
+@pytest.fixture
+def ctx(programs: build.Programs, tmp_path: Path) -> targets.Context:
+    return targets.Context(
+        programs=programs,
+        workdir=tmp_path,
+        load_cpu=0,
+        proxy_cpu=1,
+        nofile=4096,
+        twistd="twistd",
+        peers=tmp_path / "peers",
+    )
+
+
+def test_all_cores_scenarios_pin_nothing_and_start_with_one_worker(ctx: targets.Context) -> None:
+    chosen = {s.name: s for s in allcores.all_cores_scenarios()}
+    assert set(chosen) == {"http-all-cores", "handshake-all-cores"}
+    for scenario in chosen.values():
+        one = scenario.context(ctx)
+        assert (one.load_cpu, one.proxy_cpu, one.workers, one.all_cores) == (None, None, 1, False)
+        assert scenario.runs_on("nginx") and scenario.runs_on("proxy.py")
+    assert chosen["http-all-cores"].context(ctx).keep_alive
+    assert not chosen["handshake-all-cores"].context(ctx).keep_alive
+
+
+def _launch(target: targets.Target, context: targets.Context, rundir: Path) -> targets.Launch:
+    rundir.mkdir(exist_ok=True)
+    return target.prepare(context, 8080, 9000, rundir)
+
+
+def test_each_proxy_has_a_one_worker_and_an_all_cores_configuration(
+    ctx: targets.Context, tmp_path: Path
+) -> None:
+    every = replace(ctx, all_cores=True, workers=None)
+    one = replace(ctx, workers=1)
+    by_name = {target.name: target for target in peers.ALL}
+
+    def nginx(context: targets.Context) -> str:
+        _launch(by_name["nginx"], context, tmp_path / "nginx")
+        return (tmp_path / "nginx" / "nginx.conf").read_text()
+
+    assert "worker_processes 1;" in nginx(one)
+    assert "worker_processes auto;" in nginx(every)
+
+    def haproxy(context: targets.Context) -> str:
+        _launch(by_name["haproxy"], context, tmp_path / "haproxy")
+        return (tmp_path / "haproxy" / "haproxy.cfg").read_text()
+
+    assert "nbthread 1" in haproxy(one)
+    assert "nbthread" not in haproxy(every)
+
+    def gomaxprocs(context: targets.Context) -> str | None:
+        env = _launch(by_name["caddy"], context, tmp_path / "caddy").env
+        assert env is not None
+        return env.get("GOMAXPROCS")
+
+    assert gomaxprocs(one) == "1"
+    assert gomaxprocs(every) is None
+
+    def upgradeproxy(context: targets.Context) -> list[str]:
+        return _launch(by_name["upgradeproxy"], context, tmp_path / "up").argv
+
+    assert upgradeproxy(one)[-2:] == ["--workers", "1"]
+    assert upgradeproxy(every)[-2:] == ["--workers", "auto"]
+
+    def proxy_py(context: targets.Context) -> list[str]:
+        return _launch(by_name["proxy.py"], context, tmp_path / "proxy.py").argv
+
+    assert proxy_py(one)[-4:] == ["--num-acceptors", "1", "--num-workers", "1"]
+    assert proxy_py(one)[-6:-4] == ["--timeout", "3600"]  # idle tunnels stay open
+    assert "--num-acceptors" not in proxy_py(every)
+    mitmproxy = _launch(by_name["mitmproxy"], every, tmp_path / "mitmproxy").argv
+    assert mitmproxy[1:3] == ["--mode", "reverse:http://127.0.0.1:9000"]
+
+
+def test_proxy_py_routes_every_path_to_the_backend_and_runs_threaded_for_keep_alive(
+    ctx: targets.Context, tmp_path: Path
+) -> None:
+    launch = _launch(peers.ProxyPy(), ctx, tmp_path)
+    assert "--threaded" not in launch.argv  # its default, threadless, for tunnels
+    assert "--threaded" in _launch(peers.ProxyPy(), replace(ctx, keep_alive=True), tmp_path).argv
+    plugin = (tmp_path / "benchroute.py").read_text()
+    assert 'UPSTREAM = b"http://127.0.0.1:9000"' in plugin
+    assert "UPSTREAM + request.path" in plugin
+    assert launch.env is not None and launch.env["PYTHONPATH"] == str(tmp_path)
+    assert launch.argv[launch.argv.index("--plugins") + 1] == "benchroute.BackendRoute"
+
+
+def _fake_venv(venv: Path, version: str | None, pip_exit: int) -> Path:
+    """A virtualenv whose python reports ``version`` installed (None: not) and whose pip fails."""
+    (venv / "bin").mkdir(parents=True)
+    log = venv / "calls"
+    found = f"echo {version}; exit 0" if version else "exit 1"
+    (venv / "bin" / "python").write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        f'if [ "$1" = "-c" ]; then {found}; fi\n'
+        'echo "ERROR: Could not find a version that satisfies the requirement" >&2\n'
+        f"exit {pip_exit}\n"
+    )
+    (venv / "bin" / "python").chmod(0o755)
+    return log
+
+
+def test_python_peers_are_reused_when_installed_at_their_version(tmp_path: Path) -> None:
+    requirement = peers.Mitmproxy.requirement
+    log = _fake_venv(tmp_path / "peers", requirement.version, pip_exit=1)
+    assert peers.ensure(tmp_path / "peers", requirement) is None
+    assert "pip" not in log.read_text()
+
+
+def test_python_peers_that_cannot_be_installed_are_skipped_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requirement = peers.ProxyPy.requirement
+    log = _fake_venv(tmp_path / "peers", None, pip_exit=1)
+    reason = peers.ensure(tmp_path / "peers", requirement)
+    assert reason == (
+        "cannot install proxy.py==2.4.10 from PyPI (no network?): "
+        "ERROR: Could not find a version that satisfies the requirement"
+    )
+    assert "-m pip install" in log.read_text() and "proxy.py==2.4.10" in log.read_text()
+    assert "installing proxy.py==2.4.10" in capsys.readouterr().err

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import upgradeproxy
 from upgradeproxy.__main__ import main
+from upgradeproxy.cli import service, tap
 from upgradeproxy.cli.config import DEFAULT_LISTEN, ProxyConfig
 from upgradeproxy.cli.tap import Options
+from upgradeproxy.core import address
 from upgradeproxy.registry import BadValidator, ValidatorPlugin, build_chain
 from upgradeproxy.validators import WebSocketValidator
 
@@ -226,6 +230,35 @@ def test_every_route_option_beside_a_file_is_named(
     )
 
 
+# -- the backend ---------------------------------------------------------------------------
+
+
+def test_a_backend_given_on_the_command_line_is_parsed_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls: list[str] = []
+    split = address._split_url
+
+    def counted(text: str) -> Any:
+        urls.append(text)
+        return split(text)
+
+    monkeypatch.setattr(address, "_split_url", counted)  # where every backend URL is parsed
+    monkeypatch.setattr(tap.Reloader, "install", lambda self: None)  # no SIGHUP handler here
+    options = Options()
+    options.parseOptions([*BACKEND, "--listen", "tcp:0:interface=127.0.0.1"])
+    top = tap.makeService(options)
+    try:
+        assert urls == ["http://127.0.0.1:9000"]
+    finally:
+        for child in top:
+            if isinstance(child, service.ProxyService):
+                child.close_listeners([])
+    assert refused(capsys, "--backend", "ftp://x").startswith(
+        "upgradeproxy: backend URL 'ftp://x' must start with http:// or https://"
+    ), "a mistake is reported once, in one line"
+
+
 # -- where it listens ----------------------------------------------------------------------
 
 
@@ -288,3 +321,16 @@ def test_importing_the_package_leaves_the_command_line_and_the_version_lookup_ou
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout == "[]\n"
+
+
+def test_workers_auto_is_one_per_usable_cpu_and_check_shows_how_many(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    with pytest.raises(SystemExit) as exited:
+        parsed(*BACKEND, "--listen", "tcp:8080:interface=127.0.0.1", "--workers", "auto", "--check")
+    assert exited.value.code == 0
+    assert "; 3 workers" in capsys.readouterr().out.splitlines()[0]
+    # Given one CPU (taskset -c 1), "auto" serves in this one process, as --workers 1 does.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert parsed(*BACKEND, "--workers", "auto").workers == 1

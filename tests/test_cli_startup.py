@@ -141,7 +141,7 @@ def test_the_start_up_log_shows_validator_arguments_and_settings(tmp_path: Path)
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 20
-        while "Main loop" not in (text := log_path.read_text()) and "proxying" not in text:
+        while "Main loop" not in (text := log_path.read_text()) and "reactor class" not in text:
             assert process.poll() is None and time.monotonic() < deadline, text
             time.sleep(0.05)
     finally:
@@ -152,6 +152,8 @@ def test_the_start_up_log_shows_validator_arguments_and_settings(tmp_path: Path)
         "tunnel idle timeout off; tunnel lifetime 60 s; max body none"
     ) in text
     assert "access log (text) to the main log; client head timeout 60 s" in text
+    assert text.count("listening on tcp:0:interface=127.0.0.1; 1 route, 1 backend") == 1
+    assert "proxying" not in text, "the start is described once"
 
 
 # -- the pool's decision, in memory --------------------------------------------------------

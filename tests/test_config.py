@@ -127,8 +127,16 @@ def test_listen_may_be_one_string() -> None:
 
 
 def test_workers_auto_is_one_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     assert parse('workers = "auto"\n' + ROUTE).workers == 6
+
+
+def test_workers_auto_counts_the_cores_it_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under "taskset -c 1" (or in a container given two of the host's 64 CPUs)
+    # one worker per core of the machine would crowd onto the allowed ones.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 5})
+    assert parse('workers = "auto"\n' + ROUTE).workers == 2
 
 
 def test_routes_take_the_global_timeouts_and_limits_unless_they_set_their_own() -> None:
@@ -596,7 +604,7 @@ def test_a_key_written_in_the_wrong_table_says_where_it_belongs() -> None:
     ) == [
         "proxy.toml:1: max_connections: unknown key here; it belongs in [limits]",
         "proxy.toml:3: timeouts.max_request_body: unknown key here; "
-        "it belongs in [limits] or [[route]]",
+        "it belongs in [limits] or [[route]] or [route.limits]",
         "proxy.toml:6: route[1].tunnel_idle: unknown key here; "
         "it belongs in [timeouts] or [route.timeouts]",
         "proxy.toml:8: route[1].timeouts.client_head: unknown key here; it belongs in [timeouts]",

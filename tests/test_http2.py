@@ -14,17 +14,26 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.settings import SettingCodes
-from h2_support import LAX, H2Client, h2_cluster, request, websocket
+from h2_support import LAX, H2Client, h2_cluster, request, websocket, without_goaway
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 from support import GET, OK, SWITCH, Cluster
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import formatEvent
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
-from upgradeproxy import rfc6455
+from upgradeproxy import ProxySettings, rfc6455
 from upgradeproxy.core._client import ClientConnection
-from upgradeproxy.core._http2 import FLOOD_LIMIT, INTERVAL, PREFACE, RESET_LIMIT, HTTP2Connection
+from upgradeproxy.core._http2 import (
+    FLOOD_LIMIT,
+    INTERVAL,
+    PREFACE,
+    RESET_LIMIT,
+    STREAM_CEILING,
+    HTTP2Connection,
+)
+from upgradeproxy.core._proxyheader import ProxiedAddress
 from upgradeproxy.core.accesslog import AccessLog
 from upgradeproxy.interfaces import IUpgradeValidator, UpgradeAttempt
 from upgradeproxy.testing import MemoryTransport
@@ -983,3 +992,115 @@ def test_the_backend_s_trailers_end_the_stream_without_framing_fields() -> None:
     assert trailers.headers == [(b"grpc-status", b"0")]
     assert client.response(stream).body == b"ok"
     assert cluster.last("a").protocol.is_idle
+
+
+def test_behind_a_proxy_protocol_balancer_a_stream_names_the_client_the_header_named() -> None:
+    cluster = h2_cluster()
+    client = IPv4Address("TCP", "198.51.100.4", 40000)
+    address = ProxiedAddress(client, IPv4Address("TCP", "203.0.113.1", 443), "balancer")
+    protocol = cluster.factory.buildProtocol(address)
+    assert protocol is not None
+    transport = MemoryTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+        peerAddress=IPv4Address("TCP", "10.0.0.9", 50000),
+    )
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    transport.protocol.dataReceived(h2.data_to_send())
+    assert b"\r\nX-Forwarded-For: 198.51.100.4\r\n" in cluster.last("a").received
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "streamed"])
+def test_bodies_refused_give_the_connection_s_window_back(held: bool) -> None:
+    cluster = h2_cluster({"default": {"backends": ["a"], "max_request_body": 10}})
+    endpoint = cluster.endpoints["a"]
+    endpoint.hold_connections = held
+    client = H2Client(cluster.factory)
+    body = b"x" * 60_000
+    # More than the connection's window in all, even counting only the first
+    # DATA frame of each: it must come back stream after stream.
+    for _ in range(450):
+        stream = client.get(request(b"/up", b"POST"), end=False)
+        client.send(stream, body)
+        if held:
+            assert client.h2.local_flow_control_window(stream) == 65_535 - len(body)
+            endpoint.complete_connection()
+            client.pump()
+        assert client.response(stream).status == 413
+    assert client.h2.outbound_flow_control_window >= 65_535
+
+
+def test_streams_far_over_the_limit_in_one_read_end_the_connection() -> None:
+    cluster = h2_cluster(http2_max_concurrent_streams=2)
+    cluster.endpoints["a"].hold_connections = True
+    client = H2Client(cluster.factory)
+    client.ignore_stream_limit()
+    for _ in range(2 * STREAM_CEILING + 1):
+        client.h2.send_headers(client.h2.get_next_available_stream_id(), request())
+    client.pump()
+    goaway = client.goaway()
+    assert goaway is not None and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert client.closed
+
+
+def test_a_tunnel_whose_client_keeps_its_window_shut_is_closed_after_the_stall_timeout() -> None:
+    cluster = h2_cluster(http2_stall_timeout=20)
+    client = H2Client(cluster.factory, window=5)
+    stream, backend = open_websocket(cluster, client)
+    backend.send(b"more than five bytes")
+    assert backend.transport.producerState == "paused"
+    cluster.clock.advance(20)
+    client.pump()
+    assert client.response(stream).reset == ErrorCodes.CANCEL
+    assert backend.closed
+    assert not cluster.proxy.tunnels
+
+
+def tls_client_connection(cluster: Cluster) -> tuple[Any, MemoryTransport]:
+    """A client connection whose transport says it is TLS, its handshake not done yet."""
+    transport = MemoryTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+        peerAddress=IPv4Address("TCP", "192.0.2.7", 50000),
+    )
+    directlyProvides(transport, ISSLTransport)
+    transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+    protocol = cluster.factory.buildProtocol(transport.getPeer())
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_a_tls_client_over_the_limit_that_chose_h2_gets_its_503_in_http2() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0))
+    protocol, transport = tls_client_connection(cluster)
+    assert transport.value() == b"", "the answer waits for ALPN"
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.handshakeCompleted()
+    h2 = H2Connection(LAX)
+    h2.initiate_connection()
+    h2.send_headers(1, request(), end_stream=True)
+    transport.protocol.dataReceived(h2.data_to_send())
+    frames, goaways = without_goaway(transport.value())
+    [response] = [e for e in h2.receive_data(frames) if isinstance(e, ResponseReceived)]
+    assert dict(response.headers)[b":status"] == b"503"
+    assert len(goaways) == 1
+    assert cluster.count("a") == 0
+
+
+def test_a_tls_client_over_the_limit_that_chose_http_1_1_gets_its_503_after_the_handshake() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0))
+    protocol, transport = tls_client_connection(cluster)
+    assert transport.value() == b""
+    transport.negotiatedProtocol = b"http/1.1"  # type: ignore[attr-defined]
+    protocol.handshakeCompleted()
+    assert transport.value().startswith(b"HTTP/1.1 503 ")
+
+
+def test_a_tls_client_that_never_finishes_its_handshake_is_closed_after_the_head_timeout() -> None:
+    cluster = Cluster(settings=ProxySettings(max_connections=0, request_head_timeout=5))
+    _, transport = tls_client_connection(cluster)
+    cluster.clock.advance(5)
+    assert not transport.connected

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import GET, OK, Cluster
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -71,7 +72,10 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "reason": "Origin https://evil.example is not allowed",
             },
         ],
-        "limit_rejections": [{"limit": "max_connections", "count": 4}],
+        "limit_rejections": [
+            {"limit": "max_connections", "count": 4},
+            {"limit": "client_upgrade_rate", "count": 3},
+        ],
         "tunnels": [
             {
                 "protocol": "websocket",
@@ -110,6 +114,8 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 0,
                 "last_error": "",
                 "draining": False,
+                "in_rotation": True,
+                "failures_in_a_row": 0,
             },
             {
                 "route": "chat",
@@ -119,6 +125,8 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 6,
                 "last_error": "connection refused",
                 "draining": False,
+                "in_rotation": False,
+                "failures_in_a_row": 6,
             },
             {
                 "route": "old",
@@ -128,9 +136,18 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "failures": 0,
                 "last_error": "",
                 "draining": True,
+                "in_rotation": True,
+                "failures_in_a_row": 0,
             },
         ],
-        "limits": {"max_connections": 1000, "max_tunnels": None},
+        "limits": {
+            "max_connections": 1000,
+            "max_tunnels": None,
+            "client_connections": 50,
+            "client_tunnels": None,
+            "client_upgrade_rate": 2.5,
+        },
+        "client_entries": 12,
         "config": {
             "loaded": NOW - 60,
             "digest": "3f2a9c0d1e4b5a67",
@@ -184,6 +201,7 @@ def test_collector_reports_every_metric_of_one_process() -> None:
             stage="response",
         ): 1,
         key("upgradeproxy_limit_rejections_total", limit="max_connections"): 4,
+        key("upgradeproxy_limit_rejections_total", limit="client_upgrade_rate"): 3,
         key("upgradeproxy_tunnels_active", protocol="websocket"): 2,
         key("upgradeproxy_tunnels_active", protocol="proxmox-backup-protocol-v1"): 0,
         key("upgradeproxy_tunnels_total", protocol="websocket"): 7,
@@ -210,6 +228,9 @@ def test_collector_reports_every_metric_of_one_process() -> None:
         key("upgradeproxy_client_connections_open"): 3,
         key("upgradeproxy_client_connections_total"): 17,
         key("upgradeproxy_limit", name="max_connections"): 1000,
+        key("upgradeproxy_limit", name="client_connections"): 50,
+        key("upgradeproxy_limit", name="client_upgrade_rate"): 2.5,
+        key("upgradeproxy_client_limit_entries"): 12,
         key("upgradeproxy_started_time_seconds"): NOW - 600,
     }
 
@@ -232,6 +253,7 @@ def test_collector_declares_counters_and_gauges() -> None:
         "upgradeproxy_client_connections_open": "gauge",
         "upgradeproxy_client_connections": "counter",
         "upgradeproxy_limit": "gauge",
+        "upgradeproxy_client_limit_entries": "gauge",
         "upgradeproxy_started_time_seconds": "gauge",
         "upgradeproxy_backend_draining": "gauge",
         "upgradeproxy_config_reloads": "counter",
@@ -257,6 +279,8 @@ def test_collector_labels_every_series_with_its_worker() -> None:
     assert limits == {
         frozenset({("worker", "0"), ("name", "max_tunnels")}): 50,
         frozenset({("worker", "1"), ("name", "max_connections")}): 1000,
+        frozenset({("worker", "1"), ("name", "client_connections")}): 50,
+        frozenset({("worker", "1"), ("name", "client_upgrade_rate")}): 2.5,
     }
 
 
@@ -491,6 +515,35 @@ def test_status_page_shows_backend_health() -> None:
     ) in text
 
 
+def test_a_route_s_only_backend_that_fails_is_shown_failing_not_healthy() -> None:
+    # A route's only backend stays in use while it fails: the status and the
+    # metrics must still say that it fails, and since when.
+    c = Cluster()
+    c.endpoints["a"].refuse = True
+    for port in (1, 2):
+        c.client(port=port).send(GET)
+    snapshot = c.proxy.snapshot()
+    text = page([(None, snapshot)])
+    assert (
+        '<tr class="down"><td>default</td><td>a</td>'
+        "<td>failing (2 failed connections in a row), still in use</td><td>0</td><td>2</td>"
+        "<td>Connection was refused by other side: scripted refusal.</td></tr>"
+    ) in text
+    metrics = samples_of(exposition(alone(snapshot)))
+    assert metrics[key("upgradeproxy_backend_up", route="default", backend="a")] == 0
+    c.endpoints["a"].refuse = False
+    client = c.client(port=3)
+    client.send(GET)
+    c.last("a").send(OK)
+    snapshot = c.proxy.snapshot()
+    text = page([(None, snapshot)])
+    assert "<tr><td>default</td><td>a</td><td>healthy</td><td>0</td><td>2</td><td></td></tr>" in (
+        text
+    )
+    metrics = samples_of(exposition(alone(snapshot)))
+    assert metrics[key("upgradeproxy_backend_up", route="default", backend="a")] == 1
+
+
 def test_status_page_shows_the_configuration_and_its_reloads() -> None:
     text = page([(None, make_snapshot())])
     assert (
@@ -499,6 +552,15 @@ def test_status_page_shows_the_configuration_and_its_reloads() -> None:
     ) in text
     config = dict(make_snapshot()["config"], last_reload_ok=True)
     assert "<td>ok</td></tr>" in page([(None, make_snapshot(config=config))])
+
+
+def test_status_page_shows_what_the_limits_turned_away_summed_over_workers() -> None:
+    text = page([("0", make_snapshot()), ("1", make_snapshot(client_entries=3))])
+    assert "<tr><td>client_upgrade_rate</td><td>6</td></tr>" in text
+    assert "<tr><td>max_connections</td><td>8</td></tr>" in text
+    assert "15 client addresses tracked by per-client limits" in text
+    quiet = page([(None, make_snapshot(limit_rejections=[]))])
+    assert "Nothing turned away by a limit." in quiet
 
 
 def test_status_page_lists_refusals_of_the_last_15_minutes() -> None:

@@ -281,15 +281,19 @@ def test_a_tunnel_is_closed_at_its_maximum_lifetime() -> None:
 # -- graceful shutdown ------------------------------------------------------------------
 
 
-def test_a_graceful_shutdown_lets_a_request_finish_and_closes_a_tunnel_after_the_grace() -> None:
-    c = Cluster()
+@pytest.mark.parametrize("door", DOORS)
+def test_a_graceful_shutdown_lets_a_request_finish_and_closes_a_tunnel_after_the_grace(
+    door: str,
+) -> None:
+    c = Cluster(door=door)
     tunnel = _tunnel(c, port=1)
     busy = c.client(port=2)
     busy.send(GET)
     idle = c.client(port=3)
     with capturedLogs() as logs:
         drained = c.proxy.drain(30)
-        assert idle.closed, "an idle connection closes at once"
+        if door == "listening":  # an idle twisted.web connection is its site's to close
+            assert idle.closed, "an idle connection closes at once"
         assert not busy.closed and not tunnel.closed
         c.last("a").send(OK)
         assert busy.received.endswith(b"hello") and b"Connection: close" in busy.received
@@ -311,8 +315,9 @@ def test_a_shutdown_with_nothing_open_is_immediate() -> None:
     assert c.proxy.drain(30).called
 
 
-def test_a_request_still_running_at_the_end_of_the_grace_is_cut() -> None:
-    c = Cluster()
+@pytest.mark.parametrize("door", DOORS)
+def test_a_request_still_running_at_the_end_of_the_grace_is_cut(door: str) -> None:
+    c = Cluster(door=door)
     busy = c.client()
     busy.send(GET)
     drained = c.proxy.drain(5)
@@ -320,6 +325,18 @@ def test_a_request_still_running_at_the_end_of_the_grace_is_cut() -> None:
     assert busy.closed
     c.clock.advance(2.1)
     assert drained.called
+
+
+def test_a_request_through_the_web_door_during_a_shutdown_gets_503() -> None:
+    c = Cluster(door="web")
+    client = c.client()
+    client.send(GET)
+    c.last("a").send(OK)
+    assert c.proxy.drain(30).called, "an idle twisted.web connection holds no request"
+    client.send(GET)
+    assert status_of(client.received.partition(b"hello")[2]) == 503
+    assert b"the proxy is shutting down" in client.received
+    assert client.closed and not c.proxy.connections
 
 
 # -- the access log ---------------------------------------------------------------------
@@ -415,8 +432,10 @@ def test_the_snapshot_counts_known_traffic(door: str) -> None:
     assert live["protocol"] == "websocket" and live["client_to_backend"] == 7
     assert snapshot["tunnel_bytes"] == {"client_to_backend": 7, "backend_to_client": 0}
     assert snapshot["tunnels_total"] == [{"protocol": "websocket", "count": 1}]
-    if door == "listening":  # twisted.web's site owns the connections of the other door
+    if door == "listening":
         assert snapshot["connections"] == 2 and snapshot["connections_total"] == 3
+    else:  # a request counts from its start to its end, or to its tunnel's end
+        assert snapshot["connections"] == 1 and snapshot["connections_total"] == 6
     (backend,) = snapshot["backends"]
     assert backend["healthy"] and backend["active"] == 1
 

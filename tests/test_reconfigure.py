@@ -65,6 +65,8 @@ def test_an_open_tunnel_keeps_its_backend_and_stays_counted_on_it() -> None:
         "failures": 0,
         "last_error": "",
         "draining": True,
+        "in_rotation": True,
+        "failures_in_a_row": 0,
     }
     # The next upgrade goes to the new backend.
     second = c.client(port=50001)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +19,20 @@ def reload(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, st
     return status, out, err
 
 
+def _wait_for_exec(process: subprocess.Popen[bytes], program: bytes) -> None:
+    """Wait until ``process`` runs ``program``: until then its command line is its parent's."""
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes().startswith(program):
+        assert time.monotonic() < deadline, f"{program!r} did not start"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     """A process that is not an upgradeproxy."""
     process = subprocess.Popen(["sleep", "30"])
+    _wait_for_exec(process, b"sleep")
     try:
         yield process
     finally:
@@ -118,6 +129,27 @@ def test_a_process_that_is_not_ours_gets_no_signal(
     assert status == 1
     assert err == (
         f"upgradeproxy reload: process {sleeper.pid} (given on the command line) is not an "
-        "upgradeproxy (sleep 30); the PID file is stale or names another program\n"
+        "upgradeproxy (sleep 30); give the PID of the proxy (twistd's PID file has it)\n"
     )
     assert sleeper.poll() is None, "no signal was sent"
+
+
+def test_a_pid_file_naming_another_program(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pidfile = tmp_path / "proxy.pid"
+    pidfile.write_text(str(sleeper.pid))
+    status, _, err = reload("--pidfile", str(pidfile), capsys=capsys)
+    assert status == 1
+    assert err.endswith("(sleep 30); the PID file is stale or names another program\n")
+    assert sleeper.poll() is None
+
+
+@pytest.mark.parametrize("pid", ["0", "x"])
+def test_a_pid_that_names_no_single_process_is_refused(
+    pid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        reload(pid, capsys=capsys)
+    assert exit.value.code == 2
+    assert f"a process ID is a whole number above 0, not '{pid}'" in capsys.readouterr().err

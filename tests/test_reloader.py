@@ -7,6 +7,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
@@ -14,8 +15,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from upgradeproxy.cli._reloader import Reloader, kept_for_restart
-from upgradeproxy.cli.config import ConfigError, ProxyConfig, RouteConfig
+from upgradeproxy.cli.config import (
+    AccessLogConfig,
+    ConfigError,
+    ProxyConfig,
+    RouteConfig,
+    dump_config,
+)
 from upgradeproxy.cli.service import ConfiguredProxy, ProxyService, StartFailed
+from upgradeproxy.cli.workers import RELOAD, RELOAD_FAILED, _FromParent
 
 RUNNING = ProxyConfig(
     routes=(RouteConfig("app", (), "/", ("http://127.0.0.1:9000",)),),
@@ -158,3 +166,56 @@ def test_a_listener_that_cannot_be_bound_fails_the_reload_and_changes_nothing() 
         service.close_listeners([])
         busy.close()
         configured.proxy.stop()
+
+
+def test_a_reload_opens_the_access_log_again_so_that_it_follows_log_rotation(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "access.log"
+    config = replace(RUNNING, access_log=AccessLogConfig(path=str(log)), metrics=None)
+    configured = ConfiguredProxy(config, reactor)
+    record = configured.proxy.access_log
+    log.rename(log.with_name("access.log.1"))
+    configured.apply(config)
+    assert configured.proxy.access_log is not record
+    assert log.exists(), "a new file where the old one was"
+    configured.close()
+
+
+def test_the_proxy_adds_no_description_of_its_own_at_the_start_or_a_reload() -> None:
+    # The start and each reload log the fuller description that --check prints
+    # (the Reloader's is tested above); a line per route from the proxy would repeat it.
+    config = replace(RUNNING, metrics=None)
+    configured = ConfiguredProxy(config, MemoryReactorClock())
+    with capturedLogs() as events:
+        configured.factory.doStart()
+        configured.apply(replace(config, shutdown_grace=5.0))
+        configured.factory.doStop()
+    lines = [formatEvent(e) for e in events]
+    assert lines == ["configuration applied: 1 routes; backends kept app/127.0.0.1:9000"]
+
+
+# -- in a worker --------------------------------------------------------------------------
+
+
+def test_a_worker_applies_what_its_parent_sends_and_counts_what_it_cannot(
+    tmp_path: Path,
+) -> None:
+    config = replace(RUNNING, metrics=None)
+    configured = ConfiguredProxy(config, reactor)
+    parent = _FromParent(configured)
+    moved = replace(config, routes=(replace(RUNNING.routes[0], backends=("http://[::1]:9",)),))
+    parent.lineReceived(RELOAD + dump_config(moved).encode())
+    assert configured.config == moved
+    assert configured.proxy.snapshot()["config"]["reloads"] == {"ok": 1, "failed": 0}
+    parent.lineReceived(RELOAD_FAILED)
+    assert configured.proxy.snapshot()["config"]["last_reload_ok"] is False
+    gone = replace(moved, access_log=AccessLogConfig(path=str(tmp_path / "gone" / "access.log")))
+    before = configured.proxy.configuration
+    with capturedLogs() as events:
+        parent.lineReceived(RELOAD + dump_config(gone).encode())
+    assert configured.proxy.configuration is before and configured.config == moved
+    assert configured.proxy.snapshot()["config"]["reloads"] == {"ok": 1, "failed": 2}
+    (line,) = [formatEvent(e) for e in events]
+    assert line.startswith("reload failed in this worker (") and "keeps its configuration" in line
+    configured.close()

@@ -6,6 +6,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -16,11 +17,13 @@ import pytest_twisted
 from loopback import (
     HOST,
     BackendServer,
+    Head,
     Loopback,
+    LoopbackBackendConnection,
     echo_app,
     eventually,
     free_port,
-    reply_to_each_head,
+    switching_response,
     upgrade_request,
 )
 from twistd_support import BIN, TWISTD, Running, http_get, start
@@ -203,19 +206,51 @@ async def test_with_workers_a_reload_reaches_every_worker(
     assert "Traceback" not in running.log
 
 
-def ok_keep_alive(head: object) -> bytes:
-    return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+def ok_or_echo(conn: LoopbackBackendConnection, data: bytes) -> None:
+    """A script: ``200 ok`` to each plain request, kept alive; an upgrade switches and echoes."""
+    assert conn.transport is not None
+    if conn.state.get("tunnel"):
+        conn.transport.write(data)
+        return
+    while (end := conn.received.find(b"\r\n\r\n", conn.state.get("answered", 0))) >= 0:
+        head = bytes(conn.received[conn.state.get("answered", 0) : end + 4])
+        conn.state["answered"] = end + 4
+        if b"upgrade" in Head.parse(head).tokens(b"connection"):
+            conn.state["tunnel"] = True
+            conn.transport.write(switching_response(head) + bytes(conn.received[end + 4 :]))
+            return
+        conn.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def upgrade_and_echo(port: int) -> str | None:
+    """An upgrade on a new connection and one echo through its tunnel; what went wrong, if any."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(upgrade_request(ECHO) + b"ping")
+        data = b""
+        while not data.endswith(b"ping") and len(data) < 4096:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    if not data.startswith(b"HTTP/1.1 101 ") or not data.endswith(b"\r\n\r\nping"):
+        return f"upgrade: {data[:200]!r}"
+    return None
 
 
 def load(port: int, stop: threading.Event, progress: list[int]) -> tuple[int, list[str]]:
-    """GETs on keep-alive connections, and on a new connection every tenth, until ``stop``.
-
-    ``progress[0]`` counts the requests answered so far.
-    """
+    """GETs on keep-alive connections, on a new connection every tenth, and an upgrade with
+    an echo every tenth, until ``stop``. ``progress[0]`` counts the exchanges so far."""
     done, errors = 0, []
     connections = [http.client.HTTPConnection(HOST, port, timeout=5) for _ in range(4)]
     while not stop.is_set():
         for index in range(len(connections)):
+            if done % 10 == 5:
+                try:
+                    wrong = upgrade_and_echo(port)
+                except OSError as e:
+                    wrong = f"upgrade: {e!r}"
+                if wrong is not None:
+                    errors.append(wrong)
             if done % 10 == 0:
                 connections[index].close()
                 connections[index] = http.client.HTTPConnection(HOST, port, timeout=5)
@@ -243,8 +278,8 @@ def more_than(progress: list[int], count: int) -> Callable[[], bool]:
 async def test_twenty_reloads_under_load_lose_no_request(
     loopback: Loopback, processes: list[Running], tmp_path: Path
 ) -> None:
-    one = loopback.backend(reply_to_each_head(ok_keep_alive))
-    two = loopback.backend(reply_to_each_head(ok_keep_alive))
+    one = loopback.backend(ok_or_echo)
+    two = loopback.backend(ok_or_echo)
     port, metrics = free_port(), free_port()
     config = tmp_path / "proxy.toml"
     write_config(config, [port], metrics, one)
@@ -263,4 +298,6 @@ async def test_twenty_reloads_under_load_lose_no_request(
     assert done > 100 and one.connections and two.connections
     text = await metrics_text(loopback, metrics)
     assert 'upgradeproxy_config_reloads_total{result="ok"} 20.0' in text
+    tunnels = r'upgradeproxy_tunnels_total\{protocol="proxmox-backup-protocol-v1"\} [1-9]'
+    assert re.search(tunnels, text), "upgrades went through too"
     assert "Traceback" not in running.log

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .core._backend import BackendSettings
+    from .core._clientlimits import ClientLimits
     from .core.accesslog import AccessLog
     from .core.address import BackendAddress, BadBackend, parse_backend
     from .core.balancer import BackendGroup, HealthCheck, Policy
     from .core.factory import ProxyFactory
     from .core.proxy import Configuration, Proxy, ProxySettings, Reconfigured
+    from .core.proxyprotocol import ProxyProtocolFactory
     from .core.routing import Route
     from .interfaces import IUpgradeValidator, IValidatorPlugin, Refusal, UpgradeAttempt
     from .registry import ValidatorPlugin
@@ -31,6 +33,7 @@ _PUBLIC = {
     "BackendGroup": ".core.balancer",
     "BackendSettings": ".core._backend",
     "BadBackend": ".core.address",
+    "ClientLimits": ".core._clientlimits",
     "Configuration": ".core.proxy",
     "HealthCheck": ".core.balancer",
     "IUpgradeValidator": ".interfaces",
@@ -39,6 +42,7 @@ _PUBLIC = {
     "Policy": ".core.balancer",
     "Proxy": ".core.proxy",
     "ProxyFactory": ".core.factory",
+    "ProxyProtocolFactory": ".core.proxyprotocol",
     "ProxyResource": ".web",
     "ProxySettings": ".core.proxy",
     "RFC9110Validator": ".validators",
@@ -59,6 +63,7 @@ __all__ = [
     "BackendGroup",
     "BackendSettings",
     "BadBackend",
+    "ClientLimits",
     "Configuration",
     "HealthCheck",
     "IUpgradeValidator",
@@ -67,6 +72,7 @@ __all__ = [
     "Policy",
     "Proxy",
     "ProxyFactory",
+    "ProxyProtocolFactory",
     "ProxyResource",
     "ProxySettings",
     "RFC9110Validator",

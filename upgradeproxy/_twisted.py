@@ -21,7 +21,8 @@ What is used:
 * the client endpoints' ``_hostText``/``_host``, ``_port`` and ``_path``: to
   name a backend in logs (:func:`client_endpoint_location`);
 * ``TCP4ServerEndpoint``/``TCP6ServerEndpoint``'s ``_interface``, ``_port``,
-  ``_backlog``: to open the same address in worker processes
+  ``_backlog`` (and ``SSL4ServerEndpoint``'s, the same names): to open the same
+  address in worker processes, or under a PROXY protocol reader beneath TLS
   (:func:`tcp_server_parts`), and any server endpoint's ``_port``: to refuse a
   port out of range before anything listens (:func:`endpoint_port`);
 * ``SSL4ServerEndpoint._sslContextFactory``: to choose the application
@@ -89,8 +90,8 @@ def check_supported() -> None:
     # Endpoints only store their arguments: no reactor is needed to make one.
     client = TCP4ClientEndpoint(None, "localhost", 1)
     missing = [name for name in _CLIENT_ENDPOINT if not hasattr(client, name)]
-    server = TCP4ServerEndpoint(None, 1)
-    missing += [name for name in _SERVER_ENDPOINT if not hasattr(server, name)]
+    for server in (TCP4ServerEndpoint(None, 1), SSL4ServerEndpoint(None, 1, None)):
+        missing += [name for name in _SERVER_ENDPOINT if not hasattr(server, name)]
     if missing:
         raise _unsupported(f"TCP endpoints keep no {', '.join(missing)}")
 
@@ -208,8 +209,10 @@ class TCPServerParts:
     backlog: int
 
 
-def tcp_server_parts(endpoint: TCP4ServerEndpoint | TCP6ServerEndpoint) -> TCPServerParts:
-    """The interface (``""`` for all), port and backlog a TCP server endpoint listens with."""
+def tcp_server_parts(
+    endpoint: TCP4ServerEndpoint | TCP6ServerEndpoint | SSL4ServerEndpoint,
+) -> TCPServerParts:
+    """The interface (``""`` for all), port and backlog a TCP or TLS server endpoint uses."""
     e: Any = endpoint
     return TCPServerParts(e._interface, e._port, e._backlog)
 

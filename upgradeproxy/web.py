@@ -19,6 +19,12 @@ it merges repeated request header fields, and it cannot send ``1xx``
 interim responses (they are dropped). For a proxy without those limits,
 listen with :class:`~upgradeproxy.ProxyFactory` instead.
 
+twisted.web owns the connections between requests; the proxy counts each
+request in :attr:`~upgradeproxy.core.proxy.Proxy.connections` from its start
+to its end (to its tunnel's end after a switch), so that limits, the
+snapshot and a graceful shutdown see it as they see a listening door's
+connection.
+
 Everything else is the listening proxy's: the resource drives each request
 through the same :class:`~upgradeproxy.core._exchange.Exchange` (routes, limits,
 validators, retries, access records), and its :class:`~upgradeproxy.core.proxy.Proxy`
@@ -37,7 +43,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._twisted import detach
 from .core._backend import BackendConnection
-from .core._exchange import Exchange
+from .core._exchange import Exchange, refuse_request
 from .core._handover import Handover
 from .core._rewrite import VIA, ClientHop, error_body, switch_for_client
 from .core._side import Side
@@ -96,11 +102,47 @@ class ProxyResource(Resource):
         return NOT_DONE_YET
 
 
-class _TunnelEvents:
-    """Receives the client connection's events once twisted.web has let go of it."""
+class _TrackedConnection:
+    """A request's client connection as the proxy counts it in ``proxy.connections``.
 
-    def __init__(self) -> None:
+    It is there from the request's start to the end of its response or, after
+    a switch, until the connection is lost; from the switch on, it receives
+    the connection's events for the tunnel. It is not the exchange's client
+    side on purpose: a backend connection kept private to that (the PROXY
+    protocol) is reused by the next request on twisted.web's connection, so
+    the proxy must not close it when one request leaves.
+    """
+
+    def __init__(self, request: Request, address: str, proxy: Proxy) -> None:
+        self._request = request
+        self.address = address
+        self._proxy = proxy
         self.tunnel: Tunnel | None = None
+
+    def closed(self) -> None:
+        self._proxy.connection_closed(self)
+
+    # -- FrontConnection ---------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True until the request is answered or becomes a tunnel."""
+        return self.tunnel is None
+
+    def drain(self) -> None:
+        """The proxy is shutting down: twisted.web closes the connection after this response."""
+        request = self._request
+        if self.busy and request.channel is not None:
+            request.channel.persistent = False
+            if not request.startedWriting:
+                request.setHeader(b"connection", b"close")
+
+    def abort(self) -> None:
+        transport = self._request.channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- the connection's events, once twisted.web has let go of it --------------------
 
     def dataReceived(self, data: bytes) -> None:
         assert self.tunnel is not None
@@ -109,6 +151,7 @@ class _TunnelEvents:
     def connectionLost(self, reason: Failure) -> None:
         if self.tunnel is not None:
             self.tunnel.lost(Side.CLIENT, reason)
+        self.closed()
 
 
 def _request_head(request: Request) -> tuple[RequestHead, bytes]:
@@ -145,14 +188,23 @@ class _WebClientSide:
         self._request = request
         address = request.getClientAddress()
         self.address = str(getattr(address, "host", address))
-        self.hop = ClientHop(self.address, "https" if request.isSecure() else "http")
+        scheme = "https" if request.isSecure() else "http"
+        self.hop = ClientHop(self.address, scheme, peer=address, local=request.getHost())
         self._body = b""
         self._finished = False
         self._exchange: Exchange | None = None
-        self._events = _TunnelEvents()
+        self._connection: _TrackedConnection
 
     def begin(self, proxy: Proxy) -> None:
         head, self._body = _request_head(self._request)
+        self._connection = _TrackedConnection(self._request, self.address, proxy)
+        refusal = proxy.connection_opened(self._connection)
+        if refusal is not None:
+            refuse_request(
+                proxy, self, head, None, refusal.status, refusal.reason,
+                retry_after=refusal.retry_after, logged=refusal.logged,
+            )  # fmt: skip
+            return
         exchange = Exchange.start(proxy, self, head)
         if exchange is None:
             return
@@ -164,6 +216,7 @@ class _WebClientSide:
         self._finished = True
         if self._exchange is not None:
             self._exchange.client_gone()
+        self._connection.closed()
 
     # -- ClientSide ------------------------------------------------------------------
 
@@ -212,12 +265,16 @@ class _WebClientSide:
                 backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._finish()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         if self._finished:
             return 0
         request = self._request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         body = error_body(reason)
         if request.method != b"HEAD":
             request.write(body)
@@ -237,19 +294,18 @@ class _WebClientSide:
 
     def hand_over(self, response: ResponseHead) -> Handover:
         self._finished = True
-        detached = detach(self._request, self._events)
+        detached = detach(self._request, self._connection)
         detached.transport.write(switch_for_client(response).serialize())
         return Handover(detached.transport, detached.held)
 
     def attach(self, tunnel: Tunnel) -> None:
-        self._events.tunnel = tunnel
+        self._connection.tunnel = tunnel
 
     def abort(self) -> None:
-        transport = self._request.channel.transport
-        if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        self._connection.abort()
 
     def _finish(self) -> None:
         if not self._finished:
             self._finished = True
             self._request.finish()
+            self._connection.closed()

@@ -7,12 +7,15 @@ Each module owns one piece:
   pinning, free ports, waiting until a server listens, RSS and CPU time.
 - :mod:`benchkit.targets` knows the things under test -- a direct connection,
   upgradeproxy, nginx, HAProxy, Caddy -- how to find them, write their
-  configuration, start them, and read their logs.
-- :mod:`benchkit.scenarios` defines the five scenarios and the metrics (table
-  rows) each one produces.
+  configuration (one worker, or all cores), start them, and read their logs.
+- :mod:`benchkit.peers` adds the Python peers, mitmproxy and proxy.py,
+  installed from PyPI into a virtualenv of the benchmark's own.
+- :mod:`benchkit.scenarios` defines the scenarios and the metrics (table
+  rows) each one produces; :mod:`benchkit.allcores` the two that run each
+  proxy with one worker and then on all cores.
 - :mod:`benchkit.report` turns results into the text table, Markdown and JSON.
 - :mod:`benchkit.cli` parses options and runs the matrix of scenarios and targets.
 
 Only the standard library is used, so that ``python3 bench/run.py`` works
-with any Python 3.11 or newer.
+with any Python 3.11 or newer (the Python peers get a virtualenv of their own).
 """

@@ -22,13 +22,14 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from . import report
+from . import allcores, report
 from .build import DEFAULT_BUILD_DIR, BuildError, build
 from .http2 import SCENARIO_NAMES as HTTP2_SCENARIO_NAMES
 from .http2 import http2_scenarios
+from .peers import ALL, PEERS_DIR, PROXIES
 from .procs import Process, StartError, raise_nofile
 from .scenarios import Outcome, Scenario, Settings, all_scenarios, no_wrk
-from .targets import ALL, PROXIES, REPO, Backend, Context, Running, Target, TLSFiles, first_line
+from .targets import REPO, Backend, Context, Running, Target, TLSFiles, first_line
 
 SCENARIO_NAMES = (
     "throughput",
@@ -37,6 +38,7 @@ SCENARIO_NAMES = (
     "idle",
     "http",
     "http-workers",
+    *allcores.NAMES,
     *HTTP2_SCENARIO_NAMES,
 )
 _RUN_NUMBERS = itertools.count(1)
@@ -56,8 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Benchmark upgradeproxy against a direct connection, nginx, HAProxy and "
-        "Caddy (those installed): tunnel throughput, round trips, handshakes, idle "
-        "memory, plain HTTP. Builds its C load generator and backend first.",
+        "Caddy (those installed), mitmproxy and proxy.py (installed from PyPI into the build "
+        "directory): tunnel throughput, round trips, handshakes, idle memory, plain HTTP, "
+        "and all cores. Builds its C load generator and backend first.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="short runs (about a minute in all): a smoke test"
@@ -101,7 +104,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--load-cpu", type=int, default=0, help="CPU for load generator+backend")
     parser.add_argument("--proxy-cpu", type=int, default=1, help="CPU for the proxy under test")
     parser.add_argument(
-        "--build-dir", type=Path, default=DEFAULT_BUILD_DIR, help="where the C programs go"
+        "--build-dir",
+        type=Path,
+        default=DEFAULT_BUILD_DIR,
+        help=f"where the C programs and the Python peers' virtualenv ({PEERS_DIR}/) go",
     )
     parser.add_argument(
         "--keep-temp", action="store_true", help="keep configurations and logs, print where"
@@ -266,6 +272,7 @@ def _main(argv: list[str] | None) -> int:
         nofile=nofile,
         twistd=_find_twistd(args.twistd),
         upgradeproxy_args=shlex.split(args.upgradeproxy_args),
+        peers=args.build_dir.resolve() / PEERS_DIR,
     )
 
     wanted = set(args.proxies or PROXIES) | {"direct"}
@@ -280,7 +287,8 @@ def _main(argv: list[str] | None) -> int:
         else:
             targets.append(target)
     scenarios: list[Scenario] = []
-    for scenario in [*all_scenarios(settings, nofile), *http2_scenarios(ctx)]:
+    every = [*all_scenarios(settings, nofile), *allcores.all_cores_scenarios()]
+    for scenario in [*every, *http2_scenarios(ctx)]:
         if args.only and scenario.name not in args.only:
             continue
         reason = scenario.unavailable() or _no_target(scenario, targets)

@@ -361,20 +361,44 @@ def connections_per_process(pids: Sequence[int], port: int) -> dict[int, int]:
 
 def run_json(argv: Sequence[str], *, cpu: int | None, timeout: float) -> dict[str, Any]:
     """Run a program that prints a JSON object as its last line; return that object."""
-    try:
-        done = subprocess.run(
-            pinned(argv, cpu), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"{Path(argv[0]).name} did not finish within {timeout:.0f} s") from e
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed (status {done.returncode}): "
-            f"{done.stderr.strip() or done.stdout.strip()}"
-        )
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_json_all([argv], cpu=cpu, timeout=timeout)[0]
+
+
+def run_json_all(
+    argvs: Sequence[Sequence[str]], *, cpu: int | None, timeout: float
+) -> list[dict[str, Any]]:
+    """Run programs side by side, each printing a JSON object as its last line; return those."""
+    with contextlib.ExitStack() as stack:
+        running = []
+        for argv in argvs:
+            popen = subprocess.Popen(
+                pinned(argv, cpu), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            stack.callback(_reap, popen)
+            running.append(popen)
+        deadline = time.monotonic() + timeout
+        results = []
+        for argv, popen in zip(argvs, running, strict=True):
+            try:
+                out, err = popen.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as e:
+                name = Path(argv[0]).name
+                raise RuntimeError(f"{name} did not finish within {timeout:.0f} s") from e
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            if popen.returncode != 0 or not lines:
+                raise RuntimeError(
+                    f"{' '.join(argv)} failed (status {popen.returncode}): "
+                    f"{err.strip() or out.strip()}"
+                )
+            results.append(json.loads(lines[-1]))
+        return results
+
+
+def _reap(popen: subprocess.Popen[str]) -> None:
+    """Kill a program that is still running (after a failure or timeout), then wait for it."""
+    if popen.poll() is None:
+        popen.kill()
+    popen.wait()
 
 
 def _children_cpu_seconds() -> float:

@@ -22,7 +22,9 @@
  *   handshake   --conns N loops, each: new TCP connection, upgrade request,
  *               complete 101, close; then again. Handshakes per second and
  *               their latency; at the end, the handshakes under way finish. --src-ips K spreads the connections over
- *               127.0.0.1..127.0.0.K so that TIME_WAIT never runs out of ports.
+ *               127.0.0.1..127.0.0.K so that TIME_WAIT never runs out of ports
+ *               (--src-ip-first F starts at 127.0.0.F instead: two load
+ *               generators side by side use separate addresses).
  *   idle        Opens --conns N tunnels to /echo (at most --concurrency
  *               handshakes at a time), does one round trip on each, prints a
  *               "ready" line, waits for a line (or EOF) on stdin, checks that
@@ -43,7 +45,7 @@
 
 static struct {
     const char *mode, *host, *path;
-    int port, conns, size, stats_port, concurrency, src_ips;
+    int port, conns, size, stats_port, concurrency, src_ips, src_ip_first;
     double warmup, duration, timeout;
 } opt = {
     .host = "127.0.0.1",
@@ -51,6 +53,7 @@ static struct {
     .size = 64,
     .concurrency = 64,
     .src_ips = 1,
+    .src_ip_first = 1,
     .warmup = 1,
     .duration = 5,
     .timeout = 10,
@@ -158,12 +161,13 @@ static int tun_start(struct tun *t)
         return -1;
     }
     set_nodelay(fd);
-    if (opt.src_ips > 1) {
-        /* 127.0.0.1 .. 127.0.0.K; the port is chosen at connect() time. */
+    if (opt.src_ips > 1 || opt.src_ip_first > 1) {
+        /* 127.0.0.F .. 127.0.0.F+K-1; the port is chosen at connect() time. */
         int one = 1;
         setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
         struct sockaddr_in src = {.sin_family = AF_INET};
-        src.sin_addr.s_addr = htonl(0x7f000001u + (uint32_t)(connections_started % (uint64_t)opt.src_ips));
+        src.sin_addr.s_addr = htonl(0x7f000000u + (uint32_t)opt.src_ip_first +
+                                    (uint32_t)(connections_started % (uint64_t)opt.src_ips));
         if (bind(fd, (struct sockaddr *)&src, sizeof src) < 0) {
             failure(&err.connect, "bind: %s", strerror(errno));
             close(fd);
@@ -740,7 +744,7 @@ static void usage(void)
 {
     die("usage: loadgen throughput|rtt|handshake|idle --port PORT [--host 127.0.0.1] "
         "[--path PATH] [--conns N] [--size BYTES] [--warmup S] [--duration S] "
-        "[--stats-port PORT] [--concurrency K] [--src-ips K] [--timeout S]");
+        "[--stats-port PORT] [--concurrency K] [--src-ips K] [--src-ip-first F] [--timeout S]");
 }
 
 int main(int argc, char **argv)
@@ -773,13 +777,15 @@ int main(int argc, char **argv)
             opt.concurrency = atoi(v);
         else if (strcmp(a, "--src-ips") == 0)
             opt.src_ips = atoi(v);
+        else if (strcmp(a, "--src-ip-first") == 0)
+            opt.src_ip_first = atoi(v);
         else if (strcmp(a, "--timeout") == 0)
             opt.timeout = atof(v);
         else
             usage();
     }
     if (opt.port <= 0 || opt.conns <= 0 || opt.size <= 0 || opt.concurrency <= 0 ||
-        opt.src_ips <= 0 || opt.src_ips > 254)
+        opt.src_ips <= 0 || opt.src_ip_first <= 0 || opt.src_ip_first + opt.src_ips > 255)
         usage();
     signal(SIGPIPE, SIG_IGN);
     rng_state = now_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;

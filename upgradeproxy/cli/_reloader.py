@@ -40,6 +40,7 @@ def kept_for_restart(running: ProxyConfig, new: ProxyConfig) -> ProxyConfig:
     restart_only = dict(RESTART_ONLY)
     if running.workers > 1:
         restart_only["listen"] = WORKERS_LISTEN
+        restart_only["proxy_protocol_listen"] = WORKERS_LISTEN
     changes = {}
     for name, why in restart_only.items():
         if getattr(new, name) != getattr(running, name):

@@ -90,10 +90,49 @@ def count(value: Any) -> int:
     raise ValueError(f"must be a whole number above 0, not {show(value)}")
 
 
-def workers(value: Any) -> int:
-    """A number of processes, or "auto" for one per core."""
-    if value == "auto":
+def rate_or_off(value: Any) -> float | None:
+    """Events per second above 0, or None for 0 and false (no limit)."""
+    if _is_off(value):
+        return None
+    if _is_number(value) and value > 0:
+        return float(value)
+    raise ValueError(
+        f"must be a number per second above 0 (0.5: one every two seconds), "
+        f"or 0 or false for no limit, not {show(value)}"
+    )
+
+
+def ipv6_prefix(value: Any) -> int:
+    """The length of an IPv6 prefix: a whole number from 1 to 128."""
+    if _is_whole(value) and 1 <= value <= 128:
+        return int(value)
+    raise ValueError(
+        f"must be a prefix length from 1 to 128 (64: a client's /64; 128: its whole "
+        f"address), not {show(value)}"
+    )
+
+
+def proxy_protocol_version(value: Any) -> str:
+    """The PROXY protocol version to send: "v1" or "v2"."""
+    if value in ("v1", "v2"):
+        return str(value)
+    raise ValueError(
+        f'must be "v1" or "v2" (HAProxy\'s send-proxy or send-proxy-v2), not {show(value)}'
+    )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def workers(value: Any) -> int:
+    """A number of processes, or "auto" for one per core this process may run on."""
+    if value == "auto":
+        return usable_cpus()
     if _is_whole(value) and value > 0:
         return int(value)
     raise ValueError(f'must be a number of processes (1 or more) or "auto", not {show(value)}')

@@ -30,6 +30,10 @@ from dataclasses import dataclass, field, replace
 from typing import TextIO
 from urllib.parse import quote, urljoin
 
+from twisted.internet.address import IPv4Address, IPv6Address
+
+from ..core._proxyheader import VERSIONS
+from ..core._proxyheader import encode as proxy_header
 from ..core._url import BadUrl, UrlProblem, split_http_url
 from ..http1 import (
     BodyKind,
@@ -644,8 +648,18 @@ class Unreachable(Exception):
     """
 
 
-def exchange(target: Target, request: RequestHead, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+def exchange(
+    target: Target,
+    request: RequestHead,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    send_proxy: str | None = None,
+) -> bytes:
     """Send ``request`` to ``target`` and return what came back, up to the end of the head.
+
+    ``send_proxy`` ("v1" or "v2") puts a PROXY protocol header before the
+    request, naming this end of the connection, as the proxy does for a
+    route with ``send_proxy``.
 
     Reads until a complete final (or ``101``) response head, a malformed one,
     or EOF. Connecting, sending and reading share one deadline of ``timeout``
@@ -673,10 +687,11 @@ def exchange(target: Target, request: RequestHead, timeout: float = DEFAULT_TIME
         raise Unreachable(f"cannot connect to {where}: {e.strerror or e}") from None
     received = bytearray()
     with sock:
+        header = b"" if send_proxy is None else _proxy_header(send_proxy, sock)
         try:
             try:
                 sock.settimeout(_remaining(deadline))
-                sock.sendall(request.serialize())
+                sock.sendall(header + request.serialize())
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it may still have answered before closing: read what came
             while not head_complete(received):
@@ -766,6 +781,12 @@ exit status:
   2  it could not be reached in time, or the arguments are bad"""
 
 
+def _proxy_header(version: str, sock: socket.socket) -> bytes:
+    kind = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
+    here, there = sock.getsockname(), sock.getpeername()
+    return proxy_header(version, kind("TCP", here[0], here[1]), kind("TCP", there[0], there[1]))
+
+
 def add_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
@@ -811,6 +832,13 @@ def add_parser(
         "(Host, Connection, Upgrade, Sec-WebSocket-*)",
     )
     parser.add_argument(
+        "--send-proxy",
+        choices=VERSIONS,
+        default=None,
+        help="send a PROXY protocol header first, for a backend that wants one (as a route's "
+        "send_proxy does)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_seconds_argument,
         default=DEFAULT_TIMEOUT,
@@ -837,7 +865,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"upgradeproxy check: {e}\n")
         return EXIT_UNREACHABLE
     try:
-        raw = exchange(target, request, args.timeout)
+        raw = exchange(target, request, args.timeout, send_proxy=args.send_proxy)
     except Unreachable as e:
         _write(sys.stdout, render_unreachable(request, target.url, str(e), verbose=args.verbose))
         return EXIT_UNREACHABLE

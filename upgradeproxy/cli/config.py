@@ -9,7 +9,7 @@ running services.
 The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
 
     listen = ["tcp:8080"]           # Twisted server endpoints; absent: tcp:8080:interface=127.0.0.1
-    workers = 1                     # or "auto": one per core
+    workers = 1                     # or "auto": one per CPU it may run on
     metrics = "tcp:9100:interface=127.0.0.1"
     forward_h2c = false
     splice = true
@@ -28,6 +28,16 @@ The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
     max_tunnels = 10000
     max_request_head = "32KiB"
     max_request_body = 0            # can be set per route too
+    client_connections = 0          # per client address; the next three per route too
+    client_tunnels = 0
+    client_upgrade_rate = 0         # upgrade attempts per second
+    client_upgrade_burst = 0        # attempts at once; absent: the rate rounded up
+    client_ipv6_prefix = 64         # an IPv6 client is its /64
+
+    [proxy_protocol]                # listeners behind a load balancer that sends the header
+    listen = ["tcp:8081"]
+    trusted_proxies = ["10.0.0.0/8"]   # only these may (and must) send it
+    header_timeout = 5
 
     [http2]
     enabled = true                  # offer h2 to TLS clients over ALPN
@@ -48,8 +58,12 @@ The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
     validators = ["rfc9110", "websocket"]
     fail_timeout = 10
     max_request_body = "10MiB"
+    send_proxy = "v2"               # a PROXY protocol header to every backend connection
     [route.timeouts]                # backend_connect, response_head, tunnel_idle, tunnel_lifetime
     tunnel_idle = 3600
+    [route.limits]                  # max_request_body, and per-client limits of this route
+    client_tunnels = 10             # counted on this route, on top of [limits]
+    client_upgrade_rate = 1
     [route.health]                  # an active health check
     path = "/healthz"
     interval = 10
@@ -78,6 +92,7 @@ import dataclasses
 import difflib
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -88,8 +103,10 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
+from ..core._proxyheader import VERSIONS
 from ..core.address import BadBackend, parse_backend
 from ..core.balancer import HealthCheck, Policy
+from ..core.proxyprotocol import HEADER_TIMEOUT, parse_network
 from ..interfaces import IValidatorPlugin
 from ..registry import DEFAULT_CHAIN, BadValidator, build_chain, installed_validators
 from . import _values
@@ -133,6 +150,12 @@ class RouteConfig:
     tls_ca: str | None = None
     #: Verify https:// backends' certificates (turning it off logs a warning).
     tls_verify: bool = True
+    #: A PROXY protocol header ("v1" or "v2") first on every backend connection; None: none.
+    send_proxy: str | None = None
+    #: Per-client limits counted on this route alone, on top of the proxy's; None: none.
+    route_client_tunnels: int | None = None
+    route_client_upgrade_rate: float | None = None
+    route_client_upgrade_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +190,20 @@ class ProxyConfig:
     #: Tunnels open at once (503 for new upgrades beyond); None: no limit.
     max_tunnels: int | None = 10_000
     max_request_head: int = 32 * 1024
+    #: Per client address, over all routes: connections (503 beyond), tunnels
+    #: (429), upgrade attempts per second and at once (429); None: no limit.
+    client_connections: int | None = None
+    client_tunnels: int | None = None
+    client_upgrade_rate: float | None = None
+    client_upgrade_burst: int | None = None
+    #: The leading bits of an IPv6 client address that make one client.
+    client_ipv6_prefix: int = 64
+    #: Listeners whose connections from ``trusted_proxies`` start with a PROXY protocol header.
+    proxy_protocol_listen: tuple[str, ...] = ()
+    #: Networks (CIDR) of the load balancers allowed, and required, to send that header.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Seconds a trusted connection has to send its header.
+    proxy_protocol_timeout: float = HEADER_TIMEOUT
     forward_h2c: bool = False
     splice: bool = True
     #: Offer HTTP/2 to TLS clients over ALPN.
@@ -273,6 +310,8 @@ def undump_config(text: str) -> ProxyConfig:
             **data,
             "routes": routes,
             "listen": tuple(data["listen"]),
+            "proxy_protocol_listen": tuple(data["proxy_protocol_listen"]),
+            "trusted_proxies": tuple(data["trusted_proxies"]),
             "access_log": AccessLogConfig(**data["access_log"]),
         }
     )
@@ -289,6 +328,11 @@ def describe_config(config: ProxyConfig) -> str:
     backends = sum(len(route.backends) or 1 for route in config.routes)
     summary = [
         f"listening on {', '.join(config.listen)}",
+        *(
+            [f"with the PROXY protocol on {', '.join(config.proxy_protocol_listen)}"]
+            if config.proxy_protocol_listen
+            else []
+        ),
         f"{_plural(len(config.routes), 'route')}, {_plural(backends, 'backend')}",
     ]
     if config.workers > 1:
@@ -306,6 +350,17 @@ def describe_config(config: ProxyConfig) -> str:
     ]
     lines = [f"{config.source or 'configuration'}: OK: {'; '.join(summary)}"]
     lines.append(f"  {'; '.join(settings)}")
+    client = _describe_client_limits(
+        config.client_connections, config.client_tunnels,
+        config.client_upgrade_rate, config.client_upgrade_burst,
+    )  # fmt: skip
+    if client:
+        lines.append(f"  per client ({_describe_client_key(config)}): {client}")
+    if config.proxy_protocol_listen:
+        lines.append(
+            f"  PROXY protocol (v1 and v2) required from {', '.join(config.trusted_proxies)}, "
+            f"within {config.proxy_protocol_timeout:g} s; not accepted from other sources"
+        )
     for route in config.routes:
         lines += [f"  {_describe_route(route)}", f"    {_describe_route_settings(route)}"]
     return "\n".join(lines)
@@ -323,6 +378,25 @@ def _describe_http2(config: ProxyConfig) -> str:
         f"HTTP/2 {where}, {config.http2_max_concurrent_streams} streams per connection, "
         f"stall timeout {config.http2_stall_timeout:g} s"
     )
+
+
+def _describe_client_key(config: ProxyConfig) -> str:
+    prefix = config.client_ipv6_prefix
+    return "IPv4 address, IPv6 " + ("address" if prefix == 128 else f"/{prefix}")
+
+
+def _describe_client_limits(
+    connections: int | None, tunnels: int | None, rate: float | None, burst: int | None
+) -> str:
+    parts = []
+    if connections is not None:
+        parts.append(f"max connections {connections}")
+    if tunnels is not None:
+        parts.append(f"max tunnels {tunnels}")
+    if rate is not None:
+        at_once = burst if burst is not None else max(1, math.ceil(rate))
+        parts.append(f"upgrade attempts {rate:g}/s, {at_once} at once")
+    return ", ".join(parts)
 
 
 def _plural(number: int, noun: str) -> str:
@@ -375,6 +449,14 @@ def _describe_route_settings(route: RouteConfig) -> str:
         f"tunnel lifetime {_duration(route.tunnel_lifetime)}",
         f"max body {_size_text(route.max_request_body)}",
     ]
+    client = _describe_client_limits(
+        None, route.route_client_tunnels,
+        route.route_client_upgrade_rate, route.route_client_upgrade_burst,
+    )  # fmt: skip
+    if client:
+        parts.append(f"per client on this route: {client}")
+    if route.send_proxy is not None:
+        parts.append(f"sends PROXY protocol {route.send_proxy} to backends")
     if len(route.backends) > 1:
         parts.append(f"fail timeout {route.fail_timeout:g} s")
     if route.health is not None:
@@ -728,6 +810,23 @@ def _unknown_key(key: str, table: _Table) -> str:
     return f"unknown key; the keys here are {', '.join(table.keys)}"
 
 
+_rate_or_off = _checked(_values.rate_or_off)
+_ipv6_prefix = _checked(_values.ipv6_prefix)
+_send_proxy = _choice(VERSIONS, "PROXY protocol version")
+
+
+def _network(value: Any, context: _Context) -> str:
+    if not isinstance(value, str):
+        raise _bad(f'must be a network in quotes, such as "10.0.0.0/8", not {_show(value)}')
+    try:
+        return str(parse_network(value))
+    except ValueError as e:
+        raise _bad(str(e)) from None
+
+
+_networks = _list_of(_network, 'a list of networks, such as ["10.0.0.0/8", "127.0.0.1/32"]')
+
+
 # -- The tables ---------------------------------------------------------------------------
 
 #: The timeouts a route can set for itself; [timeouts] gives the default for every route.
@@ -753,6 +852,19 @@ _LIMITS = _Table(
         "max_tunnels": _Key("max_tunnels", _count_or_off),
         "max_request_head": _Key("max_request_head", _size),
         "max_request_body": _Key("max_request_body", _size_or_off),
+        "client_connections": _Key("client_connections", _count_or_off),
+        "client_tunnels": _Key("client_tunnels", _count_or_off),
+        "client_upgrade_rate": _Key("client_upgrade_rate", _rate_or_off),
+        "client_upgrade_burst": _Key("client_upgrade_burst", _count_or_off),
+        "client_ipv6_prefix": _Key("client_ipv6_prefix", _ipv6_prefix),
+    },
+)
+_PROXY_PROTOCOL = _Table(
+    "[proxy_protocol]",
+    {
+        "listen": _Key("proxy_protocol_listen", _listen),
+        "trusted_proxies": _Key("trusted_proxies", _networks),
+        "header_timeout": _Key("proxy_protocol_timeout", _seconds),
     },
 )
 _HTTP2 = _Table(
@@ -782,12 +894,22 @@ _TOP = _Table(
         "timeouts": _Key("timeouts", _sub_table(_TIMEOUTS)),
         "limits": _Key("limits", _sub_table(_LIMITS)),
         "http2": _Key("http2", _sub_table(_HTTP2)),
+        "proxy_protocol": _Key("proxy_protocol", _sub_table(_PROXY_PROTOCOL)),
         "access_log": _Key("access_log", _sub_table(_ACCESS_LOG, AccessLogConfig)),
         # Routes are read on their own: they need the defaults the tables above give.
         "route": _Key("route", _unchecked),
     },
 )
 _ROUTE_TIMEOUTS = _Table("[route.timeouts]", _ROUTE_TIMEOUT_KEYS)
+_ROUTE_LIMITS = _Table(
+    "[route.limits]",
+    {
+        "max_request_body": _Key("max_request_body", _size_or_off),
+        "client_tunnels": _Key("route_client_tunnels", _count_or_off),
+        "client_upgrade_rate": _Key("route_client_upgrade_rate", _rate_or_off),
+        "client_upgrade_burst": _Key("route_client_upgrade_burst", _count_or_off),
+    },
+)
 _HEALTH = _Table(
     "[route.health]",
     {
@@ -815,13 +937,18 @@ _ROUTE = _Table(
         "validators": _Key("validators", _validators),
         "fail_timeout": _Key("fail_timeout", _seconds),
         "max_request_body": _Key("max_request_body", _size_or_off),
+        "send_proxy": _Key("send_proxy", _send_proxy),
         "timeouts": _Key("timeouts", _sub_table(_ROUTE_TIMEOUTS)),
+        "limits": _Key("limits", _sub_table(_ROUTE_LIMITS)),
         "health": _Key("health", _sub_table(_HEALTH, HealthCheck)),
         "tls": _Key("tls", _sub_table(_TLS)),
     },
 )
 #: Every kind of table, to tell where a key written in the wrong one belongs.
-_TABLES = (_TOP, _TIMEOUTS, _LIMITS, _HTTP2, _ACCESS_LOG, _ROUTE, _ROUTE_TIMEOUTS, _HEALTH, _TLS)
+_TABLES = (
+    _TOP, _TIMEOUTS, _LIMITS, _HTTP2, _PROXY_PROTOCOL, _ACCESS_LOG,
+    _ROUTE, _ROUTE_TIMEOUTS, _ROUTE_LIMITS, _HEALTH, _TLS,
+)  # fmt: skip
 
 #: A route's settings and their defaults: those the top-level tables give too are
 #: handed down to every route that does not set its own.
@@ -831,7 +958,13 @@ _ROUTE_FIELDS = {field.name: field.default for field in dataclasses.fields(Route
 def _proxy_config(document: dict[str, Any], context: _Context) -> ProxyConfig:
     """The configuration a parsed document describes; raises _Bad with every problem."""
     fields, problems = _read_table(document, _TOP, context)
-    shared = {**fields.pop("timeouts", {}), **fields.pop("limits", {})}
+    problems += _proxy_protocol_problems(fields.get("proxy_protocol", {}), fields)
+    problems += _burst_problems(fields.get("limits", {}), ("limits",), "client_")
+    shared = {
+        **fields.pop("timeouts", {}),
+        **fields.pop("limits", {}),
+        **fields.pop("proxy_protocol", {}),
+    }
     route_defaults = {key: value for key, value in shared.items() if key in _ROUTE_FIELDS}
     fields.update((key, value) for key, value in shared.items() if key not in _ROUTE_FIELDS)
     fields.update(fields.pop("http2", {}))
@@ -869,13 +1002,80 @@ def _route(
     if "host" in table and "hosts" in table:
         problems.append((("host",), 'write either host = "..." or hosts = [...], not both'))
     fields["hosts"] = fields.pop("host", ()) or fields.get("hosts", ())
-    fields = {**defaults, **fields.pop("timeouts", {}), **fields.pop("tls", {}), **fields}
+    problems += _burst_problems(fields.get("limits", {}), ("limits",), "route_client_")
+    fields = {
+        **defaults,
+        **fields.pop("timeouts", {}),
+        **fields.pop("limits", {}),
+        **fields.pop("tls", {}),
+        **fields,
+    }
     fields.setdefault("name", f"route {index + 1}")
     fields.setdefault("path", "/")
     if "backends" not in table:
         problems.append(((), 'no backends; add backends = ["http://HOST:PORT"]'))
     problems += _backend_problems(table.get("backends"), {**_ROUTE_FIELDS, **fields}, context)
+    backends = table.get("backends")
+    if fields.get("send_proxy") and isinstance(backends, list):
+        tls = [b for b in backends if isinstance(b, str) and b.startswith("https://")]
+        if tls:
+            problems.append(
+                (
+                    ("send_proxy",),
+                    f"cannot be used with https:// backends ({', '.join(tls)}): the header "
+                    "would go before the TLS handshake, which this proxy does not do; use "
+                    "http:// backends, or leave send_proxy out",
+                )
+            )
     return fields, problems
+
+
+def _proxy_protocol_problems(table: dict[str, Any], top: dict[str, Any]) -> list[_Problem]:
+    """A [proxy_protocol] table needs both its listeners and its trusted networks."""
+    if not table:
+        return []
+    listen, trusted = table.get("proxy_protocol_listen"), table.get("trusted_proxies")
+    where = ("proxy_protocol",)
+    if listen and not trusted:
+        return [
+            (
+                where,
+                "listen is given but trusted_proxies is not: name the networks your load "
+                'balancers connect from, such as trusted_proxies = ["10.0.0.0/8"]',
+            )
+        ]
+    if not listen:
+        return [
+            (
+                where,
+                "no listen: list the endpoints the load balancers connect to, such as "
+                'listen = ["tcp:8081"] (they are listened on besides the top-level listen)',
+            )
+        ]
+    both = set(listen) & set(top.get("listen", ()))
+    if both:
+        return [
+            (
+                (*where, "listen"),
+                f"{', '.join(sorted(both))} is in the top-level listen too: a listener either "
+                "expects the header or never accepts it; list it in one place",
+            )
+        ]
+    return []
+
+
+def _burst_problems(table: dict[str, Any], where: Path, prefix: str) -> list[_Problem]:
+    """An upgrade burst without a rate means nothing: say so rather than ignore it."""
+    burst, rate = table.get(f"{prefix}upgrade_burst"), table.get(f"{prefix}upgrade_rate")
+    if burst is not None and rate is None:
+        return [
+            (
+                (*where, "client_upgrade_burst"),
+                "a burst needs a rate: add client_upgrade_rate (attempts per second) "
+                "beside it, or leave the burst out",
+            )
+        ]
+    return []
 
 
 def _backend_problems(backends: Any, settings: dict[str, Any], context: _Context) -> list[_Problem]:

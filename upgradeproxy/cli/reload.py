@@ -51,6 +51,13 @@ def read_pidfile(path: str) -> int:
     return int(text)
 
 
+def process_id(text: str) -> int:
+    """A PID from the command line: a whole number above 0 (0 and below name process groups)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"a process ID is a whole number above 0, not {text!r}")
+    return int(text)
+
+
 def _command_line(pid: int) -> str | None:
     """The process's command line, or None where the system does not say (no /proc)."""
     try:
@@ -60,7 +67,7 @@ def _command_line(pid: int) -> str | None:
         return None
 
 
-def check_process(pid: int, where: str) -> None:
+def check_process(pid: int, where: str, fix: str) -> None:
     """Raise :class:`CannotSignal` unless ``pid`` is a running upgradeproxy we may signal."""
     try:
         os.kill(pid, 0)
@@ -76,8 +83,7 @@ def check_process(pid: int, where: str) -> None:
     command = _command_line(pid)
     if command is not None and "upgradeproxy" not in command:
         raise CannotSignal(
-            f"process {pid} ({where}) is not an upgradeproxy ({command.strip()[:80]}); "
-            "the PID file is stale or names another program"
+            f"process {pid} ({where}) is not an upgradeproxy ({command.strip()[:80]}); {fix}"
         )
 
 
@@ -98,7 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=DEFAULT_PIDFILE,
         help=f"the proxy's PID file, as twistd wrote it (default: {DEFAULT_PIDFILE})",
     )
-    where.add_argument("pid", nargs="?", type=int, help="the proxy's process ID")
+    where.add_argument("pid", nargs="?", type=process_id, help="the proxy's process ID")
     parser.set_defaults(run=run)
 
 
@@ -107,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.pid is not None:
             pid, where = args.pid, "given on the command line"
+            fix = "give the PID of the proxy (twistd's PID file has it)"
         else:
             pid, where = read_pidfile(args.pidfile), f"from {args.pidfile}"
-        check_process(pid, where)
+            fix = "the PID file is stale or names another program"
+        check_process(pid, where, fix)
         os.kill(pid, signal.SIGHUP)
     except CannotSignal as e:
         sys.stderr.write(f"upgradeproxy reload: {e}\n")

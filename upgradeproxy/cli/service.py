@@ -1,9 +1,12 @@
 """From a :class:`~upgradeproxy.cli.config.ProxyConfig` to running Twisted services.
 
-:func:`build_factory` builds the routes, backend groups and validators a
-configuration describes; :class:`ProxyService` listens with the factory and,
-when stopped, shuts down gracefully: it stops accepting, lets requests in
-flight finish, gives tunnels their grace period, then closes what is left.
+:func:`build_configuration` builds the routes, backend groups and validators
+a configuration describes; :class:`ConfiguredProxy` holds the proxy built
+from it with its access log file, and swaps both on a reload;
+:class:`ProxyService` listens with the factory, opens and closes listeners on
+a reload, and, when stopped, shuts down gracefully: it stops accepting, lets
+requests in flight finish, gives tunnels their grace period, then closes what
+is left.
 """
 
 from __future__ import annotations
@@ -15,22 +18,27 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from .._twisted import tcp_server_parts, tls_server_options
 from ..core._backend import BackendSettings
+from ..core._clientlimits import ClientLimits
 from ..core.accesslog import AccessLog, access_log_to
-from ..core.address import BackendAddress, parse_backend
+from ..core.address import BackendAddress, parse_backend, warn_unverified
 from ..core.balancer import BackendGroup
 from ..core.factory import ProxyFactory
 from ..core.proxy import Configuration, Proxy, ProxySettings
+from ..core.proxyprotocol import ProxyProtocolFactory, parse_network
 from ..core.routing import Route
 from ..core.tls import choose_protocols_on
 from ..registry import build_chain
@@ -53,24 +61,69 @@ def settings_for(config: ProxyConfig) -> ProxySettings:
         http2_cleartext=config.http2_cleartext,
         http2_max_concurrent_streams=config.http2_max_concurrent_streams,
         http2_stall_timeout=config.http2_stall_timeout,
+        client_limits=ClientLimits(
+            config.client_connections,
+            config.client_tunnels,
+            config.client_upgrade_rate,
+            config.client_upgrade_burst,
+        ),
+        client_ipv6_prefix=config.client_ipv6_prefix,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One endpoint to listen on, and whether its trusted clients send a PROXY header."""
+
+    description: str
+    proxy_protocol: bool = False
+
+
+def listeners(config: ProxyConfig) -> list[Listener]:
+    """Every endpoint ``config`` listens on: ``listen``, then ``[proxy_protocol] listen``."""
+    return [Listener(d) for d in config.listen] + [
+        Listener(d, proxy_protocol=True) for d in config.proxy_protocol_listen
+    ]
+
+
+#: Puts a PROXY protocol reader under a factory (see :meth:`ConfiguredProxy.behind`).
+Behind = Callable[[IProtocolFactory], IProtocolFactory]
+
+
+def parse_backends(route: RouteConfig, reactor: object) -> list[BackendAddress]:
+    """The addresses of ``route``'s backends, with its connect timeout and TLS settings.
+
+    Raises :class:`~upgradeproxy.core.address.BadBackend` for the first that
+    cannot be used. An unverified backend is warned of by :func:`build_route`.
+    """
+    return [
+        parse_backend(
+            reactor,
+            url,
+            connect_timeout=route.backend_connect_timeout,
+            tls_ca=route.tls_ca,
+            tls_verify=route.tls_verify,
+            warn=False,
+        )
+        for url in route.backends
+    ]
 
 
 def build_route(
     route: RouteConfig, reactor: IReactorTime, *, backends: Sequence[BackendAddress] | None = None
 ) -> Route:
-    """The running route for ``route``; ``backends`` replaces its backend list."""
+    """The running route for ``route``; ``backends``, parsed already, replace its backend list.
+
+    An ``https://`` backend whose certificate is not verified is warned of here,
+    once for each proxy built with it.
+    """
     if backends is None:
-        backends = [
-            parse_backend(
-                reactor,
-                url,
-                connect_timeout=route.backend_connect_timeout,
-                tls_ca=route.tls_ca,
-                tls_verify=route.tls_verify,
-            )
-            for url in route.backends
-        ]
+        backends = parse_backends(route, reactor)
+    if not route.tls_verify:
+        # The demo's backend is given without a URL in the route.
+        for url, backend in zip(route.backends, backends, strict=False):
+            if backend.tls:
+                warn_unverified(url)
     group = BackendGroup(
         backends,
         policy=route.policy,
@@ -79,6 +132,12 @@ def build_route(
         fail_timeout=route.fail_timeout,
         health=route.health,
         route=route.name,
+        send_proxy=route.send_proxy,
+    )
+    client_limits = ClientLimits(
+        tunnels=route.route_client_tunnels,
+        upgrade_rate=route.route_client_upgrade_rate,
+        upgrade_burst=route.route_client_upgrade_burst,
     )
     return Route(
         route.name,
@@ -89,6 +148,7 @@ def build_route(
         max_request_body=route.max_request_body,
         tunnel_idle_timeout=route.tunnel_idle_timeout,
         tunnel_lifetime=route.tunnel_lifetime,
+        client_limits=client_limits if client_limits.enforced else None,
     )
 
 
@@ -118,7 +178,10 @@ def build_configuration(
         for route in config.routes
     )
     access_log = access_log or AccessLog(config.access_log.format)
-    return Configuration(routes, settings_for(config), access_log, config_digest(config))
+    # describe_config's lines say it all, logged at the start and on each reload.
+    return Configuration(
+        routes, settings_for(config), access_log, config_digest(config), log_routes=False
+    )
 
 
 def build_factory(
@@ -147,7 +210,8 @@ class ConfiguredProxy:
 
     :meth:`apply` swaps both for a new configuration (a reload); the access
     log file is opened again even when its path stays, so that a reload
-    after log rotation writes to the new file.
+    after log rotation writes to the new file. The PROXY protocol readers of
+    its listeners (:meth:`behind`) follow the configuration too.
     """
 
     def __init__(
@@ -162,6 +226,19 @@ class ConfiguredProxy:
         self.config = config
         access_log, self._stream = open_access_log(config)
         self.factory = build_factory(config, reactor, access_log=access_log, backends=backends)
+        self._readers: list[ProxyProtocolFactory] = []
+
+    def behind(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """``factory`` behind a PROXY protocol reader that trusts what the configuration says."""
+        config = self.config
+        reader = ProxyProtocolFactory(
+            factory,
+            [parse_network(network) for network in config.trusted_proxies],
+            timeout=config.proxy_protocol_timeout,
+            clock=self._reactor,
+        )
+        self._readers.append(reader)
+        return reader
 
     @property
     def proxy(self) -> Proxy:
@@ -183,6 +260,9 @@ class ConfiguredProxy:
             _close(stream)
             raise
         self.proxy.reconfigure(configuration)
+        trusted = [parse_network(network) for network in config.trusted_proxies]
+        for reader in self._readers:
+            reader.trust(trusted, config.proxy_protocol_timeout)
         previous, self._stream = self._stream, stream
         self.config = config
         _close(previous)
@@ -208,8 +288,13 @@ def listen_now(
     factory: IProtocolFactory,
     *,
     failed_later: Callable[[str], None] | None = None,
+    behind: Behind | None = None,
 ) -> Deferred[IListeningPort]:
     """Listen on the endpoint ``description`` at once.
+
+    ``behind`` puts a factory under everything the endpoint itself adds (a
+    PROXY protocol reader comes before TLS on the wire): an ``ssl:``
+    endpoint then listens as plain TCP with the TLS layer above it.
 
     The endpoints that ship with Twisted bind before they return: a failure
     among them raises :class:`StartFailed` naming the endpoint and the
@@ -218,6 +303,9 @@ def listen_now(
     """
     endpoint = serverFromString(reactor, description)
     choose_protocols_on(endpoint)
+    if behind is not None:
+        endpoint, factory = beneath_tls(reactor, endpoint, factory)
+        factory = behind(factory)
     listening = endpoint.listen(factory)
     failed: list[Failure] = []
     listening.addErrback(failed.append)
@@ -227,6 +315,22 @@ def listen_now(
         report = failed_later or fail_while_running
         listening.addErrback(lambda reason: report(_cannot_listen(description, reason)))
     return listening
+
+
+def beneath_tls(
+    reactor: Any, endpoint: Any, factory: IProtocolFactory
+) -> tuple[Any, IProtocolFactory]:
+    """For an ``ssl:`` endpoint: its TCP endpoint, and ``factory`` with its TLS around it.
+
+    So that something can be put between the socket and TLS. Other endpoints
+    are returned as they are.
+    """
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return endpoint, factory
+    parts = tcp_server_parts(endpoint)
+    options: Any = tls_server_options(endpoint)
+    tls = TLSMemoryBIOFactory(options, False, factory)
+    return TCP4ServerEndpoint(reactor, parts.port, parts.backlog, parts.interface), tls
 
 
 def _cannot_listen(description: str, reason: Failure) -> str:
@@ -292,38 +396,58 @@ class ProxyService(MultiService):
     def __init__(
         self,
         factory: ProxyFactory,
-        listen: Sequence[str],
+        listen: Sequence[str | Listener],
         *,
         reactor: Any,
         grace: float,
         on_stopped: Callable[[], None] | None = None,
+        behind: Behind | None = None,
     ) -> None:
+        """``behind`` puts the PROXY protocol reader under the listeners that expect it."""
         super().__init__()
         self.factory = factory
         self.grace = grace
         self._reactor = reactor
         self._on_stopped = on_stopped
+        self._behind = behind
         self._listeners: dict[str, _Listening] = {}
-        for description in listen:
-            self._listen(description, failed_later=None)
+        self._proxied: set[str] = set()
+        for listener in listen:
+            self._listen(_listener(listener), failed_later=None)
 
-    def _listen(self, description: str, failed_later: Callable[[str], None] | None) -> None:
-        listening = listen_now(self._reactor, description, self.factory, failed_later=failed_later)
+    def _listen(self, listener: Listener, failed_later: Callable[[str], None] | None) -> None:
+        description = listener.description
+        behind = None
+        if listener.proxy_protocol:
+            assert self._behind is not None, "a PROXY protocol listener needs its reader"
+            behind = self._behind
+            self._proxied.add(description)
+        listening = listen_now(
+            self._reactor, description, self.factory, failed_later=failed_later, behind=behind
+        )
         self._listeners[description] = _Listening(listening)
         self._listeners[description].setServiceParent(self)
 
-    def open_listeners(self, listen: Sequence[str]) -> None:
+    def open_listeners(self, listen: Sequence[str | Listener]) -> None:
         """Listen on the endpoints of ``listen`` not listened on yet (a reload).
 
-        Raises :class:`StartFailed` when one cannot be bound; those opened
+        Raises :class:`StartFailed` when one cannot be bound, or when an
+        endpoint moved between ``listen`` and ``[proxy_protocol] listen``
+        (its socket is bound already: that takes a restart); those opened
         by this call are closed again first.
         """
         opened: list[str] = []
         try:
-            for description in listen:
+            for listener in map(_listener, listen):
+                description = listener.description
                 if description not in self._listeners:
-                    self._listen(description, failed_later=_log_late_listen_failure)
+                    self._listen(listener, failed_later=_log_late_listen_failure)
                     opened.append(description)
+                elif listener.proxy_protocol != (description in self._proxied):
+                    raise StartFailed(
+                        f"{description} moved between listen and [proxy_protocol] listen; "
+                        "a listener's socket stays what it was until a restart"
+                    )
         except StartFailed:
             for description in opened:
                 self._stop_listening(description)
@@ -331,9 +455,10 @@ class ProxyService(MultiService):
         for description in opened:
             log.info("listening on {endpoint}", endpoint=description)
 
-    def close_listeners(self, keep: Sequence[str]) -> None:
+    def close_listeners(self, keep: Sequence[str | Listener]) -> None:
         """Stop listening on every endpoint not in ``keep``; their connections stay open."""
-        for description in [d for d in self._listeners if d not in keep]:
+        kept = {_listener(listener).description for listener in keep}
+        for description in [d for d in self._listeners if d not in kept]:
             self._stop_listening(description)
             log.info(
                 "no longer listening on {endpoint}; its open connections stay",
@@ -341,6 +466,7 @@ class ProxyService(MultiService):
             )
 
     def _stop_listening(self, description: str) -> None:
+        self._proxied.discard(description)
         listener = self._listeners.pop(description)
         running = listener.running
         listener.disownServiceParent()  # which stops it, if it runs
@@ -356,6 +482,10 @@ class ProxyService(MultiService):
         await self.factory.proxy.drain(self.grace)
         if self._on_stopped is not None:
             self._on_stopped()
+
+
+def _listener(item: str | Listener) -> Listener:
+    return item if isinstance(item, Listener) else Listener(item)
 
 
 def _log_late_listen_failure(message: str) -> None:

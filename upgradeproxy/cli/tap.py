@@ -20,7 +20,8 @@ from zope.interface import implementer
 
 from .. import __version__
 from ..core.accesslog import FORMATS
-from ..core.address import BackendAddress, BadBackend, parse_backend
+from ..core.address import BackendAddress, BadBackend
+from ..core.proxyprotocol import parse_network
 from ..ops.metrics import read_snapshots
 from ..registry import DEFAULT_CHAIN, BadValidator, build_chain, describe_installed
 from . import _values
@@ -48,8 +49,10 @@ from .service import (
     ProxyService,
     StartFailed,
     fail_while_running,
+    listeners,
     local_snapshots,
     metrics_service,
+    parse_backends,
 )
 from .workers import STOP_MARGIN, WorkerPool, open_sockets
 
@@ -153,6 +156,44 @@ _SETTINGS = {
         "Seconds an HTTP/2 stream may wait on a client's shut flow-control window "
         "before it is reset",
     ),
+    "max-client-connections": _Setting(
+        "client_connections",
+        _values.count_or_off,
+        None,
+        "Connections one client address may have open; beyond, 503, and at twice as "
+        "many, new ones are closed unanswered (0: no limit)",
+    ),
+    "max-client-tunnels": _Setting(
+        "client_tunnels",
+        _values.count_or_off,
+        None,
+        "Tunnels one client address may have open; beyond, new upgrades get 429 (0: no limit)",
+    ),
+    "client-upgrade-rate": _Setting(
+        "client_upgrade_rate",
+        _values.rate_or_off,
+        None,
+        "Upgrade attempts per second one client address may make; beyond, 429 (0: no limit)",
+    ),
+    "client-upgrade-burst": _Setting(
+        "client_upgrade_burst",
+        _values.count_or_off,
+        None,
+        "Upgrade attempts one client address may make at once, under --client-upgrade-rate "
+        "(0: the rate rounded up)",
+    ),
+    "client-ipv6-prefix": _Setting(
+        "client_ipv6_prefix",
+        _values.ipv6_prefix,
+        None,
+        "Leading bits of an IPv6 address that make one client for the per-client limits",
+    ),
+    "send-proxy": _Setting(
+        "send_proxy",
+        _values.proxy_protocol_version,
+        "send_proxy in a [[route]]",
+        "Send a PROXY protocol header, v1 or v2, first on every backend connection",
+    ),
     "shutdown-grace": _Setting(
         "shutdown_grace",
         _values.seconds,
@@ -163,8 +204,8 @@ _SETTINGS = {
         "workers",
         _values.workers,
         None,
-        "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one "
-        "per core. With more than one, a parent process starts, watches and restarts them",
+        "Processes serving the --listen addresses (tcp: endpoints), or 'auto' for one per "
+        "CPU it may run on. With more than one, a parent process starts, watches and restarts them",
     ),
 }
 
@@ -265,6 +306,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["validators"] = []
+        self["proxy_protocol_listen"] = []
+        self["trusted_proxies"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
@@ -293,6 +336,19 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_proxy_protocol_listen(self, endpoint: str) -> None:
+        """Also listen on this endpoint, for a load balancer that sends a PROXY protocol
+        header (v1 or v2) from a --trusted-proxy network (repeatable)."""
+        self["proxy_protocol_listen"].append(endpoint)
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """A network (CIDR) whose connections to --proxy-protocol-listen endpoints must
+        start with a PROXY protocol header (repeatable)."""
+        try:
+            self["trusted_proxies"].append(str(parse_network(network)))
+        except ValueError as e:
+            _exit_usage(f"--trusted-proxy {e}")
+
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
@@ -306,7 +362,9 @@ class Options(usage.Options):
         self["proxy_config"] = config
         if config.workers > 1:
             try:
-                self["listen_addresses"] = [listen_address(reactor, d) for d in config.listen]
+                self["listen_addresses"] = [
+                    listen_address(reactor, listener.description) for listener in listeners(config)
+                ]
             except WorkersUnsupported as e:
                 _exit_usage(str(e))
 
@@ -324,8 +382,9 @@ class Options(usage.Options):
         settings = self._settings()
         config = self._from_file(settings) if self["config"] else self._from_flags(settings)
         config = self._over_file_or_flags(config, settings)
-        problems = []
+        problems = _combination_problems(config)
         endpoints = [("--listen", description) for description in config.listen]
+        endpoints += [("--proxy-protocol-listen", d) for d in config.proxy_protocol_listen]
         if config.metrics is not None:
             endpoints.append(("--metrics", config.metrics))
         for flag, description in endpoints:
@@ -383,6 +442,10 @@ class Options(usage.Options):
             changes["http2"] = False
         if self["http2-cleartext"]:
             changes["http2_cleartext"] = True
+        if self["proxy_protocol_listen"]:
+            changes["proxy_protocol_listen"] = tuple(self["proxy_protocol_listen"])
+        if self["trusted_proxies"]:
+            changes["trusted_proxies"] = tuple(self["trusted_proxies"])
         access = config.access_log
         if self["access-log-format"] is not None:
             if self["access-log-format"] not in FORMATS:
@@ -432,14 +495,8 @@ class Options(usage.Options):
         )
         if self["backend"]:
             try:
-                parse_backend(
-                    reactor,
-                    self["backend"],
-                    connect_timeout=route.backend_connect_timeout,
-                    tls_ca=route.tls_ca,
-                    tls_verify=route.tls_verify,
-                    warn=False,  # the factory's build warns, once
-                )
+                # The one parse: a single process proxies with them (see makeService).
+                self["backends"] = parse_backends(route, reactor)
             except BadBackend as e:
                 _exit_usage(str(e))
         try:
@@ -447,6 +504,28 @@ class Options(usage.Options):
         except BadValidator as e:
             _exit_usage(str(e))
         return ProxyConfig(routes=(route,))
+
+
+def _combination_problems(config: ProxyConfig) -> list[str]:
+    """What options given over a file (or alone) leave incomplete, one line each.
+
+    A file is checked on its own; these are what only the options, or the
+    options and the file together, can get wrong.
+    """
+    problems = []
+    if config.client_upgrade_burst is not None and config.client_upgrade_rate is None:
+        problems.append("--client-upgrade-burst needs --client-upgrade-rate (attempts per second)")
+    if config.proxy_protocol_listen and not config.trusted_proxies:
+        problems.append(
+            "--proxy-protocol-listen needs --trusted-proxy NETWORK: the networks your load "
+            "balancers connect from (for example --trusted-proxy 10.0.0.0/8)"
+        )
+    if config.trusted_proxies and not config.proxy_protocol_listen:
+        problems.append(
+            "--trusted-proxy needs --proxy-protocol-listen ENDPOINT: where the load "
+            "balancers connect to"
+        )
+    return problems
 
 
 @implementer(IStreamClientEndpoint)
@@ -515,6 +594,7 @@ def makeService(options: Options) -> IService:
         return _make_service(
             options["proxy_config"],
             demo=bool(options["demo"]),
+            backends=options.get("backends"),
             addresses=options.get("listen_addresses"),
             read=options.read_config if options["config"] else None,
         )
@@ -527,9 +607,11 @@ def _make_service(
     config: ProxyConfig,
     *,
     demo: bool,
+    backends: list[BackendAddress] | None,
     addresses: list[ListenAddress] | None,
     read: Callable[[], ProxyConfig] | None,
 ) -> IService:
+    """``backends`` are the route's, parsed already (from the command line), or None."""
     from twisted.internet import reactor
 
     log.info("{description}", description=describe_config(config))
@@ -542,23 +624,23 @@ def _make_service(
         assert addresses is not None
         _workers_service(config, addresses, demo_service, read).setServiceParent(top)
         return top
-    backends = None
     if demo_service is not None:
         backends = [BackendAddress(_DemoEndpoint(demo_service), b"", "built-in demo backend")]
     configured = ConfiguredProxy(config, reactor, backends=backends)
     factory = configured.factory
     service = ProxyService(
         factory,
-        config.listen,
+        listeners(config),
         reactor=reactor,
         grace=config.shutdown_grace,
         on_stopped=configured.close,
+        behind=configured.behind,
     )
     service.setServiceParent(top)
 
     def apply(new: ProxyConfig) -> None:
-        configured.apply(new, before=lambda: service.open_listeners(new.listen))
-        service.close_listeners(new.listen)
+        configured.apply(new, before=lambda: service.open_listeners(listeners(new)))
+        service.close_listeners(listeners(new))
         service.grace = new.shutdown_grace
 
     reloader = Reloader(

@@ -32,14 +32,14 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessTerminated, ReactorNotRunning
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IProtocolFactory, IReactorProcess, IReactorTime
 from twisted.logger import Logger, LogLevel, eventFromJSON, formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from ..core.accesslog import NAMESPACE
 from ._endpoints import ListenAddress
-from .service import ConfiguredProxy, StartFailed
+from .service import ConfiguredProxy, StartFailed, listeners
 
 log = Logger()
 
@@ -335,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         configured = ConfiguredProxy(config, reactor)
         factory = configured.factory
         factory.doStart()
-        ports = [_adopt(reactor, spec, factory) for spec in args.fd]
+        # The parent passes one socket per listener, in the order of listeners().
+        ports = [
+            _adopt(reactor, spec, configured.behind(factory) if proxied.proxy_protocol else factory)
+            for spec, proxied in zip(args.fd, listeners(config), strict=True)
+        ]
     except Exception as e:  # whatever it is, restarting would meet it again
         log.critical("{why}", why=str(e) or repr(e))
         sys.stdout.flush()
@@ -387,7 +391,7 @@ def _log_to_parent() -> None:
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False, discardBuffer=True)
 
 
-def _adopt(reactor: Any, spec: str, factory: protocol.ServerFactory) -> Any:
+def _adopt(reactor: Any, spec: str, factory: IProtocolFactory) -> Any:
     """Serve on the listening socket the parent passed as ``FD:FAMILY``."""
     fd, family = (int(part) for part in spec.split(":"))
     try:

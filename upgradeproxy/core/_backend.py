@@ -134,8 +134,12 @@ class BackendConnection(Protocol):
 
     log = Logger()
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: BackendPool, header: bytes | None = None) -> None:
+        """``header``: a PROXY protocol header, sent before anything else."""
         self.pool = pool
+        #: The PROXY protocol header this connection began with: it serves
+        #: only the client connection it names (None: any).
+        self.owner = header
         self._settings = pool.settings
         self._buf = bytearray()
         self._state = _State.IDLE
@@ -207,6 +211,10 @@ class BackendConnection(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        if self.owner is not None:
+            # Below TLS would be right, but this is above it: TLS backends
+            # are refused with send_proxy (see BackendGroup).
+            send_now(self.transport, self.owner)  # type: ignore[arg-type]
         if self.on_connected is not None:
             connected, self.on_connected = self.on_connected, None
             connected(self)
@@ -426,16 +434,24 @@ class TLSBackendConnection(BackendConnection):
 class _BackendConnectionFactory(Factory):
     noisy = False  # one log line per backend connection would drown the access log
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: BackendPool, header: bytes | None = None) -> None:
         self.pool = pool
+        self._header = header
         self._protocol = TLSBackendConnection if pool.tls else BackendConnection
 
     def buildProtocol(self, addr: object) -> BackendConnection:
-        return self._protocol(self.pool)
+        return self._protocol(self.pool, self._header)
 
 
 class BackendPool:
-    """Keep-alive connections to one backend, reused most recently used first."""
+    """Keep-alive connections to one backend, reused most recently used first.
+
+    A connection that began with a PROXY protocol header told the backend
+    who its client is, and so serves only that client connection (the
+    header names its address and port, as HAProxy keeps such connections
+    private): :meth:`take_idle` hands it only to a request with the same
+    header, and at most one such connection per header is kept idle.
+    """
 
     log = Logger()
 
@@ -468,33 +484,54 @@ class BackendPool:
         idle = self.take_idle()
         return succeed(idle) if idle is not None else self.connect()
 
-    def take_idle(self) -> BackendConnection | None:
-        """The most recently used idle connection, or None.
+    def take_idle(self, owner: bytes | None = None) -> BackendConnection | None:
+        """The most recently used idle connection opened with ``owner``'s header, or None.
 
         The proxy asks this first, without a Deferred: reusing a connection
         is the common case, and it is synchronous.
         """
+        if owner is not None:
+            return self._take_owned(owner)
         while self._idle:
             connection = self._idle.pop()
             self._idle_timers.pop(connection).cancel()
-            if connection.is_idle:
+            if connection.owner is not None:
+                # Opened for one client before its route stopped sending the header.
+                connection.transport.loseConnection()  # type: ignore[union-attr]
+            elif connection.is_idle:
                 connection.reused = True
                 return connection
         return None
 
-    def connect(self) -> Deferred[BackendConnection]:
-        """A new connection, ready for a request once it fires."""
+    def _take_owned(self, owner: bytes) -> BackendConnection | None:
+        for index in range(len(self._idle) - 1, -1, -1):
+            connection = self._idle[index]
+            if connection.owner == owner and connection.is_idle:
+                del self._idle[index]
+                self._idle_timers.pop(connection).cancel()
+                connection.reused = True
+                return connection
+        return None
+
+    def connect(self, header: bytes | None = None) -> Deferred[BackendConnection]:
+        """A new connection, ready for a request once it fires; ``header`` is sent first."""
         if self._direct is not None:
-            return self._direct.connect(self)
+            return self._direct.connect(self, header)
+        factory = self._factory if header is None else _BackendConnectionFactory(self, header)
         # The factory builds only BackendConnection protocols.
-        connecting: Deferred[TLSBackendConnection] = self.endpoint.connect(self._factory)  # type: ignore[assignment]
+        connecting: Deferred[TLSBackendConnection] = self.endpoint.connect(factory)  # type: ignore[assignment]
         if self.tls:
             return connecting.addCallback(TLSBackendConnection.wait_for_handshake)
         return connecting  # type: ignore[return-value]
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""
-        if self._retired or len(self._idle) >= self.settings.max_idle:
+        owner = connection.owner
+        if (
+            self._retired
+            or len(self._idle) >= self.settings.max_idle
+            or (owner is not None and any(idle.owner == owner for idle in self._idle))
+        ):
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._idle.append(connection)
@@ -547,8 +584,8 @@ class _DirectTCP:
             return None
         return cls(parts.reactor, parts.host, parts.port, parts.timeout, parts.bind)
 
-    def connect(self, pool: BackendPool) -> Deferred[BackendConnection]:
-        factory = _DirectConnection(pool)
+    def connect(self, pool: BackendPool, header: bytes | None) -> Deferred[BackendConnection]:
+        factory = _DirectConnection(pool, header)
         ready = factory.ready
         assert ready is not None
         self._reactor.connectTCP(
@@ -562,12 +599,13 @@ class _DirectConnection(ClientFactory):
 
     noisy = False
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: BackendPool, header: bytes | None) -> None:
         self.ready: Deferred[BackendConnection] | None = Deferred()
         self._pool = pool
+        self._header = header
 
     def buildProtocol(self, addr: object) -> BackendConnection:
-        connection = BackendConnection(self._pool)
+        connection = BackendConnection(self._pool, self._header)
         connection.on_connected = self._connected
         return connection
 

@@ -51,6 +51,7 @@ from ._handover import Handover
 from ._http2 import HTTP2Connection
 from ._rewrite import (
     ClientHop,
+    client_hop,
     error_body,
     error_response,
     interim_for_client,
@@ -59,7 +60,7 @@ from ._rewrite import (
 )
 from ._side import Side
 from ._tunnel import Tunnel
-from .proxy import Proxy
+from .proxy import LimitRefusal, Proxy
 from .tls import H2
 
 # Reasons for which the client's reads are paused.
@@ -86,9 +87,15 @@ class ClientConnection(Protocol):
 
     log = Logger()
     protocol = "HTTP/1.1"
+    #: Why a TLS connection is refused, until its handshake says in which protocol.
+    _refusal: LimitRefusal | None = None
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a load
+        balancer); None: the transport's peer."""
         self._proxy = proxy
+        self._peer = peer
         self._settings = proxy.settings
         self._phase = Phase.HEAD
         self._buf = bytearray()
@@ -121,15 +128,21 @@ class ClientConnection(Protocol):
         assert self.transport is not None
         no_delay(self.transport)
         self._gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
-        self.address = str(getattr(peer, "host", None) or peer)
+        peer = self._peer or self.transport.getPeer()
+        self._peer = None
         secure = ISSLTransport.providedBy(self.transport)
         self._handshaking = secure
-        self.hop = ClientHop(self.address, "https" if secure else self._proxy.scheme)
-        why = self._proxy.connection_opened(self)
-        if why is not None:
-            self._refuse_connection(503, why)
+        self.hop = client_hop(
+            peer, self.transport.getHost(), secure=secure, scheme=self._proxy.scheme
+        )
+        self.address = self.hop.address
+        refusal = self._proxy.connection_opened(self)
+        if refusal is not None and not secure:
+            self._refuse(refusal)
             return
+        # Over TLS, a refusal waits for the handshake: ALPN says whether it
+        # must be answered in HTTP/2. The head timer bounds the wait.
+        self._refusal = refusal
         self._wait_for_head(self._settings.request_head_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -159,18 +172,21 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        refusal, self._refusal = self._refusal, None
         negotiated = getattr(self.transport, "negotiatedProtocol", None)
         if negotiated == H2 and self._phase is Phase.HEAD:
-            self._become_http2()
+            self._become_http2(refusal)
+        elif refusal is not None:
+            self._refuse(refusal)
 
-    def _become_http2(self) -> None:
+    def _become_http2(self, refusal: LimitRefusal | None) -> None:
         """The client chose ``h2`` over ALPN: the HTTP/2 door serves this connection."""
         self._stop_head_timer()
         self._phase = Phase.CLOSING
         received = bytes(self._buf)
         self._buf.clear()
-        connection = HTTP2Connection(self._proxy)
-        connection.replace(self)
+        connection = HTTP2Connection(self._proxy, self.hop.peer)
+        connection.replace(self, refusal)
         switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -348,13 +364,16 @@ class ClientConnection(Protocol):
         self._wait_for_head(self._settings.keep_alive_timeout, idle=True)
         self._advance()
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         request = exchange.request if exchange is not None else None
         self._exchange = None
         unregister_producer(self.transport)
         head_only = request is not None and request.method == b"HEAD"
         self.uncork()
-        self.transport.write(error_response(status, reason, head_only=head_only))  # type: ignore[union-attr]
+        response = error_response(status, reason, head_only=head_only, retry_after=retry_after)
+        self.transport.write(response)  # type: ignore[union-attr]
         self._close_after_error()
         return 0 if head_only else len(error_body(reason))
 
@@ -422,11 +441,20 @@ class ClientConnection(Protocol):
 
     # -- endings -----------------------------------------------------------------
 
-    def _refuse_connection(self, status: int, reason: str) -> None:
+    def _refuse(self, refusal: LimitRefusal) -> None:
+        """Refuse the connection for a limit, before any request was read."""
+        self._refuse_connection(
+            refusal.status, refusal.reason, retry_after=refusal.retry_after, logged=refusal.logged
+        )
+
+    def _refuse_connection(
+        self, status: int, reason: str, *, retry_after: int | None = None, logged: bool = False
+    ) -> None:
         """Refuse what came before any request could be read (a bad head, a limit)."""
         self._stop_head_timer()
-        log_error_response(status, self.address, reason)
-        self.refuse(None, status, reason)
+        if not logged:
+            log_error_response(status, self.address, reason)
+        self.refuse(None, status, reason, retry_after=retry_after)
 
     def _close(self) -> None:
         self.uncork()

@@ -37,7 +37,9 @@ from ..http1 import (
 )
 from ..interfaces import Refusal, UpgradeAttempt
 from ._backend import BackendConnection, BackendFailure
+from ._clientlimits import Key
 from ._handover import Handover
+from ._proxyheader import encode as proxy_header
 from ._rewrite import ClientHop, request_for_backend, split_target, without_h2c
 from ._tunnel import Tunnel
 from .accesslog import RequestRecord
@@ -99,9 +101,12 @@ class ClientSide(Protocol):
     def send_end(self, exchange: Exchange) -> None:
         """The response is complete: the connection may serve its next request."""
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         """Answer with an error response saying ``reason``, then close.
 
+        ``retry_after`` (seconds) goes in a ``Retry-After`` field when given.
         Returns the number of body bytes sent, for the access record.
         """
 
@@ -143,6 +148,7 @@ class Exchange:
         "_backend_name",
         "_body_bytes",
         "_client",
+        "_client_keys",
         "_proxy",
         "_response_bytes",
         "_status",
@@ -170,9 +176,12 @@ class Exchange:
         upgrade: bool,
         route: Route,
         upstream: Backend,
+        client_keys: tuple[Key, ...] = (),
     ) -> None:
         self._proxy = proxy
         self._client = client
+        #: Tunnel reservations under the per-client limits, given back when the exchange ends.
+        self._client_keys = client_keys
         self.request = request
         self.forwarded = forwarded
         self.framing = framing
@@ -245,6 +254,14 @@ class Exchange:
             if refusal is not None:
                 refuse_request(proxy, client, head, route, refusal.status, refusal.reason)
                 return None
+            limited, keys = proxy.admit_upgrade(client.address, route)
+            if limited is not None:
+                refuse_request(
+                    proxy, client, head, route, limited.status, limited.reason,
+                    retry_after=limited.retry_after, logged=limited.logged,
+                )  # fmt: skip
+                return None
+            return cls(proxy, client, head, forwarded, framing, upgrade, route, upstream, keys)
         return cls(proxy, client, head, forwarded, framing, upgrade, route, upstream)
 
     # -- the backend connection --------------------------------------------------------
@@ -254,11 +271,18 @@ class Exchange:
         self._attempts += 1
         upstream = self.upstream
         assert upstream is not None
-        pooled = upstream.pool.take_idle()
+        # A connection that told its backend who the client is serves only
+        # that client connection: the header names its address and port.
+        version = self.route.group.send_proxy
+        header = None
+        if version is not None:
+            hop = self._client.hop
+            header = proxy_header(version, hop.peer, hop.local)
+        pooled = upstream.pool.take_idle(header)
         if pooled is not None:
             self._backend_ready(pooled)
             return
-        d = upstream.pool.connect()
+        d = upstream.pool.connect(header)
         d.addCallbacks(self._backend_ready, self._backend_unreachable, errbackArgs=(upstream,))
         d.addErrback(self._unexpected)
 
@@ -387,6 +411,8 @@ class Exchange:
         if backend is not None and backend.transport is not None:
             # The client's transport may have paused it as a producer.
             backend.transport.resumeProducing()  # type: ignore[attr-defined]
+            if backend.owner is not None and backend.is_idle:
+                self._proxy.keep_private(self._client, backend)
         self._client.send_end(self)
 
     def switch_protocols(self, head: ResponseHead, early_data: bytes) -> None:
@@ -402,8 +428,10 @@ class Exchange:
             self._refuse_switch(attempt, refusal)
             return
         self.ended = True
-        # The backend stays busy for as long as the tunnel lives.
+        # The backend stays busy for as long as the tunnel lives, and so do
+        # the client's tunnel reservations.
         self.upstream = None
+        keys, self._client_keys = self._client_keys, ()
         self._proxy.start_tunnel(
             attempt,
             route=route,
@@ -412,6 +440,7 @@ class Exchange:
             early_data=early_data,
             client=client.hand_over(head),
             attach=client.attach,
+            client_keys=keys,
         )
 
     def _refuse_switch(self, attempt: UpgradeAttempt, refusal: Refusal) -> None:
@@ -484,6 +513,9 @@ class Exchange:
     def _end(self) -> None:
         self.ended = True
         self._release_upstream()
+        if self._client_keys:
+            keys, self._client_keys = self._client_keys, ()
+            self._proxy.release_client(keys)
 
     def _finish(self) -> None:
         """A response went to the client (whole or cut short): record it."""
@@ -527,10 +559,14 @@ def refuse_request(
     route: Route | None,
     status: int,
     reason: str,
+    *,
+    retry_after: int | None = None,
+    logged: bool = False,
 ) -> None:
-    """Refuse a request before any exchange started: log, answer, record."""
-    log_error_response(status, client.address, reason)
-    sent = client.refuse(None, status, reason)
+    """Refuse a request before any exchange started: log (unless ``logged``), answer, record."""
+    if not logged:
+        log_error_response(status, client.address, reason)
+    sent = client.refuse(None, status, reason, retry_after=retry_after)
     if request is not None:
         record_request(
             proxy, client.address, request, route, status, sent, 0.0, "-", client.protocol

@@ -278,10 +278,16 @@ def trailer_fields(fields: tuple[Field, ...]) -> list[Field]:
     return [(name.lower(), value) for name, value in trailers]
 
 
-def error_fields(status: int, length: int) -> list[Field]:
-    """The header list of the proxy's own error response, whose body has ``length`` bytes."""
-    return [
+def error_fields(status: int, length: int, retry_after: int | None = None) -> list[Field]:
+    """The header list of the proxy's own error response, whose body has ``length`` bytes.
+
+    ``retry_after`` adds a ``retry-after`` of that many seconds (RFC 9110 §10.2.3).
+    """
+    fields = [
         (b":status", b"%d" % status),
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", b"%d" % length),
     ]
+    if retry_after is not None:
+        fields.append((b"retry-after", b"%d" % retry_after))
+    return fields

@@ -88,10 +88,10 @@ from ._h2heads import (
     tunnel_fields,
 )
 from ._handover import Handover
-from ._rewrite import VIA_HTTP2, ClientHop, error_body
+from ._rewrite import VIA_HTTP2, ClientHop, client_hop, error_body
 from ._side import Side
 from ._tunnel import Tunnel
-from .proxy import FrontConnection, Proxy
+from .proxy import FrontConnection, LimitRefusal, Proxy
 
 #: The prior-knowledge connection preface of a client (RFC 9113 §3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -158,9 +158,13 @@ class HTTP2Connection(Protocol):
 
     log = Logger()
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a
+        balancer); None: the transport's peer."""
         #: The proxy, and its settings when the connection was made.
         self.proxy = proxy
+        self._peer = peer
         self.settings = proxy.settings
         self._h2 = H2Connection(_CONFIG)
         self._streams: dict[int, _Stream] = {}
@@ -169,7 +173,7 @@ class HTTP2Connection(Protocol):
         #: Nested calls that hold the output until the outermost one is done.
         self.corked = 0
         #: Why every request on this connection is refused (a limit, a shutdown).
-        self._refusal: str | None = None
+        self._refusal: LimitRefusal | None = None
         #: True once the client's transport paused this connection as its producer.
         self.paused = False
         #: GOAWAY was sent or received: no new stream is served.
@@ -183,12 +187,14 @@ class HTTP2Connection(Protocol):
 
     # -- taking a connection over ----------------------------------------------------
 
-    def replace(self, previous: FrontConnection) -> None:
+    def replace(self, previous: FrontConnection, refusal: LimitRefusal | None = None) -> None:
         """Serve what was ``previous``'s connection, without counting it again.
 
-        Call before :meth:`makeConnection`.
+        ``refusal`` is why the proxy refused it when it was counted. Call
+        before :meth:`makeConnection`.
         """
         self._replacing = previous
+        self._refusal = refusal
 
     # -- Twisted protocol events -----------------------------------------------------
 
@@ -196,10 +202,12 @@ class HTTP2Connection(Protocol):
         transport = self.transport
         assert transport is not None
         no_delay(transport)
-        peer = transport.getPeer()
-        self.address = str(getattr(peer, "host", None) or peer)
+        peer, self._peer = self._peer or transport.getPeer(), None
         secure = ISSLTransport.providedBy(transport)
-        self.hop = ClientHop(self.address, "https" if secure else self.proxy.scheme, VIA_HTTP2)
+        self.hop = client_hop(
+            peer, transport.getHost(), secure=secure, scheme=self.proxy.scheme, via=VIA_HTTP2
+        )
+        self.address = self.hop.address
         if self._replacing is not None:
             self.proxy.connection_replaced(self._replacing, self)
             self._replacing = None
@@ -309,10 +317,14 @@ class HTTP2Connection(Protocol):
         stream = _Stream(self, stream_id)
         self._streams[stream_id] = stream
         ended = event.stream_ended is not None
-        if self._refusal is not None:
+        refusal = self._refusal
+        if refusal is not None:
             stream.client_done = ended
             self._go_away()
-            refuse_request(self.proxy, stream, None, None, 503, self._refusal)
+            refuse_request(
+                self.proxy, stream, None, None, refusal.status, refusal.reason,
+                retry_after=refusal.retry_after, logged=refusal.logged,
+            )  # fmt: skip
             return
         parsed = stream_request(
             event.headers,
@@ -599,6 +611,7 @@ class _Stream:
             self._held_size += size
             return
         if data and not exchange.body_data((data,)):
+            self._acknowledge(size)  # refused: dropped
             return
         self._taken(size)
 
@@ -645,6 +658,7 @@ class _Stream:
         held, size = self._held, self._held_size
         self._held, self._held_size = [], 0
         if held and not exchange.body_data(held):
+            self._acknowledge(size)  # refused: dropped
             return
         self._taken(size)
         if self.client_done:
@@ -703,15 +717,18 @@ class _Stream:
         self._producer = None  # the exchange resumes its backend connection itself
         self._end_output(reset=True)
 
-    def refuse(self, exchange: Exchange | None, status: int, reason: str) -> int:
+    def refuse(
+        self, exchange: Exchange | None, status: int, reason: str, *, retry_after: int | None = None
+    ) -> int:
         self._exchange = None
         self._producer = None
-        self._held, self._held_size = [], 0
+        self._held, size, self._held_size = [], self._held_size, 0
+        self._acknowledge(size)  # what was held is dropped
         if self._closed or self._local_done:
             return 0
         body = error_body(reason)
         head_only = exchange is not None and exchange.request.method == b"HEAD"
-        self._headers(error_fields(status, len(body)))
+        self._headers(error_fields(status, len(body), retry_after))
         if not head_only:
             self.write(body)
         self._end_output(reset=True)

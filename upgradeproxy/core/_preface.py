@@ -12,7 +12,11 @@ It is only used where cleartext HTTP/2 is turned on; over TLS, ALPN decides
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,14 +31,18 @@ from .proxy import Proxy
 class PrefaceSniffer(Protocol):
     """Reads a connection's first bytes, and gives it to the door they call for."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
+        """``peer`` is the client's address, as the factory was given it (a
+        :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` behind a
+        balancer); None: the transport's peer."""
         self._proxy = proxy
+        self._peer = peer
         self._buf = b""
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         if ISSLTransport.providedBy(self.transport):
-            self._choose(ClientConnection(self._proxy))
+            self._choose(ClientConnection(self._proxy, self._peer))
             return
         timeout = self._proxy.settings.request_head_timeout
         self._timer = self._proxy.clock.callLater(timeout, self._timed_out)
@@ -42,9 +50,9 @@ class PrefaceSniffer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         buf = self._buf + data
         if not PREFACE.startswith(buf[: len(PREFACE)]):
-            self._choose(ClientConnection(self._proxy), buf)
+            self._choose(ClientConnection(self._proxy, self._peer), buf)
         elif len(buf) >= len(PREFACE):
-            self._choose(HTTP2Connection(self._proxy), buf)
+            self._choose(HTTP2Connection(self._proxy, self._peer), buf)
         else:
             self._buf = buf
 

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from ..http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
+from ._proxyheader import ProxiedAddress
 
 VIA = b"1.1 upgradeproxy"
 #: The ``Via`` entry of a request the proxy received over HTTP/2 (RFC 9110 §7.6.3).
@@ -27,8 +28,28 @@ class ClientHop:
 
     address: str
     scheme: str = "http"
+    #: The client's address and port, and the address it connected to (Twisted
+    #: addresses), for a PROXY protocol header to the backend; None when unknown.
+    peer: object | None = None
+    local: object | None = None
     #: What the proxy adds to a request's ``Via``: the protocol it received it with.
     via: bytes = VIA
+
+
+def client_hop(
+    peer: object, host: object, *, secure: bool, scheme: str, via: bytes = VIA
+) -> ClientHop:
+    """The hop of a client connection from ``peer`` to ``host`` (Twisted addresses).
+
+    ``peer`` is a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` for
+    a client behind a load balancer speaking the PROXY protocol: the client's
+    address, and the one it connected to, are then the header's.
+    """
+    address = str(getattr(peer, "host", None) or peer)
+    local = peer.destination if isinstance(peer, ProxiedAddress) else None
+    return ClientHop(
+        address, "https" if secure else scheme, peer=peer, local=local or host, via=via
+    )
 
 
 def without_h2c(head: RequestHead) -> RequestHead:
@@ -190,19 +211,23 @@ def error_body(reason: str) -> bytes:
     return reason.encode("utf-8") + b"\n"
 
 
-def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
+def error_response(
+    status: int, reason: str, *, head_only: bool = False, retry_after: int | None = None
+) -> bytes:
     """A complete response that tells the client, in plain words, what went wrong.
 
     The connection is always closed after it. ``head_only`` (for a ``HEAD``
-    request) leaves the body out but keeps its ``Content-Length``.
+    request) leaves the body out but keeps its ``Content-Length``;
+    ``retry_after`` adds a ``Retry-After`` of that many seconds (RFC 9110 §10.2.3).
     """
     body = error_body(reason)
     phrase = HTTPStatus(status).phrase.encode("ascii")
-    headers = Headers(
-        (
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"Connection", b"close"),
-        )
-    )
+    fields: list[Field] = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Connection", b"close"),
+    ]
+    if retry_after is not None:
+        fields.append((b"Retry-After", b"%d" % retry_after))
+    headers = Headers(tuple(fields))
     return ResponseHead(status, phrase, (1, 1), headers).serialize() + (b"" if head_only else body)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._clientlimits import ClientLimits
 from ._side import Side
 from ._tunnel import Tunnel
 from .balancer import Backend
@@ -88,13 +89,20 @@ class BackendState:
 
     route: str
     backend: str
+    #: False from a failed connection or health check until one works again,
+    #: even while the backend is still in use (a route's only backend stays).
     healthy: bool
     #: Requests in flight plus tunnels open.
     active: int
     failures: int
+    #: Why it is not healthy; "" while it is.
     last_error: str
     #: True for a backend a reload removed, kept until its last request or tunnel ends.
     draining: bool = False
+    #: False while new requests skip it (see ``Backend.healthy``).
+    in_rotation: bool = True
+    #: Connections to it that failed since the last one that worked.
+    failures_in_a_row: int = 0
 
 
 def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
@@ -106,7 +114,10 @@ def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
 
 
 def backend_state(route: str, b: Backend, draining: bool = False) -> BackendState:
-    return BackendState(route, b.name, b.healthy, b.active, b.failures, b.last_error, draining)
+    return BackendState(
+        route, b.name, not b.down, b.active, b.failures, b.error, draining, b.healthy,
+        b.failures_in_a_row,
+    )  # fmt: skip
 
 
 def backend_states(
@@ -127,8 +138,15 @@ def take_snapshot(
     max_connections: int | None,
     max_tunnels: int | None,
     now: float,
+    *,
+    client_limits: ClientLimits | None = None,
+    client_entries: int = 0,
 ) -> dict[str, Any]:
-    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock)."""
+    """The proxy's state as a JSON-ready dictionary (``now`` on the proxy's clock).
+
+    ``client_entries`` is how many client addresses the per-client limits track.
+    """
+    client_limits = client_limits or ClientLimits()
     live = [tunnel_state(tunnel, now) for tunnel in tunnels]
     ended = stats.ended_tunnel_bytes
     return {
@@ -153,7 +171,14 @@ def take_snapshot(
             "backend_to_client": ended[Side.BACKEND] + sum(t.backend_to_client for t in live),
         },
         "backends": [asdict(b) for b in backend_states(routes, draining)],
-        "limits": {"max_connections": max_connections, "max_tunnels": max_tunnels},
+        "limits": {
+            "max_connections": max_connections,
+            "max_tunnels": max_tunnels,
+            "client_connections": client_limits.connections,
+            "client_tunnels": client_limits.tunnels,
+            "client_upgrade_rate": client_limits.upgrade_rate,
+        },
+        "client_entries": client_entries,
         "config": {
             "loaded": stats.config_loaded,
             "digest": stats.config_digest,

@@ -87,7 +87,8 @@ def parse_backend(
     trust store, or to the PEM bundle in the file ``tls_ca`` when given, and
     must name the URL's host. ``tls_verify=False`` accepts any certificate
     and logs a warning, here, unless ``warn`` is false (for a value that is
-    only checked, and parsed again later). ``tls_verify`` means nothing without
+    only checked, or whose user warns when it uses it: see
+    :func:`warn_unverified`). ``tls_verify`` means nothing without
     TLS and is ignored for other backends; ``tls_ca`` there is refused,
     because a CA bundle that is never used means the URL is not what was meant.
 
@@ -172,12 +173,17 @@ def _client_tls(
             f"backend URL {text!r} has a host name that TLS cannot use ({e}); {_USAGE}"
         ) from None
     if warn:
-        log.warn(
-            "certificate verification is OFF for backend {url}: anyone on the path can read "
-            "and change its traffic",
-            url=text,
-        )
+        warn_unverified(text)
     return creator
+
+
+def warn_unverified(url: str) -> None:
+    """Log that the certificate of the backend at ``url`` is not verified."""
+    log.warn(
+        "certificate verification is OFF for backend {url}: anyone on the path can read "
+        "and change its traffic",
+        url=url,
+    )
 
 
 def _verifying_tls(text: str, host: str, tls_ca: str | None) -> IOpenSSLClientConnectionCreator:

@@ -45,6 +45,8 @@ from twisted.python.failure import Failure
 from ..http1 import HeadReader, ProtocolError
 from ._backend import SPEAKS_HTTP2, BackendPool, BackendSettings, speaks_http2
 from ._failures import describe_close
+from ._proxyheader import VERSIONS
+from ._proxyheader import encode as proxy_header
 from .address import BackendAddress, describe_tls_failure
 
 
@@ -167,6 +169,7 @@ class Backend:
         "active",
         "address",
         "failures",
+        "failures_in_a_row",
         "name",
         "pool",
     )
@@ -181,6 +184,8 @@ class Backend:
         self.active = 0
         #: Connections to it that failed, since the start.
         self.failures = 0
+        #: Connections to it that failed since the last one that worked.
+        self.failures_in_a_row = 0
         self._clock = clock
         self._hash_key = hash_key
         # Why the last connection failed; "" once one succeeds again.
@@ -215,8 +220,11 @@ class Backend:
     @property
     def last_error(self) -> str:
         """Why it is not :attr:`healthy`, in words; ``""`` when it is."""
-        if self.healthy:
-            return ""
+        return "" if self.healthy else self.error
+
+    @property
+    def error(self) -> str:
+        """Why it is :attr:`down`, in words, even while it is still tried; ``""`` when it is not."""
         return self._check_error or self._unreachable
 
     def __repr__(self) -> str:
@@ -238,11 +246,17 @@ class BackendGroup:
         fail_timeout: float = 10.0,
         health: HealthCheck | None = None,
         route: str = "",
+        send_proxy: str | None = None,
     ) -> None:
+        """``send_proxy`` ("v1" or "v2") sends a PROXY protocol header first on every
+        connection, naming the client (health checks send ``LOCAL``/``UNKNOWN``)."""
         if not addresses:
             raise ValueError(f"route {route!r} has no backend; give it at least one")
         if health is not None:
             _check_health_path(health.path)
+        _check_send_proxy(send_proxy, addresses)
+        #: The PROXY protocol version sent to these backends, or None.
+        self.send_proxy = send_proxy
         self.policy = policy
         self.route = route
         self.health = health
@@ -344,6 +358,7 @@ class BackendGroup:
         was_down = backend.down
         now = self._clock.seconds()
         backend.failures += 1
+        backend.failures_in_a_row += 1
         backend._unreachable = reason
         backend._failed_at = now
         if self._only is not None:
@@ -373,6 +388,7 @@ class BackendGroup:
         """A connection to ``backend`` was made: it works again if it did not."""
         if backend._unreachable:
             backend._unreachable = ""
+            backend.failures_in_a_row = 0
             self._maybe_back(backend)
 
     # -- active health ---------------------------------------------------------------
@@ -382,8 +398,9 @@ class BackendGroup:
         health = self.health
         if health is None or self._checkers:
             return
+        header = b"" if self.send_proxy is None else proxy_header(self.send_proxy, None, None)
         self._checkers = [
-            _HealthChecker(backend, health, self._clock, self._max_head, self._check_done)
+            _HealthChecker(backend, health, self._clock, self._max_head, self._check_done, header)
             for backend in self.backends
         ]
         for checker in self._checkers:
@@ -444,6 +461,7 @@ class BackendGroup:
             return
         # The check connected, so connections work again too.
         backend._unreachable = ""
+        backend.failures_in_a_row = 0
         if was_down:
             self._maybe_back(backend)
 
@@ -475,6 +493,20 @@ def _hash_keys(addresses: Sequence[BackendAddress]) -> Iterator[bytes]:
         name = address.name if repeat == 0 else f"{address.name}#{repeat}"
         # The NUL keeps "a" + "b1" apart from "ab" + "1".
         yield name.encode("utf-8", "surrogateescape") + b"\0"
+
+
+def _check_send_proxy(version: str | None, addresses: Sequence[BackendAddress]) -> None:
+    if version is None:
+        return
+    if version not in VERSIONS:
+        raise ValueError(f"send_proxy must be one of {', '.join(VERSIONS)}, not {version!r}")
+    tls = [address.name for address in addresses if address.tls]
+    if tls:
+        raise ValueError(
+            f"send_proxy cannot be used with https:// backends ({', '.join(tls)}): the "
+            "header would have to go before the TLS handshake, which this proxy does not do; "
+            "use http:// backends, or no send_proxy"
+        )
 
 
 def _check_health_path(path: str) -> None:
@@ -556,7 +588,9 @@ class _HealthChecker:
         clock: IReactorTime,
         max_head: int,
         report: Callable[[Backend, str], None],
+        header: bytes = b"",
     ) -> None:
+        """``header``: a PROXY protocol header to send before the request."""
         self._backend = backend
         self._health = health
         self._clock = clock
@@ -564,7 +598,7 @@ class _HealthChecker:
         self._report = report
         target = backend.address.prefix + health.path.encode("ascii")
         self._what = f"health check GET {target.decode('ascii')}"
-        self._request = (
+        self._request = header + (
             b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: upgradeproxy-health-check\r\n"
             b"Connection: close\r\n\r\n" % (target, backend.name.encode("utf-8"))
         )

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from zope.interface import implementer
 
 from ..interfaces import IUpgradeValidator
@@ -80,10 +80,26 @@ class ProxyFactory(ServerFactory):
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
-    def buildProtocol(self, addr: object) -> ClientConnection | PrefaceSniffer:
+    def buildProtocol(self, addr: object) -> Protocol:
+        """The connection's protocol; for a client far over its limit, one that closes at once.
+
+        ``addr`` is the client's: a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`
+        behind a load balancer speaking the PROXY protocol.
+        """
         proxy = self.proxy
+        if not proxy.accepts(addr):
+            # Not None, which only a bare listening port takes: a TLS
+            # factory around this one would wrap None and fail.
+            return _Unanswered()
         # Only where cleartext HTTP/2 is on do a connection's first bytes
         # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
         if proxy.settings.http2_cleartext:
-            return PrefaceSniffer(proxy)
-        return ClientConnection(proxy)
+            return PrefaceSniffer(proxy, addr)
+        return ClientConnection(proxy, addr)
+
+
+class _Unanswered(Protocol):
+    """A connection closed as soon as it is made, with no response and nothing read."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]

@@ -27,7 +27,9 @@ from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
 from ._backend import BackendConnection, BackendPool, BackendSettings
+from ._clientlimits import ClientLimits, ClientTable, Key, OverLimit, client_key
 from ._handover import Handover
+from ._lograte import LogWindows
 from ._side import Side
 from ._snapshot import ProxyStats, take_snapshot
 from ._tunnel import Tunnel, TunnelStats
@@ -73,6 +75,10 @@ class ProxySettings:
     #: For a factory built with one backend: tunnel idle timeout and lifetime.
     tunnel_idle_timeout: float | None = None
     tunnel_lifetime: float | None = None
+    #: Limits per client address, over all routes (a route may add its own); off by default.
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
+    #: The leading bits of an IPv6 client address that name one client (64: its /64).
+    client_ipv6_prefix: int = 64
     #: Offer HTTP/2 (``h2``, then ``http/1.1``) to TLS clients over ALPN.
     http2: bool = True
     #: Accept HTTP/2 with prior knowledge (the ``PRI * HTTP/2.0`` preface) on
@@ -84,6 +90,18 @@ class ProxySettings:
     #: Seconds an HTTP/2 stream may wait on a client that keeps its flow-control
     #: window closed before the stream is reset.
     http2_stall_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRefusal:
+    """Why a connection or request is turned away by a limit, as the door must answer it."""
+
+    status: int
+    reason: str
+    #: Seconds for ``Retry-After``; None: no such field.
+    retry_after: int | None = None
+    #: The proxy has logged it already (or chose not to, to keep the log readable).
+    logged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +121,10 @@ class Configuration:
     #: Names this configuration's content, for metrics; the twistd plugin
     #: sets a hash of the checked configuration. "" when nobody named it.
     digest: str = ""
+    #: Log a line per route (its backends and validators) when the proxy
+    #: starts and when it is reconfigured; the twistd plugin, which logs a
+    #: fuller description of its configuration, turns it off.
+    log_routes: bool = True
     router: Router = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +156,9 @@ class Reconfigured:
 
 class FrontConnection(TypingProtocol):
     """A client connection as the proxy tracks it, whatever door it came through."""
+
+    #: The client's address (from the PROXY protocol when it is used), for limits and logs.
+    address: str
 
     @property
     def busy(self) -> bool:
@@ -202,6 +227,15 @@ class Proxy:
         self.connections: set[FrontConnection] = set()
         self.tunnels: dict[Tunnel, Backend] = {}
         self.stats = ProxyStats(config_digest=configuration.digest)
+        #: What each client address has open and its upgrade buckets (see ClientLimits).
+        self.clients = ClientTable()
+        # The entries that connections and tunnels hold there, to give back the same ones.
+        self._connection_keys: dict[FrontConnection, Key] = {}
+        self._tunnel_keys: dict[Tunnel, tuple[Key, ...]] = {}
+        self._limit_log = LogWindows()
+        # Idle backend connections that named one client connection in a PROXY
+        # protocol header: no other may use them, so they close with it.
+        self._private: dict[object, BackendConnection] = {}
         #: Where the front doors report TLS handshakes with clients that failed.
         self.tls_failures = HandshakeFailures(clock)
         self.draining = False
@@ -365,16 +399,20 @@ class Proxy:
 
     def _start_routes(self, routes: Sequence[Route]) -> None:
         for route in routes:
-            names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
-            backends = ", ".join(b.name for b in route.group.backends)
-            where = " ".join([*route.hosts, route.path]) if len(routes) > 1 else ""
-            self.log.info(
-                "proxying {where}to {backends}; upgrade validators: {validators}",
-                where=f"{where} " if where else "",
-                backends=backends,
-                validators=names,
-            )
+            if self._configuration.log_routes:
+                self._log_route(route, len(routes) > 1)
             route.group.start()
+
+    def _log_route(self, route: Route, several: bool) -> None:
+        names = ", ".join(str(getattr(v, "name", v)) for v in route.validators) or "none"
+        backends = ", ".join(b.name for b in route.group.backends)
+        where = " ".join([*route.hosts, route.path]) if several else ""
+        self.log.info(
+            "proxying {where}to {backends}; upgrade validators: {validators}",
+            where=f"{where} " if where else "",
+            backends=backends,
+            validators=names,
+        )
 
     def stop(self) -> None:
         """Stop the health checks and close idle backend connections."""
@@ -438,26 +476,85 @@ class Proxy:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def connection_opened(self, connection: FrontConnection) -> str | None:
+    def client_key(self, address: str) -> str:
+        """Who ``address`` is for the per-client limits (an IPv6 client is its network)."""
+        return client_key(address, self.settings.client_ipv6_prefix)
+
+    def accepts(self, peer: object) -> bool:
+        """False when a new connection from ``peer`` is to be closed at once, unanswered.
+
+        That is when the client already has twice its connection limit open
+        (:data:`~upgradeproxy.core._clientlimits.FAR_OVER`): the 503 responses it
+        was sent did not slow it down, and answering more costs more than it tells.
+        """
+        limit = self.settings.client_limits.connections
+        if limit is None:
+            return True
+        address = str(getattr(peer, "host", None) or peer)
+        if not self.clients.far_over(("", self.client_key(address)), limit):
+            return True
+        self.stats.limit_rejections["client_connections_closed_at_accept"] += 1
+        self._log_limit(
+            address,
+            f"closed a new connection from {address} unanswered: it has twice its limit "
+            f"of {limit} connections open",
+        )
+        return False
+
+    def connection_opened(self, connection: FrontConnection) -> LimitRefusal | None:
         """Count ``connection`` in; return why it must be refused (503), or ``None``."""
         self.connections.add(connection)
         self.stats.connections_total += 1
         if self.draining:
-            return "the proxy is shutting down"
-        limit = self.settings.max_connections
+            return LimitRefusal(503, "the proxy is shutting down")
+        settings = self.settings
+        limit = settings.max_connections
         if limit is not None and len(self.connections) > limit:
             self.stats.limit_rejections["max_connections"] += 1
-            return f"the proxy is serving its limit of {limit} connections; try again later"
-        return None
+            return LimitRefusal(
+                503, f"the proxy is serving its limit of {limit} connections; try again later"
+            )
+        per_client = settings.client_limits.connections
+        if per_client is None:
+            return None
+        key = ("", self.client_key(connection.address))
+        self._connection_keys[connection] = key
+        over = self.clients.open_connection(key, per_client, self.clock.seconds())
+        return None if over is None else self._over_limit(503, over, connection.address, "")
 
     def connection_replaced(self, old: FrontConnection, new: FrontConnection) -> None:
         """``new`` serves what was ``old``'s connection (an HTTP/2 door chosen over ALPN)."""
         self.connections.discard(old)
         self.connections.add(new)
+        key = self._connection_keys.pop(old, None)
+        if key is not None:
+            self._connection_keys[new] = key
+        private = self._private.pop(old, None)
+        if private is not None:
+            self._private[new] = private
 
     def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
+        # Most proxies use neither: a test of the dicts costs less than a pop.
+        if self._connection_keys:
+            key = self._connection_keys.pop(connection, None)
+            if key is not None:
+                self.clients.close_connection(key, self.clock.seconds())
+        if self._private:
+            private = self._private.pop(connection, None)
+            if private is not None and private.is_idle:
+                private.transport.loseConnection()  # type: ignore[union-attr]
         self._check_drained()
+
+    def keep_private(self, client: object, backend: BackendConnection) -> None:
+        """``backend``, idle in its pool, serves only ``client``: close it when ``client`` closes.
+
+        Only for connections the proxy tracks (the twisted.web door tracks each
+        request apart from its client side, since twisted.web's connection
+        outlives it: its private connections close at the pool's idle timeout).
+        """
+        if client in self.connections:
+            self._private[client] = backend
 
     def tunnel_refusal(self) -> str | None:
         """Why a new upgrade must be refused now (503), or ``None``."""
@@ -466,6 +563,50 @@ class Proxy:
             self.stats.limit_rejections["max_tunnels"] += 1
             return f"the proxy has its limit of {limit} tunnels open; try again later"
         return None
+
+    def admit_upgrade(
+        self, address: str, route: Route
+    ) -> tuple[LimitRefusal | None, tuple[Key, ...]]:
+        """Check an upgrade attempt from ``address`` against the per-client limits.
+
+        Returns the refusal (429), or the tunnel reservations the attempt
+        holds, which :meth:`release_client` gives back when it fails, or
+        :meth:`start_tunnel` takes over for the tunnel's life.
+        """
+        scopes: list[tuple[Key, ClientLimits]] = []
+        client = None
+        if self.settings.client_limits.enforced:
+            client = self.client_key(address)
+            scopes.append((("", client), self.settings.client_limits))
+        if route.client_limits is not None and route.client_limits.enforced:
+            client = client or self.client_key(address)
+            scopes.append(((route.name, client), route.client_limits))
+        if not scopes:
+            return None, ()
+        refused = self.clients.admit_upgrade(scopes, self.clock.seconds())
+        if refused is not None:
+            (scope, _), over = refused
+            where = f"route {scope}" if scope else ""
+            return self._over_limit(429, over, address, where), ()
+        return None, tuple(key for key, limits in scopes if limits.tunnels is not None)
+
+    def release_client(self, keys: tuple[Key, ...]) -> None:
+        """Give back tunnel reservations of :meth:`admit_upgrade` that no tunnel uses."""
+        now = self.clock.seconds()
+        for key in keys:
+            self.clients.release_tunnel(key, now)
+
+    def _over_limit(self, status: int, over: OverLimit, address: str, where: str) -> LimitRefusal:
+        """The refusal for a client over a limit: counted, logged at most once a minute."""
+        self.stats.limit_rejections[over.limit.value] += 1
+        reason = over.reason(address, where)
+        self._log_limit(address, f"{status} to {address}: {reason}")
+        return LimitRefusal(status, reason, over.retry_after, logged=True)
+
+    def _log_limit(self, address: str, line: str) -> None:
+        notes = self._limit_log.note(self.client_key(address), self.clock.seconds())
+        if notes is not None:
+            self.log.info("{line}{notes}", line=line, notes=notes)
 
     def request_done(self, route: Route | None, record: RequestRecord) -> None:
         """A request was answered: count it and log it."""
@@ -482,6 +623,7 @@ class Proxy:
         early_data: bytes,
         client: Handover,
         attach: Callable[[Tunnel], None],
+        client_keys: tuple[Key, ...] = (),
     ) -> Tunnel:
         """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
@@ -495,7 +637,8 @@ class Proxy:
         ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
         client connection's events to the tunnel; it is called before the
         tunnel starts, because starting may already end it (a client that
-        reset while its bytes were held).
+        reset while its bytes were held). ``client_keys`` are the tunnel
+        reservations of :meth:`admit_upgrade`, held until the tunnel ends.
         """
         response = attempt.response
         assert response is not None and backend.transport is not None
@@ -524,6 +667,8 @@ class Proxy:
         backend.enter_tunnel(tunnel)
         attach(tunnel)
         self.tunnels[tunnel] = upstream
+        if client_keys:
+            self._tunnel_keys[tunnel] = client_keys
         self.stats.tunnels_total[protocol] += 1
         tunnel.start()
         if client.read_closed:
@@ -534,6 +679,10 @@ class Proxy:
         backend = self.tunnels.pop(tunnel, None)
         if backend is not None:
             backend.active -= 1
+        if self._tunnel_keys:
+            keys = self._tunnel_keys.pop(tunnel, None)
+            if keys is not None:
+                self.release_client(keys)
         stats = tunnel.stats
         ended = self.stats.ended_tunnel_bytes
         ended[Side.CLIENT] += stats.sent[Side.CLIENT]
@@ -642,4 +791,5 @@ class Proxy:
             self.stats, len(self.connections), self.tunnels, self.router.routes,
             self.draining_backends(), settings.max_connections, settings.max_tunnels,
             self.clock.seconds(),
+            client_limits=settings.client_limits, client_entries=len(self.clients),
         )  # fmt: skip

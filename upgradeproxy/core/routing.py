@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator
+from ._clientlimits import ClientLimits
 from ._rewrite import split_target
 from .balancer import BackendGroup
 
@@ -35,6 +36,9 @@ class Route:
     tunnel_idle_timeout: float | None = None
     #: Seconds after which a tunnel is closed whatever it does; None: never.
     tunnel_lifetime: float | None = None
+    #: Tunnels and upgrade attempts per client address on this route, counted
+    #: apart from the proxy's own per-client limits; None: only those.
+    client_limits: ClientLimits | None = None
     _prefix: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

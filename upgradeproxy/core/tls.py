@@ -25,9 +25,7 @@ OpenSSL connection.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from OpenSSL import SSL
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -41,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._twisted import tls_server_options
+from ._lograte import LogWindows
 from .address import openssl_reasons
 
 log = Logger()
@@ -142,14 +141,6 @@ def describe_handshake_failure(reason: Failure) -> str | None:
     return f"TLS failed ({said})"
 
 
-@dataclass
-class _Window:
-    """One client address's current interval: when it began, and the lines not logged since."""
-
-    start: float
-    unlogged: int = 0
-
-
 class HandshakeFailures:
     """Logs failed TLS handshakes from clients, at info level, rate-limited.
 
@@ -163,49 +154,19 @@ class HandshakeFailures:
         self, clock: IReactorTime, *, interval: float = 60.0, addresses: int = 1024
     ) -> None:
         self._clock = clock
-        self._interval = interval
-        self._capacity = addresses
-        # In the order their windows began: the oldest is the first to go.
-        self._windows: OrderedDict[str, _Window] = OrderedDict()
-        self._elsewhere = 0
+        self._windows = LogWindows(interval=interval, addresses=addresses)
 
     def failed(self, address: str, reason: Failure) -> None:
         """The handshake of a client connection from ``address`` ended with ``reason``."""
         why = describe_handshake_failure(reason)
         if why is None:
             return
-        now = self._clock.seconds()
-        window = self._windows.get(address)
-        if window is not None and now - window.start < self._interval:
-            window.unlogged += 1
+        notes = self._windows.note(address, self._clock.seconds())
+        if notes is None:
             return
-        unlogged = 0
-        if window is not None:
-            unlogged = window.unlogged
-            del self._windows[address]
-        elif not self._make_room(now):
-            self._elsewhere += 1
-            return
-        self._windows[address] = _Window(now)
-        notes = ""
-        if unlogged:
-            notes += f"; {unlogged} more from this address not logged"
-        if self._elsewhere:
-            notes += f"; {self._elsewhere} from other addresses not logged"
-            self._elsewhere = 0
         log.info(
             "TLS handshake with client {client} failed: {why}{notes}",
             client=address,
             why=why,
             notes=notes,
         )
-
-    def _make_room(self, now: float) -> bool:
-        """Forget the oldest address if the table is full and its window is over."""
-        if len(self._windows) < self._capacity:
-            return True
-        oldest = next(iter(self._windows.values()))
-        if now - oldest.start < self._interval:
-            return False
-        self._windows.popitem(last=False)
-        return True

@@ -23,7 +23,10 @@ The metrics (counters are cumulative since the process started):
     backend's ``101`` broke a rule; the client got a ``502``).
 ``upgradeproxy_limit_rejections_total{limit}``
     Requests or connections turned away by a limit: ``max_connections``,
-    ``max_tunnels``, ``max_request_body`` or ``no_healthy_backend``.
+    ``max_tunnels``, ``max_request_body``, ``no_healthy_backend``, or a
+    per-client limit: ``client_connections`` (503),
+    ``client_connections_closed_at_accept`` (closed unanswered),
+    ``client_tunnels`` and ``client_upgrade_rate`` (429).
 ``upgradeproxy_tunnels_active{protocol}`` (gauge)
     Tunnels open now, by upgrade protocol (``websocket``, ...). Protocols seen
     since the start stay listed with 0.
@@ -33,7 +36,9 @@ The metrics (counters are cumulative since the process started):
     Bytes moved through tunnels, live ones included; ``direction`` is
     ``client_to_backend`` or ``backend_to_client``.
 ``upgradeproxy_backend_up{route, backend}`` (gauge)
-    1 while the backend is considered healthy, 0 while it is down.
+    1 while the backend is considered healthy, 0 while it is down: from a
+    failed connection or health check until one works again, also while a
+    route's only backend is still in use.
 ``upgradeproxy_backend_active{route, backend}`` (gauge)
     Requests and tunnels using the backend now.
 ``upgradeproxy_backend_failures_total{route, backend}``
@@ -43,7 +48,12 @@ The metrics (counters are cumulative since the process started):
 ``upgradeproxy_client_connections_total``
     Client connections accepted.
 ``upgradeproxy_limit{name}`` (gauge)
-    The configured ``max_connections`` and ``max_tunnels``; absent when unlimited.
+    The configured ``max_connections`` and ``max_tunnels``, and the proxy-wide
+    per-client ``client_connections``, ``client_tunnels`` and
+    ``client_upgrade_rate`` (per second); absent when unlimited.
+``upgradeproxy_client_limit_entries`` (gauge)
+    Client addresses the per-client limits keep state for (bounded: see
+    ``upgradeproxy.core._clientlimits``).
 ``upgradeproxy_started_time_seconds`` (gauge)
     Unix time the process started proxying.
 ``upgradeproxy_backend_draining{route, backend}`` (gauge)
@@ -110,6 +120,7 @@ _SNAPSHOT_KEYS = frozenset(
         "tunnel_bytes",
         "backends",
         "limits",
+        "client_entries",
         "config",
     }
 )
@@ -274,9 +285,16 @@ _METRICS = (
     _Metric(
         "upgradeproxy_limit",
         False,
-        "Configured limits (max_connections, max_tunnels); absent when unlimited.",
+        "Configured limits (max_connections, max_tunnels, per-client); absent when unlimited.",
         ("name",),
         _limits,
+    ),
+    _Metric(
+        "upgradeproxy_client_limit_entries",
+        False,
+        "Client addresses the per-client limits keep state for.",
+        (),
+        _scalar("client_entries"),
     ),
     _Metric(
         "upgradeproxy_started_time_seconds",

@@ -1,9 +1,10 @@
 """The status page: one small HTML view of the proxy's snapshots, for people.
 
-It shows a summary, the live tunnels, the backends' health, the upgrades
-refused in the last 15 minutes and the configuration in use (when it was
-loaded, its hash, and how its reloads went). It is plain HTML with inline CSS, reloading
-itself every few seconds; no script.
+It shows a summary, the live tunnels, the backends' health, what the limits
+turned away, the upgrades refused in the last 15 minutes and the
+configuration in use (when it was loaded, its hash, and how its reloads
+went). It is plain HTML with inline CSS, reloading itself every few
+seconds; no script.
 
 Every string that comes from a snapshot is HTML-escaped: clients choose
 request targets, and refusal reasons can quote their headers.
@@ -191,8 +192,27 @@ def _backends(snapshots: _Snapshots, by_worker: bool) -> str:
     return _table(headings, rows, "No backends.")
 
 
+def _limits(snapshots: _Snapshots) -> str:
+    """What the limits turned away since the start, summed over the workers."""
+    totals: dict[str, int] = {}
+    for _, snapshot in snapshots:
+        for entry in snapshot["limit_rejections"]:
+            totals[entry["limit"]] = totals.get(entry["limit"], 0) + entry["count"]
+    tracked = sum(snapshot["client_entries"] for _, snapshot in snapshots)
+    rows = (_Row((limit, f"{count:,}")) for limit, count in sorted(totals.items()))
+    table = _table(["limit", "turned away"], rows, "Nothing turned away by a limit.")
+    return table + f'<p class="note">{tracked:,} client addresses tracked by per-client limits</p>'
+
+
 def _health(backend: Mapping[str, Any]) -> str:
-    health = "healthy" if backend["healthy"] else "down"
+    if backend["healthy"]:
+        health = "healthy"
+    elif backend["in_rotation"]:
+        # A route's only backend, or one tried again after its fail timeout.
+        failed = backend["failures_in_a_row"]
+        health = f"failing ({failed} failed connection{'s' * (failed != 1)} in a row), still in use"
+    else:
+        health = "down"
     return f"{health}, draining (removed by a reload)" if backend["draining"] else health
 
 
@@ -263,6 +283,8 @@ def render_status(snapshots: _Snapshots, now: float) -> bytes:
             _tunnels(snapshots, now, by_worker),
             "<h2>Backends</h2>",
             _backends(snapshots, by_worker),
+            "<h2>Turned away by limits, since the start</h2>",
+            _limits(snapshots),
             "<h2>Upgrades refused in the last 15 minutes, newest first</h2>",
             _refusals(snapshots, now, by_worker),
             "<h2>Configuration</h2>",
