@@ -20,7 +20,9 @@
  *              per second (a `:status 200` in the window) and their latency.
  *   rtt        the streams open once; each then sends one --size-byte message,
  *              waits until all of it has come back (checking every byte),
- *              and sends the next. Round trips per second and their latency.
+ *              and sends the next. The warm-up starts once every tunnel is
+ *              open (or --timeout has passed). Round trips per second and
+ *              their latency.
  *
  * With --h1, the same load goes through the HTTP/1.1 door over TLS instead,
  * as a browser without HTTP/2 would send it: one TLS connection per tunnel
@@ -765,18 +767,32 @@ static void scan_timeouts(struct conn *conns, uint64_t now)
     }
 }
 
+static void start_window(uint64_t now)
+{
+    window_start = now + (uint64_t)(opt.warmup * 1e9);
+    window_end = window_start + (uint64_t)(opt.duration * 1e9);
+}
+
 static void run(struct conn *conns)
 {
     struct epoll_event evs[MAX_EVENTS];
     uint64_t started = now_ns(), last_scan = started;
-    window_start = started + (uint64_t)(opt.warmup * 1e9);
-    window_end = window_start + (uint64_t)(opt.duration * 1e9);
+    uint64_t tunnels = (uint64_t)opt.conns * (uint64_t)opt.streams;
+    /* rtt: the warm-up starts once every tunnel is open (or the timeout has
+     * passed), as loadgen's does; until then nothing is counted. */
+    if (opt.mode[0] == 'r')
+        window_start = window_end = UINT64_MAX;
+    else
+        start_window(started);
     for (int i = 0; i < opt.conns; i++)
         conn_start(&conns[i]);
     for (;;) {
         uint64_t now = now_ns();
         if (unsupported[0])
             break;
+        if (window_start == UINT64_MAX &&
+            (opened >= tunnels || now - started > (uint64_t)(opt.timeout * 1e9)))
+            start_window(now);
         if (now >= window_end && !stopping) {
             stopping = true;
             if (opt.mode[0] == 'r')
@@ -810,7 +826,7 @@ static void run(struct conn *conns)
 
 static void report(void)
 {
-    double secs = (double)(window_end - window_start) / 1e9;
+    double secs = window_start == UINT64_MAX ? 0 : (double)(window_end - window_start) / 1e9;
     const char *what = opt.mode[0] == 'h' ? "handshakes" : "round_trips";
     printf("{\"mode\": \"%s-%s\", \"connections\": %d, \"streams\": %d, \"tunnels\": %d, "
            "\"open\": %llu, \"size\": %d, \"window_s\": %.3f, \"%s\": %llu, "
@@ -818,7 +834,7 @@ static void report(void)
            opt.h1 ? "h1" : "h2", opt.mode, opt.conns, opt.streams, opt.conns * opt.streams,
            (unsigned long long)opened, opt.size, secs,
            what, (unsigned long long)counted, what, (unsigned long long)total,
-           (double)counted / secs);
+           secs > 0 ? (double)counted / secs : 0.0);
     print_latency(&samples);
     printf(", ");
     print_errors();
