@@ -13,8 +13,9 @@ configuration, proxy.py's route plugin, and installing the peers (reused when
 there, skipped with the reason when pip fails). For the HTTP/2 scenarios it
 runs ``h2ws`` (WebSocket over HTTP/2, and over TLS HTTP/1.1) and ``h2load``
 through HAProxy configured as they configure it, where HAProxy is installed.
-upgradeproxy is not run: this only proves that ``python3 bench/run.py`` still
-has working tools.
+The raw-relay floor, ``bench/portforward.py``, relays a few handshakes and
+round trips, and the report marks its column. upgradeproxy is not run: this
+only proves that ``python3 bench/run.py`` still has working tools.
 """
 
 from __future__ import annotations
@@ -504,3 +505,68 @@ def test_python_peers_that_cannot_be_installed_are_skipped_with_the_reason(
     )
     assert "-m pip install" in log.read_text() and "proxy.py==2.4.10" in log.read_text()
     assert "installing proxy.py==2.4.10" in capsys.readouterr().err
+
+
+# -- the raw-relay floor -------------------------------------------------------------
+
+
+def test_the_portforward_floor_relays_handshakes_and_round_trips(
+    programs: build.Programs, backend_port: int, tmp_path: Path
+) -> None:
+    """bench/portforward.py on this interpreter: the backend's 101s and echoes pass through."""
+    twistd = Path(sys.executable).with_name("twistd")
+    ctx = targets.Context(programs, tmp_path, None, None, 1024, str(twistd))
+    floor = targets.Portforward()
+    assert floor.unavailable(ctx) is None
+    with floor.run(ctx, backend_port) as running:
+        assert running.port != backend_port
+        handshakes = loadgen(
+            programs, "handshake", running.port, "--conns", "2", "--src-ips", "2",
+            "--warmup", "0.1", "--duration", "0.3",
+        )  # fmt: skip
+        round_trips = loadgen(
+            programs, "rtt", running.port, "--conns", "2", "--warmup", "0.1", "--duration", "0.3"
+        )
+    assert handshakes["failures"] == 0, handshakes["first_error"]
+    assert handshakes["handshakes"] > 0
+    assert round_trips["failures"] == 0, round_trips["first_error"]
+    assert round_trips["open"] == 2 and round_trips["round_trips"] > 0
+    assert running.findings() == []
+    missing = replace(ctx, twistd=str(tmp_path / "bin" / "twistd"))
+    assert (
+        floor.unavailable(missing) == f"no python beside {missing.twistd} to run portforward.py on"
+    )
+
+
+def test_the_floor_runs_where_a_raw_relay_means_something(
+    programs: build.Programs, tmp_path: Path
+) -> None:
+    certificate = targets.TLSFiles(tmp_path / "c", tmp_path / "k", tmp_path / "ck")
+    ctx = targets.Context(programs, tmp_path, 0, 1, 1024, "twistd", certificate=certificate)
+    every = [
+        *scenarios.all_scenarios(scenarios.Settings.quick(), 1024),
+        *allcores.all_cores_scenarios(),
+        *http2.http2_scenarios(ctx),
+    ]
+    running = {s.name for s in every if s.runs_on("portforward")}
+    assert running == {"throughput", "rtt", "handshake", "idle", "http"}
+    assert "portforward" in peers.PROXIES
+
+
+def test_the_report_marks_the_floor_and_divides_by_it() -> None:
+    metric = scenarios.Metric("hs_rate", "handshakes", "/s")
+    scenario = scenarios.Scenario("handshake", "title", [metric], scenarios.run_handshake)
+    settings = {"repeat": 1, "load_cpu": 0, "proxy_cpu": 1, "warmup": 1, "duration": 5}
+    results = report.Results(
+        "cmd", report.machine_info(), settings, [scenario], ["upgradeproxy", "portforward"]
+    )
+    results.outcomes["handshake"] = {
+        "upgradeproxy": scenarios.Outcome(values={"hs_rate": 800.0}),
+        "portforward": scenarios.Outcome(values={"hs_rate": 1000.0}),
+    }
+    header, (row,) = report._rows(results)
+    assert header[2:] == ["upgradeproxy", "portforward†", "up vs portforward†"]
+    assert row[2:] == ["800", "1,000", f"0.80{scenarios.TIMES}"]
+    assert report.FLOOR_NOTE in report.text_report(results)
+    assert report.FLOOR_NOTE in report.markdown_report(results)
+    assert report.FLOOR_NOTE not in report.legend(replace(results, targets=["upgradeproxy"]))

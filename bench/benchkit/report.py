@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .scenarios import TIMES, Metric, Outcome, Scenario
+from .targets import FLOOR
 
 LEGEND = (
     "up vs X: upgradeproxy's value divided by X's; for µs and KiB lower is better.",
@@ -26,6 +27,21 @@ LEGEND = (
     "!: the run had failures (listed below).",
     "n/s: the proxy does not support it (the reason is below).",
 )
+#: Marks the floor's columns, and its footnote: it is no proxy to beat.
+FLOOR_MARK = "†"
+FLOOR_NOTE = (
+    f"{FLOOR_MARK}: {FLOOR} is a floor, not a proxy: Twisted's portforward.ProxyFactory "
+    "relaying raw bytes, no HTTP parsing, no validation: what Twisted itself costs."
+)
+
+
+def legend(results: Results) -> list[str]:
+    """The legend's lines, with the floor's footnote when it ran."""
+    return [*LEGEND, FLOOR_NOTE] if FLOOR in results.targets else list(LEGEND)
+
+
+def _column(target: str) -> str:
+    return target + FLOOR_MARK if target == FLOOR else target
 
 
 @dataclass
@@ -112,9 +128,9 @@ def _rows(results: Results) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the table, as strings."""
     others = [t for t in results.targets if t != "upgradeproxy"]
     with_ratios = "upgradeproxy" in results.targets and others
-    header = ["metric", "unit", *results.targets]
+    header = ["metric", "unit", *map(_column, results.targets)]
     if with_ratios:
-        header += [f"up vs {t}" for t in others]
+        header += [f"up vs {_column(t)}" for t in others]
     rows = []
     for scenario in results.scenarios:
         for metric in scenario.metrics:
@@ -232,7 +248,7 @@ def text_report(results: Results) -> str:
         "",
         text_table(results),
         "",
-        *LEGEND,
+        *legend(results),
     ]
     for title, lines in (
         ("notes", results.notes),
@@ -262,7 +278,7 @@ def markdown_report(results: Results) -> str:
         "",
         markdown_table(results),
         "",
-        " ".join(LEGEND).replace("*", "\\*").replace("~", "\\~"),
+        " ".join(legend(results)).replace("*", "\\*").replace("~", "\\~"),
         "",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in results.versions.items()) + ".",
     ]

@@ -47,7 +47,7 @@ from .procs import (
     run_json,
     wait_answering,
 )
-from .targets import Backend, Context, Running
+from .targets import FLOOR, Backend, Context, Running
 
 THROUGHPUT_TUNNELS = (1, 16)
 RTT_TUNNELS = (1, 100)
@@ -154,8 +154,13 @@ class Scenario:
     keep_alive: bool = False
     #: True: the targets listen with TLS (the run's certificate) and offer HTTP/2.
     tls: bool = False
+    #: False: the raw-relay floor (``portforward``) is left out even when
+    #: ``targets`` is None: it has no figure worth showing here.
+    floor: bool = True
 
     def runs_on(self, target: str) -> bool:
+        if target == FLOOR and not self.floor:
+            return False
         return self.targets is None or target in self.targets
 
     def context(self, ctx: Context) -> Context:

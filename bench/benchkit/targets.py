@@ -7,6 +7,11 @@ A target is where the load generator connects:
 - ``nginx``, ``haproxy``, ``caddy``: when installed, each with one worker
   (Caddy with ``GOMAXPROCS=1``), configured by this module as a
   WebSocket-capable reverse proxy in front of the same backend;
+- ``portforward``: ``twisted.protocols.portforward.ProxyFactory`` (the script
+  ``bench/portforward.py``, on this repository's virtualenv's Python): a raw
+  relay, no HTTP parsing, no validation -- a floor, what Twisted itself costs,
+  not a proxy; the backend's answers pass through unchanged, so the load
+  generators' checks hold. Not in the all-cores or TLS scenarios;
 - ``mitmproxy``, ``proxy.py``: the Python peers, from :mod:`benchkit.peers`.
 
 A context with ``all_cores`` set asks each proxy for its all-cores
@@ -317,6 +322,36 @@ class UpgradeProxy(Target):
         return Launch(argv)
 
 
+class Portforward(Target):
+    """Twisted's raw relay (``bench/portforward.py``), on the Python next to ``twistd``."""
+
+    name = "portforward"
+    # twisted.logger's text format: "TIMESTAMP [namespace#level] message"
+    notable = UpgradeProxy.notable
+    script = REPO / "bench" / "portforward.py"
+
+    def unavailable(self, ctx: Context) -> str | None:
+        if ctx.twistd is None:
+            return "no twistd found, so no virtualenv with Twisted to run it on"
+        if not os.access(_python_beside(ctx.twistd), os.X_OK):
+            return f"no python beside {ctx.twistd} to run {self.script.name} on"
+        return None
+
+    def version(self, ctx: Context) -> str:
+        twisted = first_line([ctx.twistd or "twistd", "--version"])
+        return f"twisted.protocols.portforward.ProxyFactory, epoll reactor; {twisted}"
+
+    def prepare(self, ctx: Context, port: int, backend_port: int, rundir: Path) -> Launch:
+        assert ctx.twistd is not None
+        argv = [str(_python_beside(ctx.twistd)), str(self.script), str(port), str(backend_port)]
+        return Launch(argv)
+
+
+def _python_beside(twistd: str) -> Path:
+    """The interpreter of the virtualenv (or installation) that ``twistd`` belongs to."""
+    return Path(twistd).parent / "python"
+
+
 def _upgradeproxy_listen(port: int, tls: TLSFiles | None) -> str:
     if tls is None:
         return f"tcp:{port}:interface={HOST}"
@@ -532,4 +567,6 @@ class Caddy(Target):
 
 
 #: The native targets; :data:`benchkit.peers.ALL` adds the Python peers.
-NATIVE: list[Target] = [Direct(), UpgradeProxy(), Nginx(), HAProxy(), Caddy()]
+NATIVE: list[Target] = [Direct(), UpgradeProxy(), Portforward(), Nginx(), HAProxy(), Caddy()]
+#: The raw-relay floor's name: the scenarios where its figure means nothing leave it out.
+FLOOR = Portforward.name
