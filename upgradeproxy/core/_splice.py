@@ -34,7 +34,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._twisted import take_pending_output, writes_open
+from .._twisted import hand_over_reads, take_pending_output, writes_open
 from ._side import Side
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -44,6 +44,7 @@ PIPE_SIZE = 256 * 1024
 #: Splice calls per direction per reactor wake-up, so one busy tunnel
 #: cannot starve the others.
 _ROUNDS = 8
+_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
 
 
 def can_splice(transport: ITransport) -> bool:
@@ -151,7 +152,7 @@ class _Socket:
     carries: they do nothing but what they must.
     """
 
-    __slots__ = ("fd", "pump", "reads_into", "side", "sock", "transport", "writes_for")
+    __slots__ = ("fd", "pump", "reading", "reads_into", "side", "sock", "transport", "writes_for")
 
     def __init__(self, pump: SplicePump, side: Side, transport: tcp.Connection) -> None:
         self.pump = pump
@@ -159,6 +160,9 @@ class _Socket:
         self.transport = transport
         self.sock: socket.socket = transport.socket
         self.fd = self.sock.fileno()
+        #: True while the reactor watches it for reads: asking again, once per
+        #: message, would cost three calls for nothing.
+        self.reading = False
         #: The direction this socket's bytes go, and the one that writes to it.
         self.reads_into: _Direction
         self.writes_for: _Direction
@@ -188,8 +192,8 @@ class SplicePump:
     """Moves a tunnel's bytes with ``splice(2)`` until both directions end.
 
     An idle tunnel keeps its pump for as long as it lives, so the pump keeps
-    little: its two directions (which know their sockets) in a tuple, and the
-    tunnel's own mapping of transports.
+    little: its two directions, which know their sockets, which know their
+    transports.
     """
 
     __slots__ = ("_finished", "_note_end", "_reactor", "_sent", "_to")
@@ -213,8 +217,11 @@ class SplicePump:
         #: The direction whose bytes go to each side.
         self._to: dict[Side, _Direction] = {}
         for side, transport in transports.items():
-            transport.stopReading()
             transport.stopWriting()
+            sock = sockets[side]
+            sock.reading = hand_over_reads(reactor, transport, sock)
+            if not sock.reading:
+                transport.stopReading()
             # Bytes already buffered for ``side`` go out first.
             self._to[side] = _Direction(
                 side.peer, sockets[side.peer], sockets[side], take_pending_output(transport)
@@ -244,7 +251,7 @@ class SplicePump:
     # -- moving bytes ---------------------------------------------------------------------
 
     def _move(self, d: _Direction) -> None:
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        flags = _FLAGS
         for _ in range(_ROUNDS):
             if self._finished or d.done:
                 return
@@ -281,19 +288,19 @@ class SplicePump:
                 # Another read now would most likely fail with EAGAIN (a
                 # system call and an exception for nothing): wait for the
                 # reactor to say src is readable; it is level-triggered.
-                self._reactor.addReader(d.src)
+                self._watch_reads(d.src)
                 return
             try:
                 moved = self._read(d, flags)
             except BlockingIOError:
-                self._reactor.addReader(d.src)
+                self._watch_reads(d.src)
                 return
             except OSError as e:
                 self.fail(d.src.side, _describe(e))
                 return
             if moved == 0:
                 d.eof = True
-                self._reactor.removeReader(d.src)
+                self._unwatch_reads(d.src)
                 self._note_end(d.source, "EOF")
             else:
                 self._sent[d.source] += moved
@@ -311,7 +318,17 @@ class SplicePump:
         elif d.eof:
             self._direction_done(d)  # an EOF read in the last round ends it now
         else:
-            self._reactor.addReader(d.src)
+            self._watch_reads(d.src)
+
+    def _watch_reads(self, sock: _Socket) -> None:
+        if not sock.reading:
+            sock.reading = True
+            self._reactor.addReader(sock)
+
+    def _unwatch_reads(self, sock: _Socket) -> None:
+        if sock.reading:
+            sock.reading = False
+            self._reactor.removeReader(sock)
 
     def _read(self, d: _Direction, flags: int) -> int:
         """Move what src has into a pipe (or, with no descriptor left, into memory)."""
@@ -334,7 +351,7 @@ class SplicePump:
 
     def _wait_for_dst(self, d: _Direction) -> None:
         d.blocked = True
-        self._reactor.removeReader(d.src)
+        self._unwatch_reads(d.src)
         self._reactor.addWriter(d.dst)
 
     def _direction_done(self, d: _Direction) -> None:
@@ -364,18 +381,34 @@ class SplicePump:
             return
         self._finished = True
         for direction in self._to.values():
-            self._reactor.removeReader(direction.dst)
-            self._reactor.removeWriter(direction.dst)
+            sock = direction.dst
+            # Whatever the flag says: a descriptor left registered would keep
+            # its number from ever being watched for the next socket to get it.
+            sock.reading = False
+            self._reactor.removeReader(sock)
+            self._reactor.removeWriter(sock)
         lost = None
+        done = []
         for direction in self._to.values():
             owed = direction.leftover()
-            sock = direction.dst
-            if sock.side is failed:
-                lost = sock.transport
+            transport = direction.dst.transport
+            if direction.dst.side is failed:
+                lost = transport
                 continue
             if owed:
-                sock.transport.write(owed)
-            sock.transport.loseConnection()
+                transport.write(owed)
+                transport.loseConnection()
+            else:
+                done.append(transport)
+        # A socket with nothing left to send is closed now, as Twisted itself
+        # closes one whose writes are shut down: loseConnection would register
+        # it for writing only to find nothing to write on the next turn. Each
+        # is marked as closing first, so that the first one's connectionLost
+        # does not start a loseConnection on the other.
+        for transport in done:
+            transport.disconnecting = True
+        for transport in done:
+            transport.connectionLost(Failure(error.ConnectionDone()))
         if lost is not None:
             lost.connectionLost(Failure(error.ConnectionLost(why)))
 

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from .._twisted import send_now
 from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
@@ -159,6 +160,10 @@ class FrontConnection(TypingProtocol):
 
     def abort(self) -> None:
         """Close at once, whatever is in flight."""
+
+
+def _validator_name(validator: IUpgradeValidator) -> str:
+    return str(getattr(validator, "name", type(validator).__name__))
 
 
 class Proxy:
@@ -433,16 +438,16 @@ class Proxy:
         return refusal
 
     def _ask(self, method: str, attempt: UpgradeAttempt, route: Route) -> Refusal | None:
-        stage = method.removeprefix("check_")
         for validator in route.validators:
-            name = str(getattr(validator, "name", type(validator).__name__))
             try:
                 refusal: Refusal | None = getattr(validator, method)(attempt)
             except Exception:
+                name = _validator_name(validator)
                 self.log.failure("upgrade validator {name} raised", name=name)
                 refusal = Refusal(f"upgrade validator {name} failed", 500)
             if refusal is not None:
-                self._count_refusal(route, attempt, name, stage, refusal)
+                stage = method.removeprefix("check_")
+                self._count_refusal(route, attempt, _validator_name(validator), stage, refusal)
                 return refusal
         return None
 
@@ -620,7 +625,7 @@ class Proxy:
         response = attempt.response
         assert response is not None and backend.transport is not None
         transport = client.transport
-        transport.write(switch_for_client(response).serialize())
+        send_now(transport, switch_for_client(response).serialize())
         protocol = b", ".join(attempt.selected).decode("latin-1")
         target = attempt.request.target.decode("latin-1")
         clock = self.clock
