@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -108,6 +109,21 @@ def _listen_tls(
 
 
 @contextlib.asynccontextmanager
+async def proxy_over_tls(
+    loopback: Loopback, backend_port: int, tls: ServerCertificate, **proxy_kwargs: Any
+) -> AsyncIterator[Proxy]:
+    """A proxy to ``backend_port`` on an ``ssl:`` listener, stopped on the way out.
+
+    ``proxy_kwargs`` go to :class:`~upgradeproxy.ProxyFactory`.
+    """
+    proxy, service = _listen_tls(loopback, backend_port, tls, **proxy_kwargs)
+    try:
+        yield proxy
+    finally:
+        await service.stopService()
+
+
+@contextlib.asynccontextmanager
 async def demo_behind_proxy(
     loopback: Loopback, *, tls: ServerCertificate | None = None, **proxy_kwargs: Any
 ) -> AsyncIterator[Proxy]:
@@ -122,16 +138,13 @@ async def demo_behind_proxy(
     """
     demo = TrackedDemoBackend()
     port: IListeningPort = reactor.listenTCP(0, demo, interface=HOST)
-    service: ProxyService | None = None
     try:
         if tls is None:
             yield loopback.proxy(port.getHost().port, **proxy_kwargs)
         else:
-            proxy, service = _listen_tls(loopback, port.getHost().port, tls, **proxy_kwargs)
-            yield proxy
+            async with proxy_over_tls(loopback, port.getHost().port, tls, **proxy_kwargs) as proxy:
+                yield proxy
     finally:
-        if service is not None:
-            await service.stopService()
         for proxy in loopback.proxies:
             proxy.factory.proxy.pool.close_idle()
         try:
@@ -368,12 +381,28 @@ def evaluate(cdp: ClientConnection, call_id: int, expression: str) -> Any:
     return result.get("result", {}).get("value")
 
 
+def capture_screenshot(cdp: ClientConnection, call_id: int, path: Path) -> None:
+    """Write what the page shows now to ``path``, as PNG (``Page.captureScreenshot``)."""
+    cdp.send(json.dumps({"id": call_id, "method": "Page.captureScreenshot"}))
+    while True:
+        message = json.loads(cdp.recv(timeout=10))
+        if message.get("id") == call_id:
+            break
+    assert "error" not in message, message
+    path.write_bytes(base64.b64decode(message["result"]["data"]))
+
+
 def self_test_outcome(
-    chromium: str, url: str, workdir: Path, options: Sequence[str] = ()
+    chromium: str,
+    url: str,
+    workdir: Path,
+    options: Sequence[str] = (),
+    screenshot: Path | None = None,
 ) -> dict[str, Any]:
     """Load ``url`` and wait until the page's self-test has a result; return the page's state.
 
-    ``options`` go to chromium's command line.
+    ``options`` go to chromium's command line. With ``screenshot``, what the
+    page shows once it has a result is saved there as PNG.
     """
     with headless_chromium(chromium, url, workdir, options) as devtools:
         target = page_target(devtools)
@@ -387,6 +416,8 @@ def self_test_outcome(
                 if value is not None:
                     state = json.loads(value)
                     if state["href"] == url and state["result"] not in (None, "running…"):
+                        if screenshot is not None:
+                            capture_screenshot(cdp, call_id + 1, screenshot)
                         return state
                 time.sleep(0.05)
     raise AssertionError(f"no self-test result after {RESULT_TIMEOUT}s; the page said {state}")

@@ -10,16 +10,21 @@ starting upgradeproxy with ``--workers``; and what the all-cores scenarios
 and the Python peers rely on: two load generators on separate source
 addresses, programs run side by side, each proxy's one-worker and all-cores
 configuration, proxy.py's route plugin, and installing the peers (reused when
-there, skipped with the reason when pip fails). No proxy is run: this only
-proves that ``python3 bench/run.py`` still has working tools.
+there, skipped with the reason when pip fails). For the HTTP/2 scenarios it
+runs ``h2ws`` (WebSocket over HTTP/2, and over TLS HTTP/1.1) and ``h2load``
+through HAProxy configured as they configure it, where HAProxy is installed.
+upgradeproxy is not run: this only proves that ``python3 bench/run.py`` still
+has working tools.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +39,16 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from benchkit import allcores, build, peers, procs, scenarios, targets  # noqa: E402 (bench/ is not on the path)
+from benchkit import (  # noqa: E402 (bench/ is not on the path)
+    allcores,
+    build,
+    http2,
+    peers,
+    procs,
+    report,
+    scenarios,
+    targets,
+)
 
 pytestmark = pytest.mark.loopback
 
@@ -49,19 +63,24 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> build.Programs:
 
 
 @pytest.fixture
-def backend_port(programs: build.Programs, tmp_path: Path) -> Iterator[int]:
-    backend = procs.Process(
+def backend(programs: build.Programs, tmp_path: Path) -> Iterator[targets.Backend]:
+    process = procs.Process(
         "backend",
         [str(programs.backend), "--port", "0"],
         log_path=tmp_path / "backend.log",
         pipe_stdout=True,
     )
-    with backend:
-        line = backend.read_line(timeout=10)
+    with process:
+        line = process.read_line(timeout=10)
         assert line.startswith("listening ")
-        yield int(line.split()[1])
-        assert backend.exited() is None, backend.log_tail()
-    assert backend.log_text() == ""
+        yield targets.Backend(int(line.split()[1]), process)
+        assert process.exited() is None, process.log_tail()
+    assert process.log_text() == ""
+
+
+@pytest.fixture
+def backend_port(backend: targets.Backend) -> int:
+    return backend.port
 
 
 def loadgen(programs: build.Programs, mode: str, port: int, *options: str) -> dict[str, Any]:
@@ -191,6 +210,156 @@ def test_http_workers_pins_nothing_and_passes_workers_to_upgradeproxy(
     assert argv(unpinned)[-2:] == ["--workers", "1"]
     assert argv(replace(unpinned, workers=scenarios.SCALED_WORKERS))[-2:] == ["--workers", "2"]
     assert "--workers" not in argv(chosen["http"].context(replace(ctx, upgradeproxy_args=[])))
+
+
+# -- the HTTP/2 scenarios ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> targets.TLSFiles:
+    try:
+        return targets.TLSFiles.create(tmp_path_factory.mktemp("bench-tls"))
+    except procs.StartError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def haproxy_over_tls(
+    programs: build.Programs, backend_port: int, tls_files: targets.TLSFiles, tmp_path: Path
+) -> Iterator[targets.Running]:
+    """HAProxy as the HTTP/2 scenarios configure it (TLS, ALPN h2 and http/1.1)."""
+    haproxy = targets.HAProxy()
+    ctx = targets.Context(
+        programs=programs,
+        workdir=tmp_path,
+        load_cpu=None,
+        proxy_cpu=None,
+        nofile=1024,
+        twistd=None,
+        certificate=tls_files,
+    )
+    reason = haproxy.unavailable(ctx)
+    if reason:
+        pytest.skip(reason)
+    scenario = {s.name: s for s in http2.http2_scenarios(ctx)}["h2-rtt"]
+    with haproxy.run(scenario.context(ctx), backend_port) as running:
+        yield running
+
+
+def h2ws(programs: build.Programs, mode: str, port: int, *options: str) -> dict[str, Any]:
+    if programs.h2ws is None:
+        pytest.skip(programs.missing["h2ws"])
+    argv = [str(programs.h2ws), mode, "--port", str(port), "--warmup", "0.1", "--duration", "0.4"]
+    done = subprocess.run([*argv, *options], capture_output=True, text=True, timeout=20, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_http2_scenarios_listen_with_tls(programs: build.Programs, tmp_path: Path) -> None:
+    certificate = targets.TLSFiles(tmp_path / "c", tmp_path / "k", tmp_path / "ck")
+    ctx = targets.Context(programs, tmp_path, 0, 1, 1024, "twistd", certificate=certificate)
+    chosen = {s.name: s for s in http2.http2_scenarios(ctx)}
+    assert set(chosen) == set(http2.SCENARIO_NAMES)
+    assert not chosen["h2-rtt"].runs_on("nginx") and chosen["h2-http"].runs_on("nginx")
+    assert chosen["h2-rtt"].context(ctx).tls == certificate
+    argv = targets.UpgradeProxy().prepare(chosen["h2-http"].context(ctx), 8080, 9000, tmp_path).argv
+    assert argv[argv.index("--listen") + 1].startswith("ssl:8080:interface=127.0.0.1:")
+
+
+def test_h2ws_bridges_websockets_over_http2_through_haproxy(
+    programs: build.Programs, haproxy_over_tls: targets.Running
+) -> None:
+    config = next(Path(haproxy_over_tls.log_files[0]).parent.glob("haproxy.cfg")).read_text()
+    assert "alpn h2,http/1.1" in config  # without it HAProxy's TLS speaks HTTP/1.1 only
+    port = haproxy_over_tls.port
+    for mode, options in (("handshake", ["--conns", "2", "--streams", "4"]),
+                          ("rtt", ["--conns", "2", "--streams", "5"]),
+                          ("handshake", ["--h1", "--conns", "2"]),
+                          ("rtt", ["--h1", "--conns", "4"])):  # fmt: skip
+        result = h2ws(programs, mode, port, *options)
+        assert result["failures"] == 0, (mode, options, result["first_error"])
+        assert result["unsupported"] is None
+        assert result["per_s"] > 0
+        if mode == "rtt":
+            assert result["open"] == result["tunnels"]
+
+
+def test_h2ws_says_when_a_server_has_no_http2(
+    programs: build.Programs, backend_port: int, tls_files: targets.TLSFiles
+) -> None:
+    """A TLS server that answers ALPN with http/1.1: the run says it is not supported."""
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    context.set_alpn_protocols(["http/1.1"])
+    with socket.create_server((procs.HOST, 0)) as server:
+
+        def serve_one() -> None:
+            connection, _ = server.accept()
+            with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+                pass
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        result = h2ws(programs, "rtt", server.getsockname()[1], "--conns", "1", "--streams", "1")
+        thread.join(5)
+    assert result["unsupported"] == "the server did not choose h2 by ALPN (http/1.1)"
+
+
+def test_h2load_output_is_read(haproxy_over_tls: targets.Running) -> None:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        pytest.skip("h2load is not installed (apt-get install nghttp2-client)")
+    url = f"https://{procs.HOST}:{haproxy_over_tls.port}/"
+    done = subprocess.run(
+        [h2load, "-n", "200", "-c", "2", "-m", "8", url], capture_output=True, text=True, timeout=20
+    )
+    result = http2.parse_h2load(done.stdout)
+    assert result["protocol"] == "h2", done.stdout
+    assert result["requests"]["succeeded"] == 200 and result["per_s"] > 0
+    assert result["status"]["2xx"] == 200
+    assert http2._h2load_problems(result, done.stdout, "h2", "h2") == []
+
+
+def test_report_shows_what_a_proxy_does_not_support(tmp_path: Path) -> None:
+    metric = scenarios.Metric("h2rt_h2_rate", "round trips over HTTP/2", "rt/s")
+    scenario = scenarios.Scenario("h2-rtt", "title", [metric], http2.run_h2_rtt)
+    results = report.Results(
+        "cmd", report.machine_info(), {}, [scenario], ["upgradeproxy", "caddy"]
+    )
+    results.outcomes["h2-rtt"] = {
+        "upgradeproxy": scenarios.Outcome(values={"h2rt_h2_rate": 1000.0}),
+        "caddy": scenarios.Outcome(values={"h2rt_h2_rate": None}, unsupported="HTTP/2: no"),
+    }
+    (row,) = report._rows(results)[1]
+    assert row == ["round trips over HTTP/2", "rt/s", "1,000", "n/s", "—"]
+    assert report.unsupported_lines(results) == ["h2-rtt / caddy: HTTP/2: no"]
+
+
+def test_a_rate_per_second_of_proxy_cpu_is_what_a_whole_core_would_reach() -> None:
+    assert http2.per_cpu_second(1000.0, {"proxy_cpu": 0.4}) == 2500.0
+    assert http2.per_cpu_second(None, {"proxy_cpu": 0.4}) is None
+    assert http2.per_cpu_second(1000.0, {}) is None  # no proxy process: nothing to divide by
+
+
+def test_the_http2_scenarios_measure_through_haproxy(
+    programs: build.Programs,
+    backend: targets.Backend,
+    haproxy_over_tls: targets.Running,
+    tls_files: targets.TLSFiles,
+    tmp_path: Path,
+) -> None:
+    """h2-http and h2-rtt as ``--quick`` runs them, shorter: every value there, no problem."""
+    if shutil.which("h2load") is None or programs.h2ws is None:
+        pytest.skip("h2load or h2ws is missing (nghttp2-client, libnghttp2-dev)")
+    ctx = targets.Context(programs, tmp_path, None, None, 1024, None, certificate=tls_files)
+    settings = scenarios.Settings(warmup=0.1, duration=0.3)
+    for run in (http2.run_h2_http, http2.run_h2_rtt):
+        outcome = run(ctx, settings, haproxy_over_tls, backend)
+        assert (outcome.problems, outcome.unsupported) == ([], None)
+        assert outcome.values and all(value for value in outcome.values.values()), outcome.values
 
 
 def test_two_load_generators_use_separate_source_addresses(programs: build.Programs) -> None:

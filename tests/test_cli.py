@@ -183,6 +183,8 @@ def test_proxy_wide_options_apply_over_the_file(config_file: str, tmp_path: Path
         "--head-timeout", "5", "--keep-alive-timeout", "6", "--shutdown-grace", "7",
         "--max-connections", "8", "--max-tunnels", "9",
         "--forward-h2c", "--no-splice",
+        "--no-http2", "--http2-cleartext", "--http2-max-streams", "12",
+        "--http2-stall-timeout", "4",
     )  # fmt: skip
     assert config.listen == ("tcp:8081:interface=127.0.0.1",)
     assert config.metrics == "tcp:9100:interface=127.0.0.1"
@@ -190,6 +192,8 @@ def test_proxy_wide_options_apply_over_the_file(config_file: str, tmp_path: Path
     assert (config.client_head_timeout, config.keep_alive_timeout) == (5.0, 6.0)
     assert (config.shutdown_grace, config.max_connections, config.max_tunnels) == (7.0, 8, 9)
     assert config.forward_h2c and not config.splice
+    assert (config.http2, config.http2_cleartext) == (False, True)
+    assert (config.http2_max_concurrent_streams, config.http2_stall_timeout) == (12, 4.0)
 
 
 @pytest.mark.parametrize(

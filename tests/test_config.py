@@ -24,6 +24,7 @@ from upgradeproxy.cli.config import (
     parse_config,
     undump_config,
 )
+from upgradeproxy.cli.service import settings_for
 from upgradeproxy.core.address import BadBackend, parse_backend
 from upgradeproxy.core.balancer import HealthCheck, Policy
 from upgradeproxy.registry import BadValidator, build_chain
@@ -88,6 +89,11 @@ def test_top_level_keys_and_tables_fill_the_proxy_config() -> None:
         max_connections = 100
         max_tunnels = false
         max_request_head = "16KiB"
+        [http2]
+        enabled = false
+        cleartext = true
+        max_concurrent_streams = 20
+        stall_timeout = 15
         [access_log]
         format = "json"
         path = "-"
@@ -107,6 +113,10 @@ def test_top_level_keys_and_tables_fill_the_proxy_config() -> None:
         max_connections=100,
         max_tunnels=None,
         max_request_head=16384,
+        http2=False,
+        http2_cleartext=True,
+        http2_max_concurrent_streams=20,
+        http2_stall_timeout=15.0,
         access_log=AccessLogConfig("json", "-"),
         source="proxy.toml",
     )
@@ -325,6 +335,13 @@ SIZE = 'a number of bytes or text such as "32KiB" or "32KB" (KiB: 1024 bytes, KB
         ),
         ('forward_h2c = "yes"', "forward_h2c: must be true or false, not 'yes'"),
         ("splice = 1", "splice: must be true or false, not 1"),
+        ('[http2]\nenabled = "no"', "http2.enabled: must be true or false, not 'no'"),
+        ("[http2]\ncleartext = 0", "http2.cleartext: must be true or false, not 0"),
+        (
+            "[http2]\nmax_concurrent_streams = 0",
+            "http2.max_concurrent_streams: must be a whole number above 0, not 0",
+        ),
+        ("[http2]\nstall_timeout = 0", f"http2.stall_timeout: {SECONDS}, not 0"),
         (
             "listen = []",
             'listen: must be a list of endpoints, such as ["tcp:8080"], not an empty list',
@@ -817,7 +834,8 @@ def test_the_example_file_loads_and_describes_itself() -> None:
             f"{EXAMPLE}: OK: listening on tcp:8080:interface=127.0.0.1; 2 routes, 5 backends; "
             "metrics on tcp:9100:interface=127.0.0.1",
             "  access log (text) to standard output; client head timeout 60 s; keep-alive "
-            "timeout 60 s; shutdown grace 30 s; max connections 10000; max tunnels 10000",
+            "timeout 60 s; shutdown grace 30 s; max connections 10000; max tunnels 10000; "
+            "HTTP/2 over TLS, 100 streams per connection, stall timeout 60 s",
             "  chat: hosts chat.example.com, *.chat.example.com; path /ws; least-conn over "
             "http://10.0.0.11:9000, http://10.0.0.12:9000, http://10.0.0.13:9000; "
             "health check GET /healthz every 10 s",
@@ -863,7 +881,8 @@ def test_describe_config_mentions_workers_and_unverified_tls() -> None:
         "proxy.toml: OK: listening on tcp:8080:interface=127.0.0.1; 1 route, 1 backend; "
         "4 workers\n"
         "  access log (text) to the main log; client head timeout 60 s; keep-alive timeout 60 s; "
-        "shutdown grace 30 s; max connections 10000; max tunnels 10000\n"
+        "shutdown grace 30 s; max connections 10000; max tunnels 10000; "
+        "HTTP/2 over TLS, 100 streams per connection, stall timeout 60 s\n"
         "  secure: hosts app.example; path /; least-conn over https://app.example; "
         "certificate verification OFF\n"
         "    validators rfc9110, websocket; connect timeout 10 s; response timeout 60 s; "
@@ -877,7 +896,8 @@ def test_describe_config_of_a_configuration_built_without_a_file() -> None:
     assert describe_config(config) == (
         "configuration: OK: listening on tcp:1, tcp:2; 1 route, 2 backends\n"
         "  access log (text) to the main log; client head timeout 60 s; keep-alive timeout 60 s; "
-        "shutdown grace 30 s; max connections 10000; max tunnels 10000\n"
+        "shutdown grace 30 s; max connections 10000; max tunnels 10000; "
+        "HTTP/2 over TLS, 100 streams per connection, stall timeout 60 s\n"
         "  all: any host; path /; round-robin over http://a:1, http://b:2\n"
         "    validators rfc9110, websocket; connect timeout 10 s; response timeout 60 s; "
         "tunnel idle timeout off; tunnel lifetime off; max body none; fail timeout 10 s"
@@ -991,3 +1011,25 @@ def test_a_port_out_of_range_is_a_mistake_in_the_file() -> None:
         "proxy.toml:2: metrics: cannot listen on 'tcp:70000': port 70000 is out of range; "
         "write a port from 1 to 65535 (0: any free port)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("table", "said"),
+    [
+        ("enabled = false", "HTTP/2 off"),
+        (
+            "cleartext = true\nmax_concurrent_streams = 8",
+            "HTTP/2 over TLS and cleartext, 8 streams per connection, stall timeout 60 s",
+        ),
+        (
+            "enabled = false\ncleartext = true",
+            "HTTP/2 cleartext, 100 streams per connection, stall timeout 60 s",
+        ),
+    ],
+)
+def test_describe_config_says_where_http2_is_spoken(table: str, said: str) -> None:
+    config = parse("[http2]\n" + table + "\n" + ROUTE)
+    assert describe_config(config).splitlines()[1].endswith(f"max tunnels 10000; {said}")
+    settings = settings_for(config)
+    assert (settings.http2, settings.http2_cleartext) == (config.http2, config.http2_cleartext)
+    assert settings.http2_max_concurrent_streams == config.http2_max_concurrent_streams

@@ -51,7 +51,9 @@ async def tls_proxy(loopback: Loopback, certificate: ServerCertificate) -> Async
         yield proxy
 
 
-@pytest.mark.parametrize("options", [[], ["--http1.1"]], ids=["defaults", "http1.1"])
+@pytest.mark.parametrize(
+    ("options", "chosen"), [([], "h2"), (["--http1.1"], "http/1.1")], ids=["defaults", "http1.1"]
+)
 @pytest_twisted.ensureDeferred
 async def test_curl_gets_the_demo_page_through_a_tls_listener(
     curl: str,
@@ -59,6 +61,7 @@ async def test_curl_gets_the_demo_page_through_a_tls_listener(
     certificate: ServerCertificate,
     tmp_path: Path,
     options: list[str],
+    chosen: str,
 ) -> None:
     page = tmp_path / "page"
     url = f"https://localhost:{tls_proxy.port}/"
@@ -68,7 +71,7 @@ async def test_curl_gets_the_demo_page_through_a_tls_listener(
 
     assert lines == [f"1 200 {len(PAGE)}"], log
     assert page.read_bytes() == PAGE
-    assert "ALPN: server accepted http/1.1" in log, log
+    assert f"ALPN: server accepted {chosen}" in log, log
 
 
 @pytest_twisted.ensureDeferred

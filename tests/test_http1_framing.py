@@ -574,3 +574,12 @@ def test_encoded_chunks_round_trip_through_the_decoder():
     decoder = ChunkedDecoder()
     assert feed(decoder, [wire + b"NEXT"]) == (b"".join(payloads), b"NEXT")
     assert decoder.done
+
+
+def test_a_chunked_body_keeps_its_trailer_fields_as_received() -> None:
+    decoder = ChunkedDecoder()
+    raw = bytearray(b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\nX-Sum:  ab \r\n\r\n")
+    chunks, used = decoder.decode(raw)
+    assert (chunks, used, decoder.done) == ([b"ok"], len(raw), True)
+    assert decoder.trailers == ((b"Grpc-Status", b"0"), (b"X-Sum", b"ab"))
+    assert ChunkedDecoder().trailers == ()

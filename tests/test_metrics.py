@@ -86,6 +86,7 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "client_to_backend": 10,
                 "backend_to_client": 20,
                 "spliced": False,
+                "client_protocol": "HTTP/2",
             },
             {
                 "protocol": "websocket",
@@ -96,6 +97,7 @@ def make_snapshot(**changes: Any) -> dict[str, Any]:
                 "client_to_backend": 1_258_291,
                 "backend_to_client": 512,
                 "spliced": True,
+                "client_protocol": "HTTP/1.1",
             },
         ],
         "tunnels_total": [
@@ -477,9 +479,9 @@ def test_status_page_summary() -> None:
 def test_status_page_lists_live_tunnels_oldest_first() -> None:
     text = page([(None, make_snapshot())])
     assert (
-        "<tr><td>websocket</td><td>10.0.0.1</td><td>chat</td><td>127.0.0.1:9000</td>"
+        "<tr><td>websocket</td><td>HTTP/1.1</td><td>10.0.0.1</td><td>chat</td><td>127.0.0.1:9000</td>"
         "<td>3m 12s</td><td>1.2 MiB</td><td>512 B</td><td>yes</td></tr>"
-        "<tr><td>websocket</td><td>10.0.0.2</td><td>chat</td><td>127.0.0.1:9000</td>"
+        "<tr><td>websocket</td><td>HTTP/2</td><td>10.0.0.2</td><td>chat</td><td>127.0.0.1:9000</td>"
         "<td>5s</td><td>10 B</td><td>20 B</td><td>no</td></tr>"
     ) in text
 
@@ -600,7 +602,7 @@ def test_status_page_shows_each_row_s_worker() -> None:
     assert "<b>7</b> client connections" in text
     assert "<b>2</b> workers" in text
     assert "<th>worker</th><th>protocol</th>" in text
-    assert "<tr><td>0</td><td>websocket</td><td>10.0.0.1</td>" in text
+    assert "<tr><td>0</td><td>websocket</td><td>HTTP/1.1</td><td>10.0.0.1</td>" in text
     assert "<tr><td>1</td><td>chat</td><td>127.0.0.1:9000</td><td>healthy</td>" in text
     assert "<tr><td>1</td><td>13:45:39 UTC</td>" in text
 

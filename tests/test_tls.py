@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h2.events
 import pytest
 import pytest_twisted
 import trustme
 from e2e_support import ssl_listen_description
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from loopback import (
     HOST,
     TIMEOUT,
@@ -146,9 +149,11 @@ async def proxy_to(
     ports: list[IListeningPort],
     backend: BackendAddress | IStreamClientEndpoint,
     pems: Pems | None = None,
+    *,
+    http2: bool = True,
 ) -> Proxy:
     """A proxy to ``backend``, listening with TLS when ``pems`` is given."""
-    factory = ProxyFactory(backend, settings=ProxySettings(splice=True))
+    factory = ProxyFactory(backend, settings=ProxySettings(splice=True, http2=http2))
     proxy = Proxy(factory, await listen(ports, factory, pems))
     loopback.proxies.append(proxy)
     return proxy
@@ -267,17 +272,96 @@ async def test_upgrade_through_a_tls_listener_relays_exact_bytes_in_python(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_offering_h2_and_http_1_1_over_alpn_gets_http_1_1(
+async def test_with_http2_off_a_client_offering_h2_and_http_1_1_over_alpn_gets_http_1_1(
     loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
 ) -> None:
     backend = loopback.backend(echo_app)
-    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems, http2=False)
     client = await tls_client(loopback, proxy.port, ca, ["h2", "http/1.1"])
 
     assert client.sock.selected_alpn_protocol() == "http/1.1"  # type: ignore[attr-defined]
     reply = await get(loopback, client)
     assert (reply.status, reply.body) == (200, b"you asked for /hello")
     await check_tunnel(loopback, proxy, client, backend)
+
+
+def h2_get(sock: ssl.SSLSocket, path: str) -> tuple[int, bytes]:
+    """One GET over HTTP/2 on ``sock`` (blocking, in a thread): its status and body."""
+    connection = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    connection.initiate_connection()
+    headers = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"),
+               (":path", path)]  # fmt: skip
+    connection.send_headers(1, headers, end_stream=True)
+    sock.sendall(connection.data_to_send())
+    status, body = 0, b""
+    while True:
+        data = sock.recv(65536)
+        assert data, "the proxy closed the connection"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+                connection.acknowledge_received_data(event.flow_controlled_length, 1)
+            elif isinstance(event, h2.events.StreamEnded):
+                return status, body
+        sock.sendall(connection.data_to_send())
+
+
+def h2_websocket_echo(sock: ssl.SSLSocket, payload: bytes) -> tuple[int, bytes]:
+    """An RFC 8441 WebSocket over HTTP/2 on ``sock`` (blocking): its status, and the echo."""
+    connection = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    connection.initiate_connection()
+    sock.sendall(connection.data_to_send())
+    headers = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+               (":authority", "localhost"), (":path", "/chat"),
+               ("sec-websocket-version", "13")]  # fmt: skip
+    status, echoed, sent = 0, b"", False
+    while len(echoed) < len(payload):
+        if not sent and connection.remote_settings.enable_connect_protocol:
+            connection.send_headers(1, headers)
+            sent = True
+        sock.sendall(connection.data_to_send())
+        data = sock.recv(65536)
+        assert data, "the proxy closed the connection"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+                connection.send_data(1, payload)
+            elif isinstance(event, h2.events.DataReceived):
+                echoed += event.data
+                connection.acknowledge_received_data(event.flow_controlled_length, 1)
+    return status, echoed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_websocket_over_http2_is_tunnelled_to_the_backend_over_tls(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca, ["h2"])
+    status, echoed = await loopback.run(h2_websocket_echo, client.sock, b"frame" * 1000)
+    assert (status, echoed) == (200, b"frame" * 1000)
+    [tunnel] = proxy.factory.proxy.snapshot()["tunnels"]
+    assert (tunnel["protocol"], tunnel["client_protocol"]) == ("websocket", "HTTP/2")
+    head = backend.connections[-1].head
+    assert head is not None and head.startswith(b"GET /chat HTTP/1.1\r\n")
+    assert b"\r\nsec-websocket-key: " in head
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_h2_and_http_1_1_over_alpn_gets_h2_and_is_served_over_it(
+    loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
+) -> None:
+    backend = loopback.backend(echo_app)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    client = await tls_client(loopback, proxy.port, ca, ["h2", "http/1.1"])
+
+    assert client.sock.selected_alpn_protocol() == "h2"  # type: ignore[attr-defined]
+    assert await loopback.run(h2_get, client.sock, "/hello") == (200, b"you asked for /hello")
+    [connection] = proxy.factory.proxy.connections
+    assert type(connection).__name__ == "HTTP2Connection"
 
 
 def handshake_lines(events: Sequence[dict[str, Any]]) -> list[str]:
@@ -323,11 +407,11 @@ def connect_with_tls_1_1(port: int) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_offering_only_h2_is_refused_with_no_application_protocol(
+async def test_with_http2_off_a_client_offering_only_h2_is_refused_with_no_application_protocol(
     loopback: Loopback, ports: list[IListeningPort], pems: Pems, ca: trustme.CA
 ) -> None:
     backend = loopback.backend(echo_app)
-    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems)
+    proxy = await proxy_to(loopback, ports, plain_backend(backend), pems, http2=False)
 
     with capturedLogs() as events:
         told = await loopback.run(connect_and_fail, proxy.port, ca, ["h2", "foo"])
@@ -343,7 +427,7 @@ async def test_a_client_offering_only_h2_is_refused_with_no_application_protocol
 
 
 @pytest_twisted.ensureDeferred
-async def test_listen_endpoints_of_the_service_choose_http_1_1_and_refuse_only_h2(
+async def test_listen_endpoints_of_the_service_choose_h2_then_http_1_1_and_refuse_others(
     loopback: Loopback, pems: Pems, ca: trustme.CA
 ) -> None:
     """``--listen ssl:...`` as twistd runs it: through :class:`ProxyService`."""
@@ -354,12 +438,16 @@ async def test_listen_endpoints_of_the_service_choose_http_1_1_and_refuse_only_h
     service.startService()
     try:
         loopback.proxies.append(Proxy(factory, port))
-        client = await tls_client(loopback, port, ca, ["h2", "http/1.1"])
+        client = await tls_client(loopback, port, ca, ["http/1.1"])
         assert client.sock.selected_alpn_protocol() == "http/1.1"  # type: ignore[attr-defined]
         reply = await get(loopback, client)
         assert (reply.status, reply.body) == (200, b"you asked for /hello")
+        client = await tls_client(loopback, port, ca, ["h2", "http/1.1"])
+        assert client.sock.selected_alpn_protocol() == "h2"  # type: ignore[attr-defined]
+        status, body = await loopback.run(h2_get, client.sock, "/hello")
+        assert (status, body) == (200, b"you asked for /hello")
 
-        told = await loopback.run(connect_and_fail, port, ca, ["h2"])
+        told = await loopback.run(connect_and_fail, port, ca, ["spdy/3"])
         assert "alert no application protocol" in told, told
     finally:
         await service.stopService()

@@ -30,6 +30,10 @@ What is used:
   port out of range before anything listens (:func:`endpoint_port`);
 * ``SSL4ServerEndpoint._sslContextFactory``: to choose the application
   protocol over ALPN on an ``ssl:`` listener's context (:func:`tls_server_options`);
+* the ``protocol`` a ``tcp.Connection`` (or any ``FileDescriptor`` transport)
+  delivers to, and the ``wrappedProtocol`` of a ``ProtocolWrapper`` (TLS
+  included): to hand a connection from one front door to another once the
+  client's first bytes or its ALPN choice say which (:func:`switch_protocol`);
 * ``twisted.web.http.HTTPChannel``'s ``_buffer``, ``_dataBuffer``,
   ``_networkProducer`` and ``_handlingRequest``: to take a connection over
   from twisted.web with the bytes it holds (:func:`detach`). Twisted's own
@@ -54,7 +58,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     TCP6ServerEndpoint,
 )
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IProtocol, ITransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
@@ -126,6 +130,23 @@ def send_now(transport: ITransport, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def switch_protocol(transport: ITransport, protocol: IProtocol, received: bytes = b"") -> None:
+    """From now on, ``transport`` delivers its events to ``protocol``, a new one.
+
+    Twisted has no call for it: a wrapping transport (TLS, the PROXY
+    protocol) delivers to its ``wrappedProtocol``, a socket's transport to
+    its ``protocol``; both are read on every event. ``protocol`` is then
+    connected, and given ``received``, what the transport delivered already.
+    """
+    if hasattr(transport, "wrappedProtocol"):
+        transport.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    if received:
+        protocol.dataReceived(received)
 
 
 def writes_open(transport: tcp.Connection) -> bool:

@@ -76,7 +76,11 @@ class UpgradeAttempt:
     ``request_body_complete`` tells whether the whole request body had been
     forwarded when the ``101`` arrived. ``backend`` names the backend chosen
     for the request, ``route`` the route that serves it, and ``client`` is
-    the client's address.
+    the client's address. ``client_protocol`` names the front door the
+    client came through: ``"HTTP/1.1"``, or ``"HTTP/2"`` for a WebSocket (or
+    other protocol) opened with an extended CONNECT (RFC 8441); there,
+    ``request`` is the HTTP/1.1 upgrade request the proxy made of it, with
+    the proxy's own ``Sec-WebSocket-Key``.
     """
 
     request: RequestHead
@@ -88,6 +92,8 @@ class UpgradeAttempt:
     client: str = ""
     #: The name of the route serving the request (see :mod:`upgradeproxy.core.routing`).
     route: str = ""
+    #: The protocol the client spoke to the proxy: "HTTP/1.1" or "HTTP/2".
+    client_protocol: str = "HTTP/1.1"
 
     @_cached
     def is_upgrade(self) -> bool:

@@ -45,14 +45,14 @@ from ._twisted import detach
 from .core._backend import BackendConnection
 from .core._exchange import Exchange, refuse_request
 from .core._handover import Handover
-from .core._rewrite import VIA, ClientHop, error_body
+from .core._rewrite import VIA, ClientHop, error_body, switch_for_client
 from .core._side import Side
 from .core._tunnel import Tunnel
 from .core.accesslog import AccessLog
 from .core.address import BackendAddress
 from .core.proxy import Proxy, ProxySettings
 from .core.routing import Route
-from .http1 import BodyKind, Framing, Headers, RequestHead, ResponseHead
+from .http1 import BodyKind, Field, Framing, Headers, RequestHead, ResponseHead
 from .interfaces import IUpgradeValidator
 
 #: Request fields that twisted.web consumed: it has decoded the body already.
@@ -182,6 +182,8 @@ def _request_head(request: Request) -> tuple[RequestHead, bytes]:
 class _WebClientSide:
     """One request through a :class:`ProxyResource`: the exchange's client side, on twisted.web."""
 
+    protocol = "HTTP/1.1"
+
     def __init__(self, request: Request) -> None:
         self._request = request
         address = request.getClientAddress()
@@ -251,6 +253,9 @@ class _WebClientSide:
     def send_body(self, data: bytes) -> None:
         self._request.write(data)
 
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        pass  # twisted.web has no way to send trailers
+
     def send_end(self, exchange: Exchange) -> None:
         request = self._request
         if request.producer is not None:
@@ -287,9 +292,10 @@ class _WebClientSide:
         if transport is not None:
             transport.loseConnection()
 
-    def hand_over(self) -> Handover:
+    def hand_over(self, response: ResponseHead) -> Handover:
         self._finished = True
         detached = detach(self._request, self._connection)
+        detached.transport.write(switch_for_client(response).serialize())
         return Handover(detached.transport, detached.held)
 
     def attach(self, tunnel: Tunnel) -> None:

@@ -1,8 +1,10 @@
 """Compiling the benchmark's C programs with the system compiler.
 
-``bench/c/backend.c`` and ``bench/c/loadgen.c`` (with ``bench/c/common.h``)
-are built with ``-O2 -Wall -Wextra`` into a build directory, ``bench/build``
-by default. A program is rebuilt when a source is newer than it.
+``bench/c/backend.c``, ``bench/c/loadgen.c`` and ``bench/c/h2ws.c`` (with
+``bench/c/common.h``) are built with ``-O2 -Wall -Wextra`` into a build
+directory, ``bench/build`` by default. A program is rebuilt when a source is
+newer than it. ``h2ws`` needs libnghttp2 and OpenSSL: where they are missing
+it is not built, and :attr:`Programs.missing` says why.
 """
 
 from __future__ import annotations
@@ -15,8 +17,24 @@ from pathlib import Path
 
 C_DIR = Path(__file__).resolve().parent.parent / "c"
 DEFAULT_BUILD_DIR = C_DIR.parent / "build"
-PROGRAMS = ("backend", "loadgen")
 CFLAGS = ("-std=gnu11", "-O2", "-Wall", "-Wextra")
+
+
+@dataclass(frozen=True)
+class Program:
+    """One C program: its libraries, and for an optional one, the packages it needs."""
+
+    name: str
+    libraries: tuple[str, ...] = ()
+    #: None: the benchmark cannot run without it; else what to install to build it.
+    optional: str | None = None
+
+
+PROGRAMS = (
+    Program("backend"),
+    Program("loadgen"),
+    Program("h2ws", ("-lnghttp2", "-lssl", "-lcrypto"), "libnghttp2-dev and libssl-dev"),
+)
 
 
 class BuildError(Exception):
@@ -31,6 +49,10 @@ class Programs:
     loadgen: Path
     compiler: str
     warnings: list[str] = field(default_factory=list)
+    #: The WebSocket-over-HTTP/2 load generator; None if it could not be built.
+    h2ws: Path | None = None
+    #: Optional programs that could not be built, and why.
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 def find_compiler() -> str | None:
@@ -51,25 +73,36 @@ def _up_to_date(output: Path, sources: list[Path]) -> bool:
 
 
 def build(build_dir: Path = DEFAULT_BUILD_DIR, *, force: bool = False) -> Programs:
-    """Build (or reuse) both programs in ``build_dir`` and return their paths."""
+    """Build (or reuse) the programs in ``build_dir`` and return their paths."""
     compiler = find_compiler()
     if compiler is None:
         raise BuildError("no C compiler found: install gcc (or set CC) to build bench/c")
     build_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
+    missing: dict[str, str] = {}
     paths: dict[str, Path] = {}
-    for name in PROGRAMS:
-        source = C_DIR / f"{name}.c"
-        output = build_dir / name
-        paths[name] = output
+    for program in PROGRAMS:
+        source = C_DIR / f"{program.name}.c"
+        output = build_dir / program.name
         if not force and _up_to_date(output, [source, C_DIR / "common.h"]):
+            paths[program.name] = output
             continue
-        command = [compiler, *CFLAGS, "-o", str(output), str(source), "-lm"]
+        command = [compiler, *CFLAGS, "-o", str(output), str(source), "-lm", *program.libraries]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
+            if program.optional is not None:
+                first = done.stderr.strip().splitlines()[:1]
+                missing[program.name] = (
+                    f"{source.name} did not compile (install {program.optional}): "
+                    + (first[0] if first else f"status {done.returncode}")
+                )
+                continue
             raise BuildError(
                 f"compiling {source.name} failed ({' '.join(command)}):\n{done.stderr.strip()}"
             )
+        paths[program.name] = output
         if done.stderr.strip():
             warnings.append(f"{source.name}: {done.stderr.strip()}")
-    return Programs(paths["backend"], paths["loadgen"], compiler, warnings)
+    return Programs(
+        paths["backend"], paths["loadgen"], compiler, warnings, paths.get("h2ws"), missing
+    )

@@ -24,10 +24,12 @@ from types import FrameType
 
 from . import allcores, report
 from .build import DEFAULT_BUILD_DIR, BuildError, build
+from .http2 import SCENARIO_NAMES as HTTP2_SCENARIO_NAMES
+from .http2 import http2_scenarios
 from .peers import ALL, PEERS_DIR, PROXIES
 from .procs import Process, StartError, raise_nofile
 from .scenarios import Outcome, Scenario, Settings, all_scenarios, no_wrk
-from .targets import REPO, Backend, Context, Running, Target, first_line
+from .targets import REPO, Backend, Context, Running, Target, TLSFiles, first_line
 
 SCENARIO_NAMES = (
     "throughput",
@@ -37,6 +39,7 @@ SCENARIO_NAMES = (
     "http",
     "http-workers",
     *allcores.NAMES,
+    *HTTP2_SCENARIO_NAMES,
 )
 _RUN_NUMBERS = itertools.count(1)
 
@@ -214,6 +217,7 @@ def combine(outcomes: list[Outcome]) -> Outcome:
         values = [v for o in outcomes if (v := o.values.get(key)) is not None]
         combined.values[key] = statistics.median(values) if values else None
     combined.details = {"runs": [{"values": o.values, **o.details} for o in outcomes]}
+    combined.unsupported = next((o.unsupported for o in outcomes if o.unsupported), None)
     for n, outcome in enumerate(outcomes, start=1):
         combined.problems += [f"run {n}: {problem}" for problem in outcome.problems]
         for key, reason in outcome.load_bound.items():
@@ -283,10 +287,16 @@ def _main(argv: list[str] | None) -> int:
         else:
             targets.append(target)
     scenarios: list[Scenario] = []
-    for scenario in [*all_scenarios(settings, nofile), *allcores.all_cores_scenarios()]:
+    every = [*all_scenarios(settings, nofile), *allcores.all_cores_scenarios()]
+    for scenario in [*every, *http2_scenarios(ctx)]:
         if args.only and scenario.name not in args.only:
             continue
         reason = scenario.unavailable() or _no_target(scenario, targets)
+        if not reason and scenario.tls and ctx.certificate is None:
+            try:
+                ctx.certificate = TLSFiles.create(workdir / "tls")
+            except StartError as e:
+                reason = str(e)
         if reason:
             _say(f"bench: skipping scenario {scenario.name}: {reason}")
             notes.append(f"skipped scenario {scenario.name}: {reason}")

@@ -24,6 +24,7 @@ LEGEND = (
     "*: the load CPU was saturated and the proxy's was not: the load side set the limit.",
     "~: other processes, or the hypervisor, took a good share of a CPU meanwhile.",
     "!: the run had failures (listed below).",
+    "n/s: the proxy does not support it (the reason is below).",
 )
 
 
@@ -128,7 +129,10 @@ def _rows(results: Results) -> tuple[list[str], list[list[str]]]:
                     mark += "*" if metric.key in outcome.load_bound else ""
                     mark += "~" if metric.key in outcome.disturbed else ""
                     mark += "!" if outcome.problems else ""
-                cells.append(format_value(metric, value) + mark)
+                shown = format_value(metric, value)
+                if value is None and outcome is not None and outcome.unsupported:
+                    shown = "n/s"
+                cells.append(shown + mark)
             if with_ratios:
                 cells += [
                     format_ratio(values["upgradeproxy"], values[t]) if metric.compare else ""
@@ -179,6 +183,15 @@ def problem_lines(results: Results) -> list[str]:
     return lines
 
 
+def unsupported_lines(results: Results) -> list[str]:
+    return [
+        f"{scenario.name} / {target}: {outcome.unsupported}"
+        for scenario in results.scenarios
+        for target in results.targets
+        if (outcome := results.outcome(scenario.name, target)) and outcome.unsupported
+    ]
+
+
 def flag_lines(results: Results, flag: str) -> list[str]:
     """The reasons behind the ``load_bound`` or ``disturbed`` marks, one line per run."""
     lines = []
@@ -224,6 +237,7 @@ def text_report(results: Results) -> str:
     for title, lines in (
         ("notes", results.notes),
         ("problems (cells marked !)", problem_lines(results)),
+        ("not supported (cells marked n/s)", unsupported_lines(results)),
         ("limited by the load CPU (cells marked *)", flag_lines(results, "load_bound")),
         (
             "disturbed by other processes or the hypervisor (cells marked ~)",
@@ -255,6 +269,9 @@ def markdown_report(results: Results) -> str:
     problems = problem_lines(results)
     if problems:
         out += ["", "Problems (cells marked !):", "", *(f"- {line}" for line in problems)]
+    unsupported = unsupported_lines(results)
+    if unsupported:
+        out += ["", "Not supported (cells marked n/s):", "", *(f"- {line}" for line in unsupported)]
     for title, flag in (
         ("Limited by the load CPU (cells marked \\*)", "load_bound"),
         ("Disturbed by other processes or the hypervisor (cells marked \\~)", "disturbed"),
@@ -291,6 +308,7 @@ def to_json(results: Results) -> dict[str, Any]:
                 target: {
                     "values": outcome.values,
                     "problems": outcome.problems,
+                    "unsupported": outcome.unsupported,
                     "load_bound": outcome.load_bound,
                     "disturbed": outcome.disturbed,
                     "log_findings": results.findings.get(scenario, {}).get(target, []),

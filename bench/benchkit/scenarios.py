@@ -131,6 +131,8 @@ class Outcome:
     #: Warnings and errors logged under load by proxies that the scenario
     #: started itself (those of the target it was given are read by the driver).
     findings: list[str] = field(default_factory=list)
+    #: Why the target cannot take this load at all (its cells say "n/s").
+    unsupported: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,15 +152,19 @@ class Scenario:
     workers: int | None = None
     #: Its load is plain requests on kept-alive connections.
     keep_alive: bool = False
+    #: True: the targets listen with TLS (the run's certificate) and offer HTTP/2.
+    tls: bool = False
 
     def runs_on(self, target: str) -> bool:
         return self.targets is None or target in self.targets
 
     def context(self, ctx: Context) -> Context:
-        """``ctx`` as this scenario's runs see it: without CPUs if it pins nothing, its workers."""
+        """``ctx`` as this scenario's runs see it: without CPUs if it pins nothing, its
+        workers, TLS if it needs it."""
         if not self.pinned:
             ctx = replace(ctx, load_cpu=None, proxy_cpu=None)
-        return replace(ctx, workers=self.workers, keep_alive=self.keep_alive)
+        tls = ctx.certificate if self.tls else None
+        return replace(ctx, workers=self.workers, keep_alive=self.keep_alive, tls=tls)
 
 
 def loadgen_argv(

@@ -16,7 +16,11 @@ threads, Caddy without ``GOMAXPROCS``, upgradeproxy ``--workers auto``.
 Every proxy listens on a free port on 127.0.0.1, runs pinned to the proxy
 CPU (unless the scenario pins nothing), keeps its configuration and logs in
 its own directory under the run's temporary directory, and logs what it
-logs by default. This module also reads those logs back: warnings and
+logs by default. For the HTTP/2 scenarios (``Context.tls``) each listens
+with TLS instead, with a throw-away certificate, and offers ``h2`` and
+``http/1.1`` by ALPN: upgradeproxy by default, nginx with ``http2`` on its
+``listen``, HAProxy with ``alpn h2,http/1.1`` on its ``bind``, Caddy by
+default (HTTP/3 off). This module also reads those logs back: warnings and
 errors that appeared while the load ran become *findings* in the report.
 """
 
@@ -44,6 +48,34 @@ _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 MAX_CONNECTIONS = 16384
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A self-signed certificate for ``localhost`` and 127.0.0.1, as PEM files."""
+
+    cert: Path
+    key: Path
+    #: Certificate and key in one file (HAProxy's ``crt``).
+    combined: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> TLSFiles:
+        """Make a fresh ECDSA P-256 certificate with ``openssl`` (StartError without it)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise StartError("openssl is not installed: no certificate for the TLS scenarios")
+        directory.mkdir(parents=True, exist_ok=True)
+        files = cls(directory / "cert.pem", directory / "key.pem", directory / "combined.pem")
+        # Ask for ECDSA explicitly: cheaper handshakes than RSA, as on most sites today.
+        argv = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+        argv += ["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout", str(files.key)]
+        argv += ["-out", str(files.cert), "-addext", f"subjectAltName=DNS:localhost,IP:{HOST}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise StartError(f"openssl could not make a certificate: {done.stderr.strip()}")
+        files.combined.write_bytes(files.cert.read_bytes() + files.key.read_bytes())
+        return files
+
+
 @dataclass
 class Context:
     """What every target and scenario needs to know about this run."""
@@ -63,6 +95,10 @@ class Context:
     keep_alive: bool = False
     #: The benchmark's own virtualenv for the Python peers (see :mod:`benchkit.peers`).
     peers: Path | None = None
+    #: The run's certificate, made when a scenario needs TLS.
+    certificate: TLSFiles | None = None
+    #: When set, the proxies listen with TLS, with these files, and offer HTTP/2.
+    tls: TLSFiles | None = None
 
 
 @dataclass
@@ -267,7 +303,7 @@ class UpgradeProxy(Target):
             "--logfile=-",  # to output.log: a --logfile FILE is rotated every megabyte
             "upgradeproxy",
             "--listen",
-            f"tcp:{port}:interface={HOST}",
+            _upgradeproxy_listen(port, ctx.tls),
             "--backend",
             f"http://{HOST}:{backend_port}",
             # Like nginx's access_log: one line per request into a file.
@@ -279,6 +315,12 @@ class UpgradeProxy(Target):
         if workers is not None:
             argv += ["--workers", str(workers)]
         return Launch(argv)
+
+
+def _upgradeproxy_listen(port: int, tls: TLSFiles | None) -> str:
+    if tls is None:
+        return f"tcp:{port}:interface={HOST}"
+    return f"ssl:{port}:interface={HOST}:privateKey={tls.key}:certKey={tls.cert}"
 
 
 NGINX_CONF = """\
@@ -314,7 +356,7 @@ http {{
     }}
 
     server {{
-        listen {host}:{port};
+        listen {host}:{port}{listen_options};{tls_lines}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -349,6 +391,16 @@ class Nginx(Target):
                 backend_port=backend_port,
                 connections=max(1024, min(MAX_CONNECTIONS, ctx.nofile - 64)),
                 workers="auto" if ctx.all_cores else 1,
+                # nginx 1.22's HTTP/2: plain requests only (no extended CONNECT).
+                listen_options=" ssl http2" if ctx.tls else "",
+                tls_lines=(
+                    f"\n        ssl_certificate {ctx.tls.cert};"
+                    f"\n        ssl_certificate_key {ctx.tls.key};"
+                    # Not a GOAWAY every 1,000 requests (in flight ones fail).
+                    "\n        keepalive_requests 1000000;"
+                    if ctx.tls
+                    else ""
+                ),
             )
         )
         nginx = find_program("nginx")
@@ -371,7 +423,7 @@ defaults
     timeout tunnel 1h
 
 frontend bench
-    bind {host}:{port}
+    bind {host}:{port}{bind_options}
     default_backend app
 
 backend app
@@ -401,6 +453,8 @@ class HAProxy(Target):
                 maxconn=maxconn,
                 # Left out, HAProxy starts a thread per CPU it may run on.
                 threads="" if ctx.all_cores else "    nbthread 1\n",
+                # Without alpn, HAProxy's TLS listener speaks HTTP/1.1 only.
+                bind_options=f" ssl crt {ctx.tls.combined} alpn h2,http/1.1" if ctx.tls else "",
             )
         )
         haproxy = find_program("haproxy")
@@ -412,11 +466,11 @@ CADDYFILE = """\
 # Generated by bench/benchkit/targets.py: Caddy as a reverse proxy (WebSocket included).
 {{
     admin off
-    auto_https off
+    auto_https off{global_options}
 }}
 
-http://{host}:{port} {{
-    bind {host}
+{scheme}://{host}:{port} {{
+    bind {host}{site_options}
     reverse_proxy {host}:{backend_port}
 }}
 """
@@ -436,7 +490,17 @@ class Caddy(Target):
 
     def prepare(self, ctx: Context, port: int, backend_port: int, rundir: Path) -> Launch:
         config = rundir / "Caddyfile"
-        config.write_text(CADDYFILE.format(host=HOST, port=port, backend_port=backend_port))
+        config.write_text(
+            CADDYFILE.format(
+                host=HOST,
+                port=port,
+                backend_port=backend_port,
+                scheme="https" if ctx.tls else "http",
+                # HTTP/1.1 and HTTP/2 over TCP, as the others (no HTTP/3 over UDP).
+                global_options="\n    servers {\n        protocols h1 h2\n    }" if ctx.tls else "",
+                site_options=f"\n    tls {ctx.tls.cert} {ctx.tls.key}" if ctx.tls else "",
+            )
+        )
         caddy = find_program("caddy")
         assert caddy is not None
         env = dict(os.environ)

@@ -4,7 +4,8 @@
  * It owns: clocks, error exits, non-blocking socket set-up, scanning an
  * HTTP/1.1 head (finding its end, reading a header, looking for a token in a
  * comma-separated list), and the WebSocket accept key of RFC 6455 section
- * 4.2.2 (a small SHA-1 and base64, so that the programs need nothing but libc).
+ * 4.2.2 (a small SHA-1 and base64, so that the programs need nothing but libc);
+ * and the load generators' latency samples and JSON strings.
  *
  * Header-only on purpose: each program is one .c file compiled with one
  * command. Everything here is `static inline` so an unused helper costs
@@ -20,6 +21,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
@@ -292,6 +294,68 @@ static inline void websocket_accept(const char *key, size_t key_len, char out[29
     memcpy(buf + key_len, WS_GUID, guid_len);
     sha1(buf, key_len + guid_len, digest);
     base64_encode(digest, sizeof digest, out);
+}
+
+/* ---- latency samples and JSON output -------------------------------------- */
+
+/* Latencies in nanoseconds, in the order they were taken (sorted for printing). */
+struct samples {
+    uint64_t *v;
+    size_t n, cap;
+};
+
+static inline void samples_add(struct samples *s, uint64_t ns)
+{
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 65536;
+        s->v = xrealloc(s->v, s->cap * sizeof *s->v);
+    }
+    s->v[s->n++] = ns;
+}
+
+static inline int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Nearest-rank percentile, in microseconds. Call after sorting. */
+static inline double percentile_us(const struct samples *s, double q)
+{
+    if (s->n == 0)
+        return 0;
+    size_t rank = (size_t)ceil(q * (double)s->n);
+    if (rank < 1)
+        rank = 1;
+    return (double)s->v[rank - 1] / 1e3;
+}
+
+/* The JSON fields p50_us, p90_us, p99_us, max_us and mean_us (sorts the samples). */
+static inline void print_latency(struct samples *s)
+{
+    qsort(s->v, s->n, sizeof *s->v, cmp_u64);
+    double sum = 0;
+    for (size_t i = 0; i < s->n; i++)
+        sum += (double)s->v[i];
+    printf("\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
+           "\"mean_us\": %.1f",
+           percentile_us(s, 0.50), percentile_us(s, 0.90), percentile_us(s, 0.99),
+           percentile_us(s, 1.0), s->n ? sum / (double)s->n / 1e3 : 0.0);
+}
+
+static inline void print_json_string(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
 }
 
 #endif

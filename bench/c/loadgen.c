@@ -323,21 +323,6 @@ static int open_tunnels(struct tun *tuns, int n, int concurrency, double limit_s
 
 /* ---- JSON output --------------------------------------------------------- */
 
-static void print_json_string(const char *s)
-{
-    putchar('"');
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\')
-            printf("\\%c", ch);
-        else if (ch < 0x20)
-            printf("\\u%04x", ch);
-        else
-            putchar(ch);
-    }
-    putchar('"');
-}
-
 static void print_errors(void)
 {
     printf("\"failures\": %llu, \"errors\": {\"connect\": %llu, \"closed\": %llu, "
@@ -353,50 +338,7 @@ static void print_errors(void)
         printf("null");
 }
 
-/* ---- latency samples ----------------------------------------------------- */
-
-static struct {
-    uint64_t *v;
-    size_t n, cap;
-} samples;
-
-static void sample(uint64_t ns)
-{
-    if (samples.n == samples.cap) {
-        samples.cap = samples.cap ? samples.cap * 2 : 65536;
-        samples.v = xrealloc(samples.v, samples.cap * sizeof *samples.v);
-    }
-    samples.v[samples.n++] = ns;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Nearest-rank percentile, in microseconds. Call after sorting. */
-static double percentile_us(double q)
-{
-    if (samples.n == 0)
-        return 0;
-    size_t rank = (size_t)ceil(q * (double)samples.n);
-    if (rank < 1)
-        rank = 1;
-    return (double)samples.v[rank - 1] / 1e3;
-}
-
-static void print_latency(void)
-{
-    qsort(samples.v, samples.n, sizeof *samples.v, cmp_u64);
-    double sum = 0;
-    for (size_t i = 0; i < samples.n; i++)
-        sum += (double)samples.v[i];
-    printf("\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
-           "\"mean_us\": %.1f",
-           percentile_us(0.50), percentile_us(0.90), percentile_us(0.99), percentile_us(1.0),
-           samples.n ? sum / (double)samples.n / 1e3 : 0.0);
-}
+static struct samples samples; /* latencies of the measured window */
 
 /* ---- throughput ---------------------------------------------------------- */
 
@@ -608,7 +550,7 @@ static void rtt_done(struct tun *t, uint64_t latency)
     uint64_t now = now_ns();
     if (now >= rtt_window_start && now < rtt_window_end) {
         rtt_count++;
-        sample(latency);
+        samples_add(&samples, latency);
     }
     if (start_message(t) < 0)
         tun_close(t);
@@ -656,7 +598,7 @@ static void run_rtt(struct tun *tuns)
            "\"round_trips\": %llu, \"per_s\": %.1f, ",
            opt.conns, open, opt.size, secs, (unsigned long long)rtt_count,
            (double)rtt_count / secs);
-    print_latency();
+    print_latency(&samples);
     printf(", ");
     print_errors();
     printf("}\n");
@@ -707,7 +649,7 @@ static void run_handshake(struct tun *slots)
                 total++;
                 if (end >= window_start && end < window_end) {
                     done++;
-                    sample(end - t->t_start);
+                    samples_add(&samples, end - t->t_start);
                 }
             }
             if (r != 0)
@@ -721,7 +663,7 @@ static void run_handshake(struct tun *slots)
            "\"handshakes\": %llu, \"handshakes_total\": %llu, \"per_s\": %.1f, ",
            opt.conns, secs, (unsigned long long)done, (unsigned long long)total,
            (double)done / secs);
-    print_latency();
+    print_latency(&samples);
     printf(", ");
     print_errors();
     printf("}\n");

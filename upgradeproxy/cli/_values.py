@@ -83,6 +83,13 @@ def count_or_off(value: Any) -> int | None:
     )
 
 
+def count(value: Any) -> int:
+    """A whole number above 0."""
+    if _is_whole(value) and value > 0:
+        return int(value)
+    raise ValueError(f"must be a whole number above 0, not {show(value)}")
+
+
 def rate_or_off(value: Any) -> float | None:
     """Events per second above 0, or None for 0 and false (no limit)."""
     if _is_off(value):

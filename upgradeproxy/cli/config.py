@@ -39,6 +39,12 @@ The file (``examples/upgradeproxy.toml`` shows every key, with comments)::
     trusted_proxies = ["10.0.0.0/8"]   # only these may (and must) send it
     header_timeout = 5
 
+    [http2]
+    enabled = true                  # offer h2 to TLS clients over ALPN
+    cleartext = false               # accept the prior-knowledge preface on cleartext listeners
+    max_concurrent_streams = 100
+    stall_timeout = 60              # a stream whose window stays shut is reset after this
+
     [access_log]
     format = "text"                 # or "json"
     path = "-"                      # "-" is standard output; absent: the main log
@@ -200,6 +206,14 @@ class ProxyConfig:
     proxy_protocol_timeout: float = HEADER_TIMEOUT
     forward_h2c: bool = False
     splice: bool = True
+    #: Offer HTTP/2 to TLS clients over ALPN.
+    http2: bool = True
+    #: Accept HTTP/2 with prior knowledge on cleartext listeners.
+    http2_cleartext: bool = False
+    #: Streams one HTTP/2 connection may have open at once.
+    http2_max_concurrent_streams: int = 100
+    #: Seconds an HTTP/2 stream may wait on a shut flow-control window.
+    http2_stall_timeout: float = 60.0
     #: Where the file was read from, for messages; None when built from flags.
     source: str | None = None
 
@@ -319,7 +333,7 @@ def describe_config(config: ProxyConfig) -> str:
             if config.proxy_protocol_listen
             else []
         ),
-        f"{_count(len(config.routes), 'route')}, {_count(backends, 'backend')}",
+        f"{_plural(len(config.routes), 'route')}, {_plural(backends, 'backend')}",
     ]
     if config.workers > 1:
         summary.append(f"{config.workers} workers")
@@ -332,6 +346,7 @@ def describe_config(config: ProxyConfig) -> str:
         f"shutdown grace {config.shutdown_grace:g} s",
         f"max connections {_limit(config.max_connections)}",
         f"max tunnels {_limit(config.max_tunnels)}",
+        _describe_http2(config),
     ]
     lines = [f"{config.source or 'configuration'}: OK: {'; '.join(summary)}"]
     lines.append(f"  {'; '.join(settings)}")
@@ -349,6 +364,20 @@ def describe_config(config: ProxyConfig) -> str:
     for route in config.routes:
         lines += [f"  {_describe_route(route)}", f"    {_describe_route_settings(route)}"]
     return "\n".join(lines)
+
+
+def _describe_http2(config: ProxyConfig) -> str:
+    if not config.http2 and not config.http2_cleartext:
+        return "HTTP/2 off"
+    where = " and ".join(
+        name
+        for name, on in (("over TLS", config.http2), ("cleartext", config.http2_cleartext))
+        if on
+    )
+    return (
+        f"HTTP/2 {where}, {config.http2_max_concurrent_streams} streams per connection, "
+        f"stall timeout {config.http2_stall_timeout:g} s"
+    )
 
 
 def _describe_client_key(config: ProxyConfig) -> str:
@@ -370,7 +399,7 @@ def _describe_client_limits(
     return ", ".join(parts)
 
 
-def _count(number: int, noun: str) -> str:
+def _plural(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
@@ -520,6 +549,7 @@ def _checked(parse: Callable[[Any], Any]) -> _Convert:
 _seconds = _checked(_values.seconds)
 _seconds_or_off = _checked(_values.seconds_or_off)
 _count_or_off = _checked(_values.count_or_off)
+_count = _checked(_values.count)
 _workers = _checked(_values.workers)
 _flag = _checked(_values.flag)
 _size = _checked(_values.size)
@@ -837,6 +867,15 @@ _PROXY_PROTOCOL = _Table(
         "header_timeout": _Key("proxy_protocol_timeout", _seconds),
     },
 )
+_HTTP2 = _Table(
+    "[http2]",
+    {
+        "enabled": _Key("http2", _flag),
+        "cleartext": _Key("http2_cleartext", _flag),
+        "max_concurrent_streams": _Key("http2_max_concurrent_streams", _count),
+        "stall_timeout": _Key("http2_stall_timeout", _seconds),
+    },
+)
 _ACCESS_LOG = _Table(
     "[access_log]",
     {
@@ -854,6 +893,7 @@ _TOP = _Table(
         "splice": _Key("splice", _flag),
         "timeouts": _Key("timeouts", _sub_table(_TIMEOUTS)),
         "limits": _Key("limits", _sub_table(_LIMITS)),
+        "http2": _Key("http2", _sub_table(_HTTP2)),
         "proxy_protocol": _Key("proxy_protocol", _sub_table(_PROXY_PROTOCOL)),
         "access_log": _Key("access_log", _sub_table(_ACCESS_LOG, AccessLogConfig)),
         # Routes are read on their own: they need the defaults the tables above give.
@@ -906,7 +946,7 @@ _ROUTE = _Table(
 )
 #: Every kind of table, to tell where a key written in the wrong one belongs.
 _TABLES = (
-    _TOP, _TIMEOUTS, _LIMITS, _PROXY_PROTOCOL, _ACCESS_LOG,
+    _TOP, _TIMEOUTS, _LIMITS, _HTTP2, _PROXY_PROTOCOL, _ACCESS_LOG,
     _ROUTE, _ROUTE_TIMEOUTS, _ROUTE_LIMITS, _HEALTH, _TLS,
 )  # fmt: skip
 
@@ -927,6 +967,7 @@ def _proxy_config(document: dict[str, Any], context: _Context) -> ProxyConfig:
     }
     route_defaults = {key: value for key, value in shared.items() if key in _ROUTE_FIELDS}
     fields.update((key, value) for key, value in shared.items() if key not in _ROUTE_FIELDS)
+    fields.update(fields.pop("http2", {}))
     routes, route_problems = _routes(fields.pop("route", None), route_defaults, context)
     problems += [(("route", *path), why) for path, why in route_problems]
     if problems:

@@ -57,6 +57,10 @@ def settings_for(config: ProxyConfig) -> ProxySettings:
         max_tunnels=config.max_tunnels,
         forward_h2c=config.forward_h2c,
         splice=config.splice,
+        http2=config.http2,
+        http2_cleartext=config.http2_cleartext,
+        http2_max_concurrent_streams=config.http2_max_concurrent_streams,
+        http2_stall_timeout=config.http2_stall_timeout,
         client_limits=ClientLimits(
             config.client_connections,
             config.client_tunnels,

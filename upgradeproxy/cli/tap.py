@@ -143,6 +143,19 @@ _SETTINGS = {
         None,
         "Tunnels open at once; beyond, new upgrades get 503 (0: no limit)",
     ),
+    "http2-max-streams": _Setting(
+        "http2_max_concurrent_streams",
+        _values.count,
+        None,
+        "Streams one HTTP/2 client connection may have open at once; more are refused",
+    ),
+    "http2-stall-timeout": _Setting(
+        "http2_stall_timeout",
+        _values.seconds,
+        None,
+        "Seconds an HTTP/2 stream may wait on a client's shut flow-control window "
+        "before it is reset",
+    ),
     "max-client-connections": _Setting(
         "client_connections",
         _values.count_or_off,
@@ -237,6 +250,17 @@ class Options(usage.Options):
             None,
             "Forward 'Upgrade: h2c' offers to the backend (by default they are removed, "
             "so that h2c cannot smuggle requests past the proxy).",
+        ],
+        [
+            "no-http2",
+            None,
+            "Offer TLS clients only HTTP/1.1 over ALPN (by default h2 comes first).",
+        ],
+        [
+            "http2-cleartext",
+            None,
+            "Accept HTTP/2 with prior knowledge (the 'PRI * HTTP/2.0' preface) on "
+            "cleartext listeners, as behind a load balancer that terminates TLS.",
         ],
         [
             "demo",
@@ -414,6 +438,10 @@ class Options(usage.Options):
             changes["forward_h2c"] = True
         if self["no-splice"]:
             changes["splice"] = False
+        if self["no-http2"]:
+            changes["http2"] = False
+        if self["http2-cleartext"]:
+            changes["http2_cleartext"] = True
         if self["proxy_protocol_listen"]:
             changes["proxy_protocol_listen"] = tuple(self["proxy_protocol_listen"])
         if self["trusted_proxies"]:

@@ -32,6 +32,7 @@ from .._twisted import send_now, tcp_client_parts
 from ..http1 import (
     BodyDecoder,
     BodyKind,
+    Field,
     Framing,
     HeadReader,
     ProtocolError,
@@ -73,6 +74,9 @@ class ResponseSink(TypingProtocol):
     def response_head(self, head: ResponseHead, framing: Framing) -> None: ...
 
     def response_body(self, data: bytes) -> None: ...
+
+    def response_trailers(self, fields: tuple[Field, ...]) -> None:
+        """The trailer fields a chunked response ended with; :meth:`response_end` follows."""
 
     def response_end(self) -> None:
         """The response is complete; the connection may already be back in the pool.
@@ -351,7 +355,7 @@ class BackendConnection(Protocol):
     def _finish(self) -> None:
         sink = self._sink
         self._sink = None
-        self._decoder = None
+        decoder, self._decoder = self._decoder, None
         # A response that overtook its request body leaves the backend
         # waiting for the rest: the next request on it would be read as body.
         if (
@@ -366,6 +370,8 @@ class BackendConnection(Protocol):
             self._state = _State.CLOSED
             self.transport.loseConnection()  # type: ignore[union-attr]
         if sink is not None:
+            if decoder is not None and decoder.trailers:
+                sink.response_trailers(decoder.trailers)
             sink.response_end()
 
     def _fail(self, failure: BackendFailure) -> None:

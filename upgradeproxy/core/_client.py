@@ -30,11 +30,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._twisted import send_now
+from .._twisted import send_now, switch_protocol
 from ..http1 import (
     LAST_CHUNK,
     BodyDecoder,
     BodyKind,
+    Field,
     Framing,
     HeadReader,
     ProtocolError,
@@ -47,17 +48,20 @@ from ._backend import BackendConnection
 from ._exchange import Exchange, log_error_response
 from ._flow import ReadGate, no_delay, unregister_producer
 from ._handover import Handover
-from ._proxyheader import ProxiedAddress
+from ._http2 import HTTP2Connection
 from ._rewrite import (
     ClientHop,
+    client_hop,
     error_body,
     error_response,
     interim_for_client,
     response_for_client,
+    switch_for_client,
 )
 from ._side import Side
 from ._tunnel import Tunnel
-from .proxy import Proxy
+from .proxy import LimitRefusal, Proxy
+from .tls import H2
 
 # Reasons for which the client's reads are paused.
 _BACKEND_FULL = "backend send buffer full"
@@ -82,6 +86,9 @@ class ClientConnection(Protocol):
     """One HTTP/1.1 connection from a client."""
 
     log = Logger()
+    protocol = "HTTP/1.1"
+    #: Why a TLS connection is refused, until its handshake says in which protocol.
+    _refusal: LimitRefusal | None = None
     # The backend transport to register as this one's producer when the held
     # writes go out, if the response body goes on past that read. A class
     # default: a connection that only ever switches never stores one.
@@ -127,25 +134,19 @@ class ClientConnection(Protocol):
         self._gate = ReadGate(self.transport)
         peer = self._peer or self.transport.getPeer()
         self._peer = None
-        self.address = str(getattr(peer, "host", None) or peer)
         secure = ISSLTransport.providedBy(self.transport)
         self._handshaking = secure
-        local = peer.destination if isinstance(peer, ProxiedAddress) else None
-        self.hop = ClientHop(
-            self.address,
-            "https" if secure else self._proxy.scheme,
-            peer=peer,
-            local=local or self.transport.getHost(),
+        self.hop = client_hop(
+            peer, self.transport.getHost(), secure=secure, scheme=self._proxy.scheme
         )
+        self.address = self.hop.address
         refusal = self._proxy.connection_opened(self)
-        if refusal is not None:
-            self._refuse_connection(
-                refusal.status,
-                refusal.reason,
-                retry_after=refusal.retry_after,
-                logged=refusal.logged,
-            )
+        if refusal is not None and not secure:
+            self._refuse(refusal)
             return
+        # Over TLS, a refusal waits for the handshake: ALPN says whether it
+        # must be answered in HTTP/2. The head timer bounds the wait.
+        self._refusal = refusal
         self._wait_for_head(self._settings.request_head_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -175,6 +176,22 @@ class ClientConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         self._handshaking = False
+        refusal, self._refusal = self._refusal, None
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        if negotiated == H2 and self._phase is Phase.HEAD:
+            self._become_http2(refusal)
+        elif refusal is not None:
+            self._refuse(refusal)
+
+    def _become_http2(self, refusal: LimitRefusal | None) -> None:
+        """The client chose ``h2`` over ALPN: the HTTP/2 door serves this connection."""
+        self._stop_head_timer()
+        self._phase = Phase.CLOSING
+        received = bytes(self._buf)
+        self._buf.clear()
+        connection = HTTP2Connection(self._proxy, self.hop.peer)
+        connection.replace(self, refusal)
+        switch_protocol(self.transport, connection, received)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = Phase.CLOSING
@@ -341,6 +358,9 @@ class ClientConnection(Protocol):
     def send_body(self, data: bytes) -> None:
         self._send(encode_chunk(data) if self._chunked_response else data)
 
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        pass  # dropped: the response is re-framed for this client, trailers are not kept
+
     def send_end(self, exchange: Exchange) -> None:
         if self._chunked_response:
             self._send(LAST_CHUNK)
@@ -384,7 +404,7 @@ class ClientConnection(Protocol):
         self._body_source = None
         unregister_producer(self.transport)
 
-    def hand_over(self) -> Handover:
+    def hand_over(self, response: ResponseHead) -> Handover:
         self._stop_head_timer()
         held = bytes(self._buf)
         self._buf.clear()
@@ -393,6 +413,7 @@ class ClientConnection(Protocol):
         self._exchange = None
         self.uncork()  # a 1xx relayed before the switch goes first
         assert self.transport is not None
+        send_now(self.transport, switch_for_client(response).serialize())
         return Handover(self.transport, held, self._read_eof)
 
     def attach(self, tunnel: Tunnel) -> None:
@@ -454,6 +475,12 @@ class ClientConnection(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     # -- endings -----------------------------------------------------------------
+
+    def _refuse(self, refusal: LimitRefusal) -> None:
+        """Refuse the connection for a limit, before any request was read."""
+        self._refuse_connection(
+            refusal.status, refusal.reason, retry_after=refusal.retry_after, logged=refusal.logged
+        )
 
     def _refuse_connection(
         self, status: int, reason: str, *, retry_after: int | None = None, logged: bool = False

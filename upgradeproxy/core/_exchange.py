@@ -9,9 +9,10 @@ access record. It is the backend connection's
 
 It never touches the client's wire. It talks to its front door through the
 small :class:`ClientSide` interface: the HTTP/1.1 connection
-(:mod:`upgradeproxy.core._client`) and the twisted.web resource
+(:mod:`upgradeproxy.core._client`), each stream of an HTTP/2 connection
+(:mod:`upgradeproxy.core._http2`) and the twisted.web resource
 (:mod:`upgradeproxy.web`) each implement it, and each turns the exchange's
-calls into bytes or twisted.web calls of its own.
+calls into bytes, frames or twisted.web calls of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.python.failure import Failure
 from ..http1 import (
     LAST_CHUNK,
     BodyKind,
+    Field,
     Framing,
     ProtocolError,
     RequestHead,
@@ -70,6 +72,8 @@ class ClientSide(Protocol):
     address: str
     #: What the proxy adds to the request about this hop.
     hop: ClientHop
+    #: The protocol the client speaks to this door: "HTTP/1.1" or "HTTP/2".
+    protocol: str
 
     def body_wanted(self, exchange: Exchange, backend: BackendConnection) -> None:
         """The backend is ready for the request body: feed it to ``exchange``."""
@@ -89,6 +93,12 @@ class ClientSide(Protocol):
     def send_body(self, data: bytes) -> None:
         """Send response body bytes."""
 
+    def send_trailers(self, fields: tuple[Field, ...]) -> None:
+        """The response's trailer fields, just before :meth:`send_end`.
+
+        A door whose client cannot take them drops them.
+        """
+
     def send_end(self, exchange: Exchange) -> None:
         """The response is complete: the connection may serve its next request."""
 
@@ -104,8 +114,9 @@ class ClientSide(Protocol):
     def cut_short(self) -> None:
         """End a response already under way: close the connection."""
 
-    def hand_over(self) -> Handover:
-        """Stop serving HTTP on this connection and give it up to a tunnel."""
+    def hand_over(self, response: ResponseHead) -> Handover:
+        """Answer the accepted switch (the backend's ``101`` is ``response``), and stop
+        serving HTTP: the connection (or stream) is given up to a tunnel."""
 
     def attach(self, tunnel: Tunnel) -> None:
         """From now on, the connection's events go to ``tunnel``."""
@@ -237,8 +248,9 @@ class Exchange:
             return None
         if upgrade:
             attempt = UpgradeAttempt(
-                head, backend=upstream.name, client=client.address, route=route.name
-            )
+                head, backend=upstream.name, client=client.address, route=route.name,
+                client_protocol=client.protocol,
+            )  # fmt: skip
             refusal = proxy.check_request(attempt, route)
             if refusal is not None:
                 refuse_request(proxy, client, head, route, refusal.status, refusal.reason)
@@ -400,6 +412,9 @@ class Exchange:
         self._response_bytes += len(data)
         self._client.send_body(data)
 
+    def response_trailers(self, fields: tuple[Field, ...]) -> None:
+        self._client.send_trailers(fields)
+
     def response_end(self) -> None:
         self._finish()
         backend = self.backend
@@ -415,8 +430,9 @@ class Exchange:
         assert backend is not None and upstream is not None
         client = self._client
         attempt = UpgradeAttempt(
-            self.request, head, self.body_done, upstream.name, client.address, route.name
-        )
+            self.request, head, self.body_done, upstream.name, client.address, route.name,
+            client.protocol,
+        )  # fmt: skip
         refusal = self._proxy.check_response(attempt, route)
         if refusal is not None:
             self._refuse_switch(attempt, refusal)
@@ -432,7 +448,7 @@ class Exchange:
             upstream=upstream,
             backend=backend,
             early_data=early_data,
-            client=client.hand_over(),
+            client=client.hand_over(head),
             attach=client.attach,
             client_keys=keys,
         )
@@ -519,9 +535,10 @@ class Exchange:
     def _record(self, status: int, sent: int) -> None:
         proxy = self._proxy
         request = self.request
+        client = self._client
         record_request(
-            proxy, self._client.address, request, self.route, status, sent,
-            proxy.clock.seconds() - self.started, self._backend_name,
+            proxy, client.address, request, self.route, status, sent,
+            proxy.clock.seconds() - self.started, self._backend_name, client.protocol,
         )  # fmt: skip
 
 
@@ -561,7 +578,9 @@ def refuse_request(
         log_error_response(status, client.address, reason)
     sent = client.refuse(None, status, reason, retry_after=retry_after)
     if request is not None:
-        record_request(proxy, client.address, request, route, status, sent, 0.0, "-")
+        record_request(
+            proxy, client.address, request, route, status, sent, 0.0, "-", client.protocol
+        )
 
 
 def record_request(
@@ -573,8 +592,13 @@ def record_request(
     sent: int,
     duration: float,
     backend: str,
+    protocol: str = "HTTP/1.1",
 ) -> None:
-    """Count and log one answered request."""
+    """Count and log one answered request.
+
+    ``protocol`` is the client's door: an HTTP/1.x request is recorded with
+    its own version, any other with the door's protocol (``HTTP/2``).
+    """
     version = request.version
     proxy.request_done(
         route,
@@ -582,7 +606,7 @@ def record_request(
             client=client,
             method=request.method.decode("latin-1"),
             target=request.target.decode("latin-1"),
-            version=f"HTTP/{version[0]}.{version[1]}",
+            version=f"HTTP/{version[0]}.{version[1]}" if protocol == "HTTP/1.1" else protocol,
             status=status,
             bytes=sent,
             duration=duration,

@@ -13,8 +13,11 @@ from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from ..http1 import BodyKind, Field, Headers, ProtocolError, RequestHead, ResponseHead
+from ._proxyheader import ProxiedAddress
 
 VIA = b"1.1 upgradeproxy"
+#: The ``Via`` entry of a request the proxy received over HTTP/2 (RFC 9110 §7.6.3).
+VIA_HTTP2 = b"2 upgradeproxy"
 
 _FORWARDING = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 # Fields the proxy sets itself, dropped from what it received.
@@ -32,6 +35,24 @@ class ClientHop:
     #: addresses), for a PROXY protocol header to the backend; None when unknown.
     peer: object | None = None
     local: object | None = None
+    #: What the proxy adds to a request's ``Via``: the protocol it received it with.
+    via: bytes = VIA
+
+
+def client_hop(
+    peer: object, host: object, *, secure: bool, scheme: str, via: bytes = VIA
+) -> ClientHop:
+    """The hop of a client connection from ``peer`` to ``host`` (Twisted addresses).
+
+    ``peer`` is a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress` for
+    a client behind a load balancer speaking the PROXY protocol: the client's
+    address, and the one it connected to, are then the header's.
+    """
+    address = str(getattr(peer, "host", None) or peer)
+    local = peer.destination if isinstance(peer, ProxiedAddress) else None
+    return ClientHop(
+        address, "https" if secure else scheme, peer=peer, local=local or host, via=via
+    )
 
 
 def without_h2c(head: RequestHead) -> RequestHead:
@@ -127,7 +148,7 @@ def request_for_backend(
     added.append((b"X-Forwarded-Proto", hop.scheme.encode("ascii")))
     if host:
         added.append((b"X-Forwarded-Host", host))
-    added.append((b"Via", b", ".join([*prior_via, VIA])))
+    added.append((b"Via", b", ".join([*prior_via, hop.via])))
     return RequestHead(head.method, _behind(prefix, path), (1, 1), kept.plus(added))
 
 

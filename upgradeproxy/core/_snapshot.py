@@ -79,6 +79,8 @@ class TunnelState:
     client_to_backend: int
     backend_to_client: int
     spliced: bool
+    #: The protocol the client opened it with: "HTTP/1.1" or "HTTP/2".
+    client_protocol: str = "HTTP/1.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ def tunnel_state(tunnel: Tunnel, now: float) -> TunnelState:
     t = tunnel.stats
     return TunnelState(
         t.protocol, t.client, t.backend, t.route, now - t.started,
-        t.sent[Side.CLIENT], t.sent[Side.BACKEND], tunnel.spliced,
+        t.sent[Side.CLIENT], t.sent[Side.BACKEND], tunnel.spliced, t.client_protocol,
     )  # fmt: skip
 
 

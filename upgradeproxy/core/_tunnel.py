@@ -51,6 +51,8 @@ class TunnelStats:
     #: Who ended the tunnel first: "client", "backend" or "proxy".
     closed_by: str = ""
     close_reason: str = ""
+    #: The protocol the client spoke before the switch: "HTTP/1.1" or "HTTP/2".
+    client_protocol: str = "HTTP/1.1"
 
     @property
     def duration(self) -> float:

@@ -73,13 +73,18 @@ class TunnelRecord:
     closed_by: str
     #: Why that side closed: "EOF", "connection lost (reset)", "idle for 300 seconds"…
     reason: str
+    #: The protocol the client opened the tunnel with: "HTTP/1.1", or "HTTP/2"
+    #: (an extended CONNECT, RFC 8441).
+    client_protocol: str = "HTTP/1.1"
     #: When the record was written (Unix time).
     time: float = 0.0
 
     @property
     def text(self) -> str:
+        # An HTTP/1.1 tunnel's line is as it always was; others name their door.
+        door = "" if self.client_protocol == "HTTP/1.1" else f" {self.client_protocol}"
         return (
-            f'{self.client} "TUNNEL {self.target} {self.protocol}" {self.duration:.3f}s '
+            f'{self.client} "TUNNEL {self.target} {self.protocol}{door}" {self.duration:.3f}s '
             f"up={self.client_to_backend} down={self.backend_to_client} "
             f'closed_by={self.closed_by} reason="{self.reason}" '
             f"route={self.route} backend={self.backend}"

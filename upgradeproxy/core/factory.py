@@ -14,11 +14,12 @@ from zope.interface import implementer
 
 from ..interfaces import IUpgradeValidator
 from ._client import ClientConnection
+from ._preface import PrefaceSniffer
 from .accesslog import AccessLog
 from .address import BackendAddress
 from .proxy import Proxy, ProxySettings
 from .routing import Route
-from .tls import APPLICATION_PROTOCOLS
+from .tls import application_protocols
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -41,9 +42,6 @@ class ProxyFactory(ServerFactory):
     """
 
     noisy = False  # startFactory logs a line that says more
-
-    #: The application protocols offered to TLS clients over ALPN, in order of preference.
-    protocols: tuple[bytes, ...] = APPLICATION_PROTOCOLS
 
     def __init__(
         self,
@@ -73,6 +71,12 @@ class ProxyFactory(ServerFactory):
     def stopFactory(self) -> None:
         self.proxy.stop()
 
+    @property
+    def protocols(self) -> tuple[bytes, ...]:
+        """The application protocols offered to TLS clients over ALPN, in order of
+        preference: ``h2`` then ``http/1.1``, or only ``http/1.1`` with HTTP/2 off."""
+        return application_protocols(self.proxy.settings.http2)
+
     def acceptableProtocols(self) -> list[bytes]:
         return list(self.protocols)
 
@@ -82,11 +86,16 @@ class ProxyFactory(ServerFactory):
         ``addr`` is the client's: a :class:`~upgradeproxy.core._proxyheader.ProxiedAddress`
         behind a load balancer speaking the PROXY protocol.
         """
-        if not self.proxy.accepts(addr):
+        proxy = self.proxy
+        if not proxy.accepts(addr):
             # Not None, which only a bare listening port takes: a TLS
             # factory around this one would wrap None and fail.
             return _Unanswered()
-        return ClientConnection(self.proxy, addr)
+        # Only where cleartext HTTP/2 is on do a connection's first bytes
+        # choose its door; otherwise HTTP/1.1 pays nothing for HTTP/2.
+        if proxy.settings.http2_cleartext:
+            return PrefaceSniffer(proxy, addr)
+        return ClientConnection(proxy, addr)
 
 
 class _Unanswered(Protocol):

@@ -23,7 +23,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from .._twisted import send_now
 from ..http1 import RequestHead
 from ..interfaces import IUpgradeValidator, Refusal, UpgradeAttempt
 from ..validators import RFC9110Validator, WebSocketValidator, unsolicited_switch
@@ -31,7 +30,6 @@ from ._backend import BackendConnection, BackendPool, BackendSettings
 from ._clientlimits import ClientLimits, ClientTable, Key, OverLimit, client_key
 from ._handover import Handover
 from ._lograte import LogWindows
-from ._rewrite import switch_for_client
 from ._side import Side
 from ._snapshot import ProxyStats, take_snapshot
 from ._tunnel import Tunnel, TunnelStats
@@ -81,6 +79,17 @@ class ProxySettings:
     client_limits: ClientLimits = field(default_factory=ClientLimits)
     #: The leading bits of an IPv6 client address that name one client (64: its /64).
     client_ipv6_prefix: int = 64
+    #: Offer HTTP/2 (``h2``, then ``http/1.1``) to TLS clients over ALPN.
+    http2: bool = True
+    #: Accept HTTP/2 with prior knowledge (the ``PRI * HTTP/2.0`` preface) on
+    #: cleartext connections, as behind a load balancer that terminates TLS.
+    http2_cleartext: bool = False
+    #: Streams one HTTP/2 client connection may have open at once
+    #: (``SETTINGS_MAX_CONCURRENT_STREAMS``; more are refused with ``REFUSED_STREAM``).
+    http2_max_concurrent_streams: int = 100
+    #: Seconds an HTTP/2 stream may wait on a client that keeps its flow-control
+    #: window closed before the stream is reset.
+    http2_stall_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,6 +526,17 @@ class Proxy:
         over = self.clients.open_connection(key, per_client, self.clock.seconds())
         return None if over is None else self._over_limit(503, over, connection.address, "")
 
+    def connection_replaced(self, old: FrontConnection, new: FrontConnection) -> None:
+        """``new`` serves what was ``old``'s connection (an HTTP/2 door chosen over ALPN)."""
+        self.connections.discard(old)
+        self.connections.add(new)
+        key = self._connection_keys.pop(old, None)
+        if key is not None:
+            self._connection_keys[new] = key
+        private = self._private.pop(old, None)
+        if private is not None:
+            self._private[new] = private
+
     def connection_closed(self, connection: FrontConnection) -> None:
         self.connections.discard(connection)
         # Most proxies use neither: a test of the dicts costs less than a pop.
@@ -611,9 +631,11 @@ class Proxy:
     ) -> Tunnel:
         """Switch an accepted upgrade to raw pass-through; return the running tunnel.
 
-        In one reactor turn, so that no byte can slip in between: write the
-        ``101`` to the client, then ``early_data`` (what the backend sent
-        right behind its ``101`` head), then replay the client's held bytes
+        In one reactor turn, so that no byte can slip in between: the door
+        has answered the client already (``101``, or ``:status 200`` on an
+        HTTP/2 stream) when it handed ``client`` over; write ``early_data``
+        (what the backend sent right behind its ``101`` head) to the client,
+        then replay the client's held bytes
         (``client.held``, which nobody parsed) into the backend, then hand
         both connections to a :class:`~upgradeproxy.core._tunnel.Tunnel`.
         ``upstream`` stays busy until the tunnel ends. ``attach`` routes the
@@ -625,13 +647,13 @@ class Proxy:
         response = attempt.response
         assert response is not None and backend.transport is not None
         transport = client.transport
-        send_now(transport, switch_for_client(response).serialize())
         protocol = b", ".join(attempt.selected).decode("latin-1")
         target = attempt.request.target.decode("latin-1")
         clock = self.clock
         stats = TunnelStats(
-            protocol, attempt.client, clock.seconds(), target, route.name, upstream.name
-        )
+            protocol, attempt.client, clock.seconds(), target, route.name, upstream.name,
+            client_protocol=attempt.client_protocol,
+        )  # fmt: skip
         tunnel = Tunnel(
             transport,
             backend.transport,
@@ -681,6 +703,7 @@ class Proxy:
                 backend_to_client=stats.sent[Side.BACKEND],
                 closed_by=stats.closed_by or "unknown",
                 reason=stats.close_reason,
+                client_protocol=stats.client_protocol,
             )
         )
         self._check_drained()

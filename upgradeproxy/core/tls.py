@@ -45,10 +45,16 @@ from .address import openssl_reasons
 log = Logger()
 
 HTTP_1_1 = b"http/1.1"
+H2 = b"h2"
 
-#: What a listening proxy speaks over TLS, in order of preference. An HTTP/2
-#: door will put ``h2`` first.
-APPLICATION_PROTOCOLS: tuple[bytes, ...] = (HTTP_1_1,)
+#: What a listening proxy speaks over TLS, in order of preference, with HTTP/2 on.
+APPLICATION_PROTOCOLS: tuple[bytes, ...] = (H2, HTTP_1_1)
+
+
+def application_protocols(http2: bool) -> tuple[bytes, ...]:
+    """What to offer TLS clients over ALPN, in order of preference."""
+    return APPLICATION_PROTOCOLS if http2 else (HTTP_1_1,)
+
 
 # A client chooses how much it offers: the log shows a bounded part of it.
 _SHOWN_OFFERS = 8

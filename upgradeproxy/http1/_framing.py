@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ._abnf import CHUNK_SIZE_LINE, CONTENT_LENGTH, FIELD_LINE
 from ._errors import ProtocolError
+from ._headers import Field
 from ._heads import RequestHead, ResponseHead
 
 
@@ -123,10 +124,12 @@ class BodyDecoder:
     :meth:`decode` returns the body data found (with chunked framing
     removed) and how many bytes of the buffer it used; the caller deletes
     those. ``done`` turns true when the body is complete; bytes after it
-    are not used.
+    are not used. ``trailers`` then holds the trailer fields a chunked body
+    ended with, as received.
     """
 
     done: bool = False
+    trailers: tuple[Field, ...] = ()
 
     def decode(self, buf: bytes | bytearray) -> tuple[list[bytes], int]:
         raise NotImplementedError
@@ -175,9 +178,10 @@ class _Chunked(enum.Enum):
 class ChunkedDecoder(BodyDecoder):
     """The chunked transfer coding (RFC 9112 §7.1), decoded incrementally.
 
-    Chunk extensions and trailer fields are checked and dropped. A chunk-size
-    line or a trailer section that grows past its limit is an error, so a
-    peer cannot make the decoder buffer without bound.
+    Chunk extensions are checked and dropped; trailer fields are checked and
+    kept (``trailers``). A chunk-size line or a trailer section that grows
+    past its limit is an error, so a peer cannot make the decoder buffer
+    without bound.
     """
 
     MAX_LINE = 4096
@@ -239,8 +243,11 @@ class ChunkedDecoder(BodyDecoder):
                 self._trailer_budget -= end + 2 - pos
                 if self._trailer_budget < 0:
                     raise ProtocolError("trailer section too large")
-                if end > pos and FIELD_LINE.fullmatch(buf, pos, end) is None:
-                    raise ProtocolError("malformed trailer field")
+                if end > pos:
+                    match = FIELD_LINE.fullmatch(buf, pos, end)
+                    if match is None:
+                        raise ProtocolError("malformed trailer field")
+                    self.trailers += ((match.group(1), match.group(2)),)
                 self.done = end == pos
                 pos = end + 2
         return data, pos

@@ -137,6 +137,7 @@ def _tunnels(snapshots: _Snapshots, now: float, by_worker: bool) -> str:
                 by_worker,
                 worker,
                 tunnel["protocol"],
+                tunnel["client_protocol"],
                 tunnel["client"],
                 tunnel["route"],
                 tunnel["backend"],
@@ -151,6 +152,7 @@ def _tunnels(snapshots: _Snapshots, now: float, by_worker: bool) -> str:
     headings = _headings(
         by_worker,
         "protocol",
+        "opened over",
         "client",
         "route",
         "backend",
