@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._twisted import hand_over_reads, take_pending_output, writes_open
-from ._side import Side
+from ._side import ByteCounts, Side
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
@@ -201,7 +201,7 @@ class SplicePump:
     def __init__(
         self,
         transports: Mapping[Side, tcp.Connection],
-        sent: dict[Side, int],
+        sent: ByteCounts,
         note_end: Callable[[Side, str], None],
         reactor: IReactorFDSet,
     ) -> None:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ._failures import describe_close
 from ._flow import unregister_producer
-from ._side import Side
+from ._side import ByteCounts, Side
 from ._splice import SplicePump, can_splice
 
 #: The idle check runs this often, as a share of the idle timeout.
@@ -47,7 +47,7 @@ class TunnelStats:
     route: str = ""
     backend: str = ""
     ended: float = 0.0
-    sent: dict[Side, int] = field(default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0})
+    sent: ByteCounts = field(default_factory=ByteCounts)
     #: Who ended the tunnel first: "client", "backend" or "proxy".
     closed_by: str = ""
     close_reason: str = ""
@@ -62,7 +62,7 @@ class TunnelStats:
     def moved(self) -> int:
         """Bytes moved so far, both directions together."""
         sent = self.sent
-        return sent[Side.CLIENT] + sent[Side.BACKEND]
+        return sent.client + sent.backend
 
 
 class Tunnel:
