@@ -413,6 +413,8 @@ class ClientConnection(Protocol):
         self._exchange = None
         self.uncork()  # a 1xx relayed before the switch goes first
         assert self.transport is not None
+        # At once: a spliced tunnel would otherwise take it back out of the
+        # transport's buffer to send it itself.
         send_now(self.transport, switch_for_client(response).serialize())
         return Handover(self.transport, held, self._read_eof)
 
