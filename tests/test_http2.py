@@ -16,7 +16,7 @@ from h2.events import (
 from h2.settings import SettingCodes
 from h2_support import LAX, H2Client, h2_cluster, request, websocket, without_goaway
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 from support import GET, OK, SWITCH, Cluster
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
@@ -311,6 +311,36 @@ def test_a_response_goes_as_far_as_the_client_s_window_and_pauses_the_backend() 
     client.pump()
     response = client.response(stream)
     assert (response.body, response.ended) == (b"y" * 30, True)
+
+
+def _frames(data: bytes) -> list[tuple[str, frozenset[str]]]:
+    """The type and flags of each frame in ``data``."""
+    frames = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frames.append((type(frame).__name__, frozenset(frame.flags)))
+        data = data[9 + length :]
+    return frames
+
+
+def test_a_body_of_known_length_ends_the_stream_with_its_last_data_frame() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory, window=10)
+    stream = client.get(request())
+    backend = cluster.last("a")
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n" + b"y" * 15)
+    assert _frames(client.transport.value()) == [
+        ("HeadersFrame", frozenset({"END_HEADERS"})),
+        ("DataFrame", frozenset()),
+    ]
+    client.pump()
+    client.h2.acknowledge_received_data(10, stream)
+    client.h2.increment_flow_control_window(10)
+    client.transport.protocol.dataReceived(client.h2.data_to_send())
+    assert _frames(client.transport.value()) == [("DataFrame", frozenset({"END_STREAM"}))]
+    client.pump()
+    response = client.response(stream)
+    assert (response.body, response.ended) == (b"y" * 15, True)
 
 
 def test_a_client_that_keeps_its_window_shut_has_the_stream_reset_after_the_stall_timeout() -> None:

@@ -119,6 +119,9 @@ class H2Stream:
         self._pausing = CLIENT_FULL if connection.paused else 0
         #: Output waiting for the client's window.
         self._out = bytearray()
+        #: Bytes of a response body of known length not yet given to ``h2``:
+        #: its last DATA frame carries END_STREAM (None: another framing).
+        self._unsent: int | None = None
         self._stall_timer: IDelayedCall | None = None
         self.client_done = False
         self._local_done = False
@@ -256,6 +259,8 @@ class H2Stream:
         body = framing.kind is not BodyKind.NONE
         self._headers(response_fields(head), end=not body)
         if body:
+            if framing.kind is BodyKind.LENGTH:
+                self._unsent = framing.length
             backend = exchange.backend
             assert backend is not None
             self._set_producer(backend.transport)  # type: ignore[arg-type]
@@ -329,11 +334,18 @@ class H2Stream:
         h2 = self._conn.h2
         size = min(h2.local_flow_control_window(self.id), len(data))
         frame = h2.max_outbound_frame_size
+        # The rest of a body of known length: END_STREAM goes with it, not
+        # in a DATA frame of its own when the exchange ends the response.
+        last = size == self._unsent
         try:
             for start in range(0, size, frame):
-                h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+                stop = min(start + frame, size)
+                h2.send_data(self.id, bytes(data[start:stop]), end_stream=last and stop == size)
         except StreamClosedError:
             return len(data)  # reset in the read being handled: dropped, as it ends
+        if self._unsent is not None:
+            self._unsent -= size
+            self._local_done = last
         if size:
             self._conn.flush()
         return size
