@@ -86,6 +86,22 @@ def test_answers_are_lowercase_without_connection_specific_fields_and_carry_via(
     ]
 
 
+def test_answers_leave_out_what_connection_names_and_join_every_via_in_order() -> None:
+    head = ResponseHead(
+        200, b"OK", (1, 1),
+        Headers((
+            (b"VIA", b"1.0 a"), (b"Connection", b"X-Hop, keep-alive"), (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"X-Kept", b"2"),
+            (b"connection", b"X-Other"), (b"x-other", b"3"), (b"Via", b"1.1 b"),
+        )),
+    )  # fmt: skip
+    assert response_fields(head) == [
+        (b":status", b"200"),
+        (b"x-kept", b"2"),
+        (b"via", b"1.0 a, 1.1 b, 1.1 upgradeproxy"),
+    ]
+
+
 def test_a_tunnel_s_answer_is_200_without_the_accept_value() -> None:
     head = ResponseHead(
         101, b"Switching Protocols", (1, 1),
