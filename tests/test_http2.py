@@ -603,6 +603,24 @@ def test_a_connection_without_streams_is_closed_after_the_keep_alive_timeout() -
     assert client.closed
 
 
+def test_the_keep_alive_timeout_counts_from_the_end_of_the_last_stream() -> None:
+    cluster = h2_cluster(keep_alive_timeout=7)
+    client = H2Client(cluster.factory)
+    client.get(request())
+    cluster.last("a").send(OK)
+    cluster.clock.advance(5)
+    client.get(request())  # open across the first deadline
+    cluster.clock.advance(5)
+    client.pump()
+    assert not client.closed
+    cluster.last("a").send(OK)
+    client.pump()
+    cluster.clock.advance(6.9)
+    assert not client.closed
+    cluster.clock.advance(0.1)
+    assert client.closed
+
+
 def test_a_connection_over_the_limit_gets_503_saying_why() -> None:
     cluster = h2_cluster(max_connections=0)
     client = H2Client(cluster.factory)
