@@ -64,6 +64,13 @@ def test_a_plain_connect_is_left_for_the_exchange_to_refuse() -> None:
     assert (parsed.head.method, parsed.head.target) == (b"CONNECT", b"example.com:443")
 
 
+def test_cookie_fields_are_joined_into_one_after_the_others() -> None:
+    fields = [(b"cookie", b"a=1"), *request(), (b"accept", b"*/*"), (b"cookie", b"b=2")]
+    parsed = parse(fields)
+    assert isinstance(parsed, StreamRequest)
+    assert list(parsed.head.headers)[-2:] == [(b"accept", b"*/*"), (b"cookie", b"a=1; b=2")]
+
+
 def test_the_header_list_size_counts_32_bytes_a_field() -> None:
     fields = request()
     assert header_list_size(fields) == sum(len(n) + len(v) + 32 for n, v in fields)

@@ -75,6 +75,17 @@ def header_list_size(fields: list[Field]) -> int:
     return len(b"".join(map(b"".join, fields))) + FIELD_OVERHEAD * len(fields)
 
 
+def joined_cookies(fields: list[Field]) -> list[Field]:
+    """``fields`` with the cookie fields a client split joined into one, last
+    (RFC 9113 §8.2.3: an HTTP/1.1 request carries one), as ``h2`` would."""
+    cookies = [value for name, value in fields if name == b"cookie"]
+    if not cookies:
+        return fields
+    kept = [field for field in fields if field[0] != b"cookie"]
+    kept.append((b"cookie", b"; ".join(cookies)))
+    return kept
+
+
 def _text(value: bytes) -> str:
     return value[:100].decode("latin-1")
 
@@ -108,6 +119,7 @@ def stream_request(
     :func:`header_list_size` counts) gets ``431``. ``key`` makes the
     ``Sec-WebSocket-Key`` for the backend, for a WebSocket's extended CONNECT.
     """
+    fields = joined_cookies(fields)
     if header_list_size(fields) > max_size:
         return Malformed(f"request header list larger than {max_size} bytes", 431)
     pseudo: dict[bytes, bytes] = {}

@@ -105,6 +105,9 @@ _CONFIG = H2Configuration(
     validate_inbound_headers=False,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
+    # The door joins a request's cookie fields itself (see _h2heads), in the
+    # pass it makes over them anyway.
+    normalize_inbound_headers=False,
 )
 
 #: The largest window, and the largest value of a setting (RFC 9113 §6.9.1).
