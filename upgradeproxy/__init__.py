@@ -1,4 +1,4 @@
-"""upgradeproxy: an HTTP/1.1 reverse proxy on Twisted that gets protocol upgrades right.
+"""upgradeproxy: a reverse proxy on Twisted (HTTP/1.1 and HTTP/2) that gets protocol upgrades right.
 
 The names most applications need are re-exported here. They are imported on
 first use, so that a validator plugin's ``import upgradeproxy.interfaces``
