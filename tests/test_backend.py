@@ -88,3 +88,45 @@ def test_other_garbage_keeps_its_own_reason() -> None:
     h.client_sends(GET)
     h.backend.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
     assert answer_of(h) == (502, "malformed response from the backend: malformed status line\n")
+
+
+# -- one timer per backend connection -------------------------------------------------
+
+
+def _pooled_harness() -> ProxyHarness:
+    settings = ProxySettings(backend=BackendSettings(response_timeout=20, idle_timeout=30))
+    h = ProxyHarness(settings=settings)
+    h.client_sends(GET)
+    h.backend.send(OK)
+    assert h.factory.proxy.pool.idle_count == 1
+    return h
+
+
+def test_a_pooled_connection_idle_for_its_idle_timeout_is_closed() -> None:
+    h = _pooled_harness()
+    h.clock.advance(29.9)
+    assert not h.backend.closed
+    h.clock.advance(0.2)
+    assert h.backend.closed and h.factory.proxy.pool.idle_count == 0
+
+
+def test_a_reused_connection_is_timed_by_its_response_timeout_not_its_idle_timeout() -> None:
+    # The connection's one timer is moved from the idle timeout to the
+    # response timeout when the pool hands it out again.
+    h = _pooled_harness()
+    h.clock.advance(25)
+    h.client_sends(GET)
+    assert len(h.endpoint.connections) == 1, "reused"
+    h.clock.advance(10)  # past the idle deadline, within the response timeout
+    assert not h.backend.closed
+    h.clock.advance(10.1)  # 20 seconds after the request
+    assert h.backend.closed
+    assert h.client_received.count(b"HTTP/1.1 504 ") == 1
+
+
+def test_a_connection_taken_from_the_pool_is_not_closed_by_its_idle_timeout() -> None:
+    h = _pooled_harness()
+    taken = h.factory.proxy.pool.take_idle()
+    assert taken is h.backend.protocol
+    h.clock.advance(60)
+    assert not h.backend.closed

@@ -3,8 +3,10 @@ graceful shutdown, the access log and the state behind the metrics."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -463,6 +465,22 @@ def test_an_access_log_file_has_timestamped_text_lines(tmp_path: Path) -> None:
     assert rest.startswith('192.0.2.7 "GET /page HTTP/1.1" 200 5 ')
 
 
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_access_lines_to_standard_output_are_written_out_at_once(
+    format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Into a pipe, standard output is block-buffered: a line must not wait
+    # there for the buffer to fill, nor a file's line be flushed twice.
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8"))
+    log, stream = access_log_to("-", format)
+    assert stream is sys.stdout
+    c = Cluster(access_log=log)
+    c.client().send(GET)
+    c.last("a").send(OK)
+    assert b"/page" in raw.getvalue() and raw.getvalue().endswith(b"\n")
+
+
 # -- connecting to backends ----------------------------------------------------------
 
 
@@ -490,6 +508,24 @@ def test_a_plain_tcp_connection_that_fails_fails_the_attempt() -> None:
     (failure,) = failures
     assert failure.check(error.TimeoutError)
     assert describe_connect_failure(failure) == "no connection within the connect timeout"
+
+
+def test_a_plain_tcp_connection_is_opened_with_callbacks_and_no_deferred() -> None:
+    reactor = MemoryReactorClock()
+    pool = BackendPool(TCP4ClientEndpoint(reactor, "192.0.2.1", 9000), reactor, BackendSettings())
+    ready: list[BackendConnection] = []
+    failed: list[Failure] = []
+    pool.open(ready.append, failed.append)
+    pool.open(ready.append, failed.append)
+    (_, _, made, _, _), (_, _, refused, _, _) = reactor.tcpClients
+    protocol = made.buildProtocol(None)
+    assert ready == [] and failed == []
+    protocol.makeConnection(StringTransport())
+    assert ready == [protocol]
+    refused.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+    (failure,) = failed
+    assert failure.check(error.ConnectionRefusedError)
+    assert ready == [protocol], "each attempt reports once"
 
 
 @pytest.mark.parametrize("door", DOORS)

@@ -132,3 +132,38 @@ def test_bytes_read_in_the_last_round_are_not_left_waiting_for_more_input(
     finally:
         for sock in (client_app, client_proxy, backend_proxy, backend_app):
             sock.close()
+
+
+def test_a_stream_of_messages_asks_the_reactor_for_reads_once() -> None:
+    # The reactor watches a socket for reads until told otherwise: asking it
+    # again for every message would be work for nothing.
+    client_app, client_proxy = socket.socketpair()
+    backend_proxy, backend_app = socket.socketpair()
+    for sock in (client_proxy, backend_proxy):
+        sock.setblocking(False)
+    reactor = _RecordingReactor()
+    asked: list[object] = []
+    add_reader = reactor.addReader
+
+    def counting_add_reader(r: object) -> None:
+        asked.append(r)
+        add_reader(r)
+
+    reactor.addReader = counting_add_reader  # type: ignore[method-assign]
+    transports = {Side.CLIENT: _Transport(client_proxy), Side.BACKEND: _Transport(backend_proxy)}
+    pump = splice.SplicePump(
+        transports, {Side.CLIENT: 0, Side.BACKEND: 0}, lambda side, why: None, reactor
+    )  # type: ignore[arg-type]
+    try:
+        pump.start()
+        to_backend = pump._to[Side.BACKEND]
+        backend_app.settimeout(5)
+        for n in range(5):
+            client_app.sendall(b"message %d" % n)
+            to_backend.src.doRead()
+            assert backend_app.recv(100) == b"message %d" % n
+        assert asked.count(to_backend.src) == 1
+        assert to_backend.src in reactor.readers
+    finally:
+        for sock in (client_app, client_proxy, backend_proxy, backend_app):
+            sock.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 import twisted
 from upgradeproxy import _twisted
-from upgradeproxy._twisted import send_now
+from upgradeproxy._twisted import hand_over_reads, send_now
 
 
 def test_the_installed_twisted_has_every_internal_relied_on() -> None:
@@ -93,6 +94,60 @@ def test_pending_output_is_taken_whole_and_the_transport_left_empty(plain_tcp) -
     transport.loseWriteConnection()
     transport.doWrite()  # what the reactor does next: nothing is left, so the write side shuts
     assert not _twisted.writes_open(transport)
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="the epoll reactor needs Linux")
+def test_reads_are_handed_over_in_place_on_the_epoll_reactor() -> None:
+    from twisted.internet.epollreactor import EPollReactor
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reactor = EPollReactor()
+    try:
+        transport = tcp.Server(ours, protocol.Protocol(), ("127.0.0.1", 1), None, 1, reactor)
+        reader = _Reader(ours.fileno())
+        reactor.addReader(transport)
+        reactor.addWriter(transport)
+        assert not hand_over_reads(reactor, transport, reader), "not while it writes"
+        reactor.removeWriter(transport)
+        assert hand_over_reads(reactor, transport, reader)
+        assert reader in reactor.getReaders() and transport not in reactor.getReaders()
+        peer.send(b"x")
+        reactor.doIteration(1)
+        assert reader.reads == 1, "the read event went to the new reader"
+        reactor.removeReader(reader)
+        assert reader not in reactor.getReaders()
+        transport.stopReading()  # what the transport does when it closes: nothing left to do
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        ours.close()
+        peer.close()
+
+
+def test_reads_are_not_handed_over_on_other_reactors(plain_tcp) -> None:  # type: ignore[no-untyped-def]
+    transport, _peer, reactor = plain_tcp
+    reactor.addReader(transport)
+    assert not hand_over_reads(reactor, transport, _Reader(transport.fileno()))
+    assert reactor.getReaders() == [transport]
+
+
+class _Reader:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reads = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        self.reads += 1
+
+    def connectionLost(self, reason: object) -> None:
+        pass
 
 
 def test_a_tcp_client_endpoint_gives_its_parts_and_other_endpoints_none() -> None:

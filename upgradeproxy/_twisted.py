@@ -15,6 +15,9 @@ What is used:
   ``socket`` and ``_writeDisconnected``: to send at once where nothing is
   queued (:func:`send_now`), and to take a socket and its unsent output over
   for ``splice(2)`` (:func:`take_pending_output`, :func:`writes_open`);
+* ``EPollReactor``'s ``_reads`` and ``_selectables``: to hand a socket that is
+  registered for reading to another reader in place, with no system call
+  (:func:`hand_over_reads`);
 * ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``'s ``_reactor``, ``_host``,
   ``_port``, ``_timeout``, ``_bindAddress``: to connect with ``connectTCP``
   directly (:func:`tcp_client_parts`);
@@ -43,6 +46,7 @@ What is used:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -162,6 +166,26 @@ def take_pending_output(transport: tcp.Connection) -> bytes:
     transport._tempDataBuffer = []
     transport._tempDataLen = 0
     return pending
+
+
+def hand_over_reads(reactor: object, transport: tcp.Connection, reader: object) -> bool:
+    """Make ``reader`` the reader of ``transport``'s socket, keeping its registration.
+
+    On the epoll reactor, a socket that is registered for reading (and not
+    for writing) gets ``reader`` as the object its read events go to
+    (``_selectables``), where ``stopReading`` and ``addReader`` would cost two
+    ``epoll_ctl`` calls. Returns False, changing nothing, anywhere else: the
+    caller then stops the transport's reads and adds ``reader`` itself.
+    """
+    epoll = sys.modules.get("twisted.internet.epollreactor")
+    if epoll is None or type(reactor) is not epoll.EPollReactor:
+        return False
+    r: Any = reactor
+    fd = transport.fileno()
+    if fd not in r._reads or fd in r._writes or r._selectables.get(fd) is not transport:
+        return False
+    r._selectables[fd] = reader
+    return True
 
 
 # -- endpoints ----------------------------------------------------------------------------

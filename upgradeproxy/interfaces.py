@@ -8,8 +8,9 @@ arrives (before any backend is contacted), and once when the backend answers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from typing import Any, Generic, TypeVar, overload
 
 from zope.interface import Attribute, Interface
 
@@ -33,6 +34,36 @@ class Refusal:
     #: What the party at fault can change, in a sentence (optional). Shown by
     #: ``upgradeproxy check``; never sent to clients.
     hint: str = ""
+
+
+_T = TypeVar("_T")
+
+
+class _cached(Generic[_T]):
+    """Like :func:`functools.cached_property`, without its lock.
+
+    Python 3.11's takes a lock on every first access, a real share of what
+    an upgrade costs; each attempt lives in one thread anyway. The value
+    goes into the instance's ``__dict__``, where later lookups find it first.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _cached[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> _T: ...
+
+    def __get__(self, instance: object, owner: type) -> _T | _cached[_T]:
+        if instance is None:
+            return self
+        value = self._compute(instance)
+        instance.__dict__[self._name] = value
+        return value
 
 
 @dataclass(frozen=True)
@@ -64,17 +95,17 @@ class UpgradeAttempt:
     #: The protocol the client spoke to the proxy: "HTTP/1.1" or "HTTP/2".
     client_protocol: str = "HTTP/1.1"
 
-    @cached_property
+    @_cached
     def is_upgrade(self) -> bool:
         """True when the request asked to switch protocols (RFC 9110 §7.8)."""
         return is_upgrade_request(self.request)
 
-    @cached_property
+    @_cached
     def offered(self) -> list[bytes]:
         """The protocols the client offered in ``Upgrade``, in order."""
         return offered_protocols(self.request) if self.is_upgrade else []
 
-    @cached_property
+    @_cached
     def selected(self) -> list[bytes]:
         """The protocols the backend's ``101`` names in ``Upgrade``, in order."""
         if self.response is None:

@@ -149,6 +149,8 @@ class BackendConnection(Protocol):
         self._keep_alive = False
         # A request body is still to come: the connection must not be reused.
         self._body_pending = False
+        # One timer for the connection's life: the response head's timeout
+        # while a request waits, the idle timeout while pooled (see _time_up).
         self._timer: IDelayedCall | None = None
         self._tunnel: Tunnel | None = None
         self.reused = False
@@ -180,7 +182,7 @@ class BackendConnection(Protocol):
         self._body_pending = body
         self._state = _State.HEAD
         self._received = False
-        self._start_timer()
+        self._set_timer(self._settings.response_timeout)
         send_now(self.transport, head)  # type: ignore[arg-type]
 
     def send_body(self, data: bytes) -> None:
@@ -330,10 +332,11 @@ class BackendConnection(Protocol):
             sink.switch_protocols(head, early)
             return False
         if head.status < 200:
-            self._start_timer()
+            self._set_timer(self._settings.response_timeout)
             sink.interim_response(head)
             return True
-        self._cancel_timer()
+        # The timer runs on, doing nothing while the body comes: the pool sets
+        # it again for the idle timeout, or the connection's end cancels it.
         try:
             framing = response_framing(head, self._method)
         except ProtocolError as e:
@@ -380,18 +383,33 @@ class BackendConnection(Protocol):
         if sink is not None:
             sink.backend_failed(failure)
 
-    def _start_timer(self) -> None:
-        self._cancel_timer()
-        timeout = self._settings.response_timeout
-        self._timer = self.pool.clock.callLater(timeout, self._timed_out, timeout)
+    def close_if_idle_for(self, seconds: float) -> None:
+        """Close this pooled connection if it is still idle ``seconds`` from now."""
+        self._set_timer(seconds)
+
+    def _set_timer(self, seconds: float) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            # Moving the running timer costs far less than cancelling it and
+            # making another, twice per request.
+            timer.reset(seconds)
+        else:
+            self._timer = self.pool.clock.callLater(seconds, self._time_up)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, timeout: float) -> None:
+    def _time_up(self) -> None:
         self._timer = None
+        if self._state is _State.HEAD:
+            self._timed_out()
+        elif self._state is _State.IDLE:
+            self.pool.idle_too_long(self)
+
+    def _timed_out(self) -> None:
+        timeout = self._settings.response_timeout
         if speaks_http2(self._buf):
             failure = BackendFailure(502, SPEAKS_HTTP2)
         else:
@@ -469,7 +487,6 @@ class BackendPool:
         self.clock = clock
         self.settings = settings
         self._idle: list[BackendConnection] = []
-        self._idle_timers: dict[BackendConnection, IDelayedCall] = {}
         self._factory = _BackendConnectionFactory(self)
         self._direct = _DirectTCP.of(endpoint)
         # Set by retire(): a newer configuration has a pool of its own.
@@ -494,7 +511,6 @@ class BackendPool:
             return self._take_owned(owner)
         while self._idle:
             connection = self._idle.pop()
-            self._idle_timers.pop(connection).cancel()
             if connection.owner is not None:
                 # Opened for one client before its route stopped sending the header.
                 connection.transport.loseConnection()  # type: ignore[union-attr]
@@ -508,7 +524,6 @@ class BackendPool:
             connection = self._idle[index]
             if connection.owner == owner and connection.is_idle:
                 del self._idle[index]
-                self._idle_timers.pop(connection).cancel()
                 connection.reused = True
                 return connection
         return None
@@ -516,13 +531,33 @@ class BackendPool:
     def connect(self, header: bytes | None = None) -> Deferred[BackendConnection]:
         """A new connection, ready for a request once it fires; ``header`` is sent first."""
         if self._direct is not None:
-            return self._direct.connect(self, header)
+            connected: Deferred[BackendConnection] = Deferred()
+            self._direct.connect(self, header, connected.callback, connected.errback)
+            return connected
         factory = self._factory if header is None else _BackendConnectionFactory(self, header)
         # The factory builds only BackendConnection protocols.
         connecting: Deferred[TLSBackendConnection] = self.endpoint.connect(factory)  # type: ignore[assignment]
         if self.tls:
             return connecting.addCallback(TLSBackendConnection.wait_for_handshake)
         return connecting  # type: ignore[return-value]
+
+    def open(
+        self,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+        *,
+        header: bytes | None = None,
+    ) -> None:
+        """Make a new connection (``header`` sent first, as for :meth:`connect`).
+
+        ``ready`` is called with it, or ``failed`` with why not. Where the
+        backend is plain TCP this costs no Deferred: an upgrade makes a
+        connection every time, and the proxy asks this, not :meth:`connect`.
+        """
+        if self._direct is not None:
+            self._direct.connect(self, header, ready, failed)
+        else:
+            self.connect(header).addCallbacks(ready, failed)
 
     def release(self, connection: BackendConnection) -> None:
         """``connection`` finished an exchange and may carry another."""
@@ -535,17 +570,16 @@ class BackendPool:
             connection.transport.loseConnection()  # type: ignore[union-attr]
             return
         self._idle.append(connection)
-        self._idle_timers[connection] = self.clock.callLater(
-            self.settings.idle_timeout,
-            connection.transport.loseConnection,  # type: ignore[union-attr]
-        )
+        connection.close_if_idle_for(self.settings.idle_timeout)
+
+    def idle_too_long(self, connection: BackendConnection) -> None:
+        """``connection``'s idle timeout ran out: close it, unless it was taken meanwhile."""
+        if connection in self._idle:
+            connection.transport.loseConnection()  # type: ignore[union-attr]
 
     def forget(self, connection: BackendConnection) -> None:
         """``connection`` closed; never hand it out again."""
-        timer = self._idle_timers.pop(connection, None)
-        if timer is not None:
-            if timer.active():
-                timer.cancel()
+        if connection in self._idle:
             self._idle.remove(connection)
 
     def close_idle(self) -> None:
@@ -561,7 +595,6 @@ class BackendPool:
         self._retired = True
         idle, self._idle = self._idle, []
         for connection in idle:
-            self._idle_timers.pop(connection).cancel()
             connection.transport.loseConnection()  # type: ignore[union-attr]
 
 
@@ -584,25 +617,35 @@ class _DirectTCP:
             return None
         return cls(parts.reactor, parts.host, parts.port, parts.timeout, parts.bind)
 
-    def connect(self, pool: BackendPool, header: bytes | None) -> Deferred[BackendConnection]:
-        factory = _DirectConnection(pool, header)
-        ready = factory.ready
-        assert ready is not None
+    def connect(
+        self,
+        pool: BackendPool,
+        header: bytes | None,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
+        factory = _DirectConnection(pool, header, ready, failed)
         self._reactor.connectTCP(
             self._host, self._port, factory, timeout=self._timeout, bindAddress=self._bind
         )
-        return ready
 
 
 class _DirectConnection(ClientFactory):
-    """One connection attempt; ``ready`` fires with the protocol, or with why it failed."""
+    """One connection attempt: calls ``ready`` with the protocol, or ``failed`` with why not."""
 
     noisy = False
 
-    def __init__(self, pool: BackendPool, header: bytes | None) -> None:
-        self.ready: Deferred[BackendConnection] | None = Deferred()
+    def __init__(
+        self,
+        pool: BackendPool,
+        header: bytes | None,
+        ready: Callable[[BackendConnection], object],
+        failed: Callable[[Failure], object],
+    ) -> None:
         self._pool = pool
         self._header = header
+        self._ready: Callable[[BackendConnection], object] | None = ready
+        self._failed: Callable[[Failure], object] | None = failed
 
     def buildProtocol(self, addr: object) -> BackendConnection:
         connection = BackendConnection(self._pool, self._header)
@@ -612,14 +655,16 @@ class _DirectConnection(ClientFactory):
     def _connected(self, connection: BackendConnection) -> None:
         # The connector keeps this factory for the connection's life: keep
         # nothing more in it than needed.
-        ready, self.ready = self.ready, None
+        ready = self._ready
+        self._ready = self._failed = None
         assert ready is not None
-        ready.callback(connection)
+        ready(connection)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        ready, self.ready = self.ready, None
-        if ready is not None:
-            ready.errback(reason)
+        failed = self._failed
+        self._ready = self._failed = None
+        if failed is not None:
+            failed(reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,10 @@ class ClientConnection(Protocol):
     protocol = "HTTP/1.1"
     #: Why a TLS connection is refused, until its handshake says in which protocol.
     _refusal: LimitRefusal | None = None
+    # The backend transport to register as this one's producer when the held
+    # writes go out, if the response body goes on past that read. A class
+    # default: a connection that only ever switches never stores one.
+    _body_source: object | None = None
 
     def __init__(self, proxy: Proxy, peer: object | None = None) -> None:
         """``peer`` is the client's address, as the factory was given it (a
@@ -233,7 +237,8 @@ class ClientConnection(Protocol):
                 self._idle = False
                 self._head_timer.reset(self._settings.request_head_timeout)
             return None
-        self._stop_head_timer()
+        # The head timer is left to run: it does nothing outside the HEAD
+        # phase, and is set again for the next head (see _wait_for_head).
         exchange = Exchange.start(self._proxy, self, head)
         if exchange is None:
             return None
@@ -308,6 +313,10 @@ class ClientConnection(Protocol):
     def uncork(self) -> None:
         """Send what was held, at once (see :func:`~upgradeproxy._twisted.send_now`)."""
         out, self._out = self._out, None
+        source = self._body_source
+        if source is not None:
+            self._body_source = None
+            self.transport.registerProducer(source, True)  # type: ignore[union-attr]
         if out:
             send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]
 
@@ -339,7 +348,12 @@ class ClientConnection(Protocol):
         if kind is not BodyKind.NONE:
             backend = exchange.backend
             assert backend is not None
-            self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
+            if self._out is None:
+                self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
+            else:
+                # Registered when this read's writes go out (uncork), unless the
+                # whole body came in the same read: it then needs no flow control.
+                self._body_source = backend.transport
 
     def send_body(self, data: bytes) -> None:
         self._send(encode_chunk(data) if self._chunked_response else data)
@@ -350,11 +364,14 @@ class ClientConnection(Protocol):
     def send_end(self, exchange: Exchange) -> None:
         if self._chunked_response:
             self._send(LAST_CHUNK)
-        unregister_producer(self.transport)
-        backend = exchange.backend
-        if backend is not None and backend.transport is not None:
-            # It may have been paused as this transport's producer.
-            backend.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._body_source is not None:
+            self._body_source = None  # never registered: nothing to undo
+        else:
+            unregister_producer(self.transport)
+            backend = exchange.backend
+            if backend is not None and backend.transport is not None:
+                # It may have been paused as this transport's producer.
+                backend.transport.resumeProducing()  # type: ignore[attr-defined]
         self._exchange = None
         if not self._keep_alive or self._read_eof or self._proxy.draining:
             self._close()
@@ -369,7 +386,7 @@ class ClientConnection(Protocol):
     ) -> int:
         request = exchange.request if exchange is not None else None
         self._exchange = None
-        unregister_producer(self.transport)
+        self._stop_body_flow()
         head_only = request is not None and request.method == b"HEAD"
         self.uncork()
         response = error_response(status, reason, head_only=head_only, retry_after=retry_after)
@@ -379,10 +396,16 @@ class ClientConnection(Protocol):
 
     def cut_short(self) -> None:
         self._exchange = None
-        unregister_producer(self.transport)
+        self._stop_body_flow()
         self._close()
 
+    def _stop_body_flow(self) -> None:
+        """The response body stops: the backend is no longer this transport's producer."""
+        self._body_source = None
+        unregister_producer(self.transport)
+
     def hand_over(self, response: ResponseHead) -> Handover:
+        self._stop_head_timer()
         held = bytes(self._buf)
         self._buf.clear()
         self._heads = self._decoder = None
@@ -390,7 +413,9 @@ class ClientConnection(Protocol):
         self._exchange = None
         self.uncork()  # a 1xx relayed before the switch goes first
         assert self.transport is not None
-        self.transport.write(switch_for_client(response).serialize())
+        # At once: a spliced tunnel would otherwise take it back out of the
+        # transport's buffer to send it itself.
+        send_now(self.transport, switch_for_client(response).serialize())
         return Handover(self.transport, held, self._read_eof)
 
     def attach(self, tunnel: Tunnel) -> None:
@@ -401,7 +426,13 @@ class ClientConnection(Protocol):
 
     def _wait_for_head(self, timeout: float, *, idle: bool = False) -> None:
         self._idle = idle
-        self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
+        timer = self._head_timer
+        if timer is not None and timer.active():
+            # The timer of the last head, still running: moving it costs far
+            # less than cancelling it on every request and making another.
+            timer.reset(timeout)
+        else:
+            self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None and self._head_timer.active():
@@ -410,6 +441,8 @@ class ClientConnection(Protocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._phase is not Phase.HEAD:
+            return  # a request was in flight, or the connection is closing
         if self._buf:
             self._refuse_connection(
                 408,

@@ -17,7 +17,8 @@ calls into bytes, frames or twisted.web calls of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -282,9 +283,18 @@ class Exchange:
         if pooled is not None:
             self._backend_ready(pooled)
             return
-        d = upstream.pool.connect(header)
-        d.addCallbacks(self._backend_ready, self._backend_unreachable, errbackArgs=(upstream,))
-        d.addErrback(self._unexpected)
+        upstream.pool.open(
+            partial(self._guarded, self._backend_ready),
+            partial(self._guarded, self._backend_unreachable, upstream),
+            header=header,
+        )
+
+    def _guarded(self, step: Callable[..., None], *args: object) -> None:
+        """Run ``step``, called back by a connection attempt: what it raises is the proxy's bug."""
+        try:
+            step(*args)
+        except Exception:
+            self._unexpected(Failure())
 
     def _backend_ready(self, backend: BackendConnection) -> None:
         upstream = self.upstream
@@ -301,7 +311,7 @@ class Exchange:
         if not self.body_done:
             self._client.body_wanted(self, backend)
 
-    def _backend_unreachable(self, reason: Failure, upstream: Backend) -> None:
+    def _backend_unreachable(self, upstream: Backend, reason: Failure) -> None:
         """The connection to ``upstream`` failed: no byte of the request was sent.
 
         So the request may go to another backend of the route, if one is left.

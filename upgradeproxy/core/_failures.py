@@ -8,8 +8,11 @@ from twisted.python.failure import Failure
 
 def describe_close(reason: Failure) -> str:
     """A few words saying how a connection ended, for the log."""
-    if reason.check(error.ConnectionDone):
+    # isinstance, not Failure.check: this runs twice for every tunnel, and
+    # check() computes the qualified names of the whole class hierarchy.
+    value = reason.value
+    if isinstance(value, error.ConnectionDone):
         return "closed"
-    if reason.check(error.ConnectionLost):
+    if isinstance(value, error.ConnectionLost):
         return "connection lost (reset)"
     return reason.getErrorMessage()

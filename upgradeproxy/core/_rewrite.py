@@ -20,6 +20,9 @@ VIA = b"1.1 upgradeproxy"
 VIA_HTTP2 = b"2 upgradeproxy"
 
 _FORWARDING = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+# Fields the proxy sets itself, dropped from what it received.
+_REPLACED_ON_REQUESTS = frozenset((*_FORWARDING, b"via"))
+_VIA = frozenset((b"via",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,7 @@ def request_for_backend(
     prior_via = headers.get_all(b"via")
     path, authority = split_target(head.target)
     host = authority if authority is not None else headers.get(b"host")
-    kept = headers.end_to_end().without((*_FORWARDING, b"via"))
+    kept = headers.end_to_end().without(_REPLACED_ON_REQUESTS)
     if authority is not None or host is None:
         # The backend gets HTTP/1.1, which must carry Host: the target's
         # authority wins over a received Host (RFC 9112 §3.2.2), and a
@@ -165,7 +168,7 @@ def response_for_client(
     """
     headers = head.headers
     prior_via = headers.get_all(b"via")
-    kept = headers.end_to_end().without((b"via",))
+    kept = headers.end_to_end().without(_VIA)
     added: list[Field] = []
     if framing is BodyKind.CHUNKED:
         added.append((b"Transfer-Encoding", b"chunked"))
@@ -199,7 +202,7 @@ def switch_for_client(head: ResponseHead) -> ResponseHead:
     client always gets a well-formed switch.
     """
     headers = head.headers
-    kept = headers.end_to_end().without((b"via",))
+    kept = headers.end_to_end().without(_VIA)
     added: list[Field] = [(b"Connection", b"upgrade")]
     added.extend((b"Upgrade", v) for v in headers.get_all(b"upgrade"))
     added.append((b"Via", b", ".join([*headers.get_all(b"via"), VIA])))

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._twisted import take_pending_output, writes_open
+from .._twisted import hand_over_reads, take_pending_output, writes_open
 
 if TYPE_CHECKING:
     from ._side import Side
@@ -47,6 +47,7 @@ PIPE_SIZE = 256 * 1024
 #: Splice calls per direction per reactor wake-up, so one busy tunnel
 #: cannot starve the others.
 _ROUNDS = 8
+_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
 
 
 def can_splice(transport: ITransport) -> bool:
@@ -154,7 +155,7 @@ class _Socket:
     carries: they do nothing but what they must.
     """
 
-    __slots__ = ("fd", "prefix", "pump", "reads_into", "side", "sock", "writes_for")
+    __slots__ = ("fd", "prefix", "pump", "reading", "reads_into", "side", "sock", "writes_for")
 
     def __init__(self, pump: SplicePump, side: Side, sock: socket.socket) -> None:
         self.pump = pump
@@ -162,6 +163,9 @@ class _Socket:
         self.sock = sock
         self.fd = sock.fileno()
         self.prefix = f"splice-{side.value}"
+        #: True while the reactor watches it for reads: asking again, once per
+        #: message, would cost three calls for nothing.
+        self.reading = False
         #: The direction this socket's bytes go, and the one that writes to it.
         self.reads_into: _Direction
         self.writes_for: _Direction
@@ -208,8 +212,11 @@ class SplicePump:
         }
         self._to = {}
         for side, transport in self._transports.items():
-            transport.stopReading()
             transport.stopWriting()
+            sock = self._sockets[side]
+            sock.reading = hand_over_reads(reactor, transport, sock)
+            if not sock.reading:
+                transport.stopReading()
             # Bytes already buffered for ``side`` go out first.
             self._to[side] = _Direction(
                 side.peer, self._sockets[side.peer], self._sockets[side],
@@ -240,7 +247,7 @@ class SplicePump:
     # -- moving bytes ---------------------------------------------------------------------
 
     def _move(self, d: _Direction) -> None:
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        flags = _FLAGS
         for _ in range(_ROUNDS):
             if self._finished or d.done:
                 return
@@ -277,19 +284,19 @@ class SplicePump:
                 # Another read now would most likely fail with EAGAIN (a
                 # system call and an exception for nothing): wait for the
                 # reactor to say src is readable; it is level-triggered.
-                self._reactor.addReader(d.src)
+                self._watch_reads(d.src)
                 return
             try:
                 moved = self._read(d, flags)
             except BlockingIOError:
-                self._reactor.addReader(d.src)
+                self._watch_reads(d.src)
                 return
             except OSError as e:
                 self.fail(d.src.side, _describe(e))
                 return
             if moved == 0:
                 d.eof = True
-                self._reactor.removeReader(d.src)
+                self._unwatch_reads(d.src)
                 self._note_end(d.source, "EOF")
             else:
                 self._sent[d.source] += moved
@@ -307,7 +314,17 @@ class SplicePump:
         elif d.eof:
             self._direction_done(d)  # an EOF read in the last round ends it now
         else:
-            self._reactor.addReader(d.src)
+            self._watch_reads(d.src)
+
+    def _watch_reads(self, sock: _Socket) -> None:
+        if not sock.reading:
+            sock.reading = True
+            self._reactor.addReader(sock)
+
+    def _unwatch_reads(self, sock: _Socket) -> None:
+        if sock.reading:
+            sock.reading = False
+            self._reactor.removeReader(sock)
 
     def _read(self, d: _Direction, flags: int) -> int:
         """Move what src has into a pipe (or, with no descriptor left, into memory)."""
@@ -330,7 +347,7 @@ class SplicePump:
 
     def _wait_for_dst(self, d: _Direction) -> None:
         d.blocked = True
-        self._reactor.removeReader(d.src)
+        self._unwatch_reads(d.src)
         self._reactor.addWriter(d.dst)
 
     def _direction_done(self, d: _Direction) -> None:
@@ -360,15 +377,30 @@ class SplicePump:
             return
         self._finished = True
         for sock in self._sockets.values():
+            # Whatever the flag says: a descriptor left registered would keep
+            # its number from ever being watched for the next socket to get it.
+            sock.reading = False
             self._reactor.removeReader(sock)
             self._reactor.removeWriter(sock)
         owed = {side: direction.leftover() for side, direction in self._to.items()}
+        done = []
         for side, transport in self._transports.items():
             if side is failed:
                 continue
             if owed[side]:
                 transport.write(owed[side])
-            transport.loseConnection()
+                transport.loseConnection()
+            else:
+                done.append(transport)
+        # A socket with nothing left to send is closed now, as Twisted itself
+        # closes one whose writes are shut down: loseConnection would register
+        # it for writing only to find nothing to write on the next turn. Each
+        # is marked as closing first, so that the first one's connectionLost
+        # does not start a loseConnection on the other.
+        for transport in done:
+            transport.disconnecting = True
+        for transport in done:
+            transport.connectionLost(Failure(error.ConnectionDone()))
         if failed is not None:
             self._transports[failed].connectionLost(Failure(error.ConnectionLost(why)))
 

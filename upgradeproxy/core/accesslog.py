@@ -19,13 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from twisted.logger import (
-    FileLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogPublisher,
-    globalLogPublisher,
-)
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from zope.interface import implementer
 
 NAMESPACE = "upgradeproxy.access"
 FORMATS = ("text", "json")
@@ -146,19 +141,33 @@ class _Stamp:
         return self._text
 
 
-def _formatter(format: str) -> Callable[[dict[str, Any]], str | None]:
-    """Lines for an access log file: text lines start with the time; JSON carries it."""
-    stamp = _Stamp()
+@implementer(ILogObserver)
+class _LineWriter:
+    """Writes each access record to ``stream`` as one line: text lines start with the time.
 
-    def line(event: dict[str, Any]) -> str | None:
+    An observer of its own rather than a ``FileLogObserver`` behind a
+    ``LogPublisher``: two calls less per request, and no flush after a line
+    that a line-buffered file has written out already.
+    """
+
+    def __init__(self, stream: IO[str], format: str) -> None:
+        self._write = stream.write
+        # Standard output into a pipe is not line-buffered: each line is flushed.
+        line_buffered = getattr(stream, "line_buffering", False)
+        self._flush: Callable[[], None] | None = None if line_buffered else stream.flush
+        self._json = format == "json"
+        self._stamp = _Stamp()
+
+    def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_namespace") != NAMESPACE:
-            return None
+            return
         record = event["access"]
-        if format == "json":
-            return record.json + "\n"
-        return f"{stamp(event['log_time'])} {record.text}\n"
-
-    return line
+        if self._json:
+            self._write(record.json + "\n")
+        else:
+            self._write(f"{self._stamp(event['log_time'])} {record.text}\n")
+        if self._flush is not None:
+            self._flush()
 
 
 def access_log_to(path: str, format: str) -> tuple[AccessLog, IO[str]]:
@@ -169,5 +178,4 @@ def access_log_to(path: str, format: str) -> tuple[AccessLog, IO[str]]:
     stream: IO[str] = (
         sys.stdout if path == "-" else open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
     )
-    publisher = LogPublisher(FileLogObserver(stream, _formatter(format)))
-    return AccessLog(format, publisher), stream
+    return AccessLog(format, _LineWriter(stream, format)), stream

@@ -171,6 +171,10 @@ class FrontConnection(TypingProtocol):
         """Close at once, whatever is in flight."""
 
 
+def _validator_name(validator: IUpgradeValidator) -> str:
+    return str(getattr(validator, "name", type(validator).__name__))
+
+
 class Proxy:
     """The proxy itself: its routes, validators, limits, connections and tunnels.
 
@@ -443,16 +447,16 @@ class Proxy:
         return refusal
 
     def _ask(self, method: str, attempt: UpgradeAttempt, route: Route) -> Refusal | None:
-        stage = method.removeprefix("check_")
         for validator in route.validators:
-            name = str(getattr(validator, "name", type(validator).__name__))
             try:
                 refusal: Refusal | None = getattr(validator, method)(attempt)
             except Exception:
+                name = _validator_name(validator)
                 self.log.failure("upgrade validator {name} raised", name=name)
                 refusal = Refusal(f"upgrade validator {name} failed", 500)
             if refusal is not None:
-                self._count_refusal(route, attempt, name, stage, refusal)
+                stage = method.removeprefix("check_")
+                self._count_refusal(route, attempt, _validator_name(validator), stage, refusal)
                 return refusal
         return None
 

@@ -25,7 +25,14 @@ _FIELD_VALUE = rb"(?:" + _FIELD_VCHAR + rb"(?:[\t\x20-\x7e\x80-\xff]*" + _FIELD_
 # The leading OWS is possessive: when a line of whitespace ends in a bad byte,
 # backtracking would otherwise try every way of splitting that whitespace
 # between the two OWS, which is quadratic -- seconds of CPU for one 32 KiB head.
-FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*+(" + _FIELD_VALUE + rb")[ \t]*")
+_FIELD_LINE = rb"(" + _TOKEN + rb"):[ \t]*+(" + _FIELD_VALUE + rb")[ \t]*"
+FIELD_LINE = re.compile(_FIELD_LINE)
+
+# The field lines of a head, each with its CRLF: one match checks them all,
+# and findall() with FIELD_LINE_CRLF then yields the (name, value) pairs in
+# one call. Neither can reach across a line: no field byte is a CR or LF.
+FIELD_LINES = re.compile(rb"(?:" + _FIELD_LINE + rb"\r\n)*")
+FIELD_LINE_CRLF = re.compile(_FIELD_LINE + rb"\r\n")
 
 # request-line = method SP request-target SP HTTP-version      (RFC 9112 §3)
 # HTTP-version = HTTP-name "/" DIGIT "." DIGIT                 (RFC 9112 §2.3)

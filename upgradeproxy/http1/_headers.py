@@ -63,15 +63,24 @@ class Headers:
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Every value of the field ``name`` (lowercase), in order."""
-        return list(self._values().get(name, ()))
+        index = self._index
+        if index is None:
+            index = self._values()
+        return list(index.get(name, ()))
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of ``name`` (lowercase), or ``None``."""
-        values = self._values().get(name)
+        index = self._index
+        if index is None:
+            index = self._values()
+        values = index.get(name)
         return values[0] if values else None
 
     def has(self, name: bytes) -> bool:
-        return name in self._values()
+        index = self._index
+        if index is None:
+            index = self._values()
+        return name in index
 
     def tokens(self, name: bytes) -> list[bytes]:
         """The comma-separated list elements of every ``name`` field, lowercased.
@@ -89,21 +98,22 @@ class Headers:
         if lists is None:
             lists = {}
             object.__setattr__(self, "_lists", lists)
-        found = lists.get((name, lower))
+        key = (name, lower)
+        found = lists.get(key)
         if found is None:
-            found = tuple(
-                element.lower() if lower else element
-                for value in self._values().get(name, ())
-                for element in (e.strip(b" \t") for e in value.split(b","))
-                if element
-            )
-            lists[name, lower] = found
+            index = self._index
+            if index is None:
+                index = self._values()
+            found = lists[key] = _list_elements(index.get(name, ()), lower)
         return found
 
     def without(self, names: Iterable[bytes]) -> Headers:
         """These headers less every field whose lowercase name is in ``names``."""
-        drop = frozenset(names)
-        if drop.isdisjoint(self._values()):
+        drop = names if isinstance(names, frozenset) else frozenset(names)
+        index = self._index
+        if index is None:
+            index = self._values()
+        if drop.isdisjoint(index):
             return self
         return Headers(tuple(f for f in self.fields if f[0].lower() not in drop))
 
@@ -116,9 +126,30 @@ class Headers:
         That is the fixed set of connection-specific fields, and every field
         that ``Connection`` names.
         """
-        listed = self.tokens(b"connection")
+        listed = self._split(b"connection", True)
         return self.without(HOP_BY_HOP.union(listed) if listed else HOP_BY_HOP)
 
-    def serialize_into(self, out: list[bytes]) -> None:
-        for name, value in self.fields:
-            out.append(name + b": " + value + b"\r\n")
+    def serialize(self) -> bytes:
+        """The field lines as HTTP/1.1 bytes, each ending with CRLF."""
+        if not self.fields:
+            return b""
+        # Joined in C, whatever the number of fields.
+        return b"\r\n".join(map(b": ".join, self.fields)) + b"\r\n"
+
+
+def _list_elements(values: list[bytes] | tuple[()], lower: bool) -> tuple[bytes, ...]:
+    """The non-empty elements of comma-separated list field ``values`` (RFC 9110 §5.6.1)."""
+    if not values:
+        return ()
+    if len(values) == 1 and b"," not in values[0]:
+        # The common case, one value naming one element, without the loops.
+        element = values[0].strip(b" \t")
+        if not element:
+            return ()
+        return (element.lower() if lower else element,)
+    return tuple(
+        element.lower() if lower else element
+        for value in values
+        for element in (e.strip(b" \t") for e in value.split(b","))
+        if element
+    )
