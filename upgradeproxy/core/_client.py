@@ -421,6 +421,10 @@ class ClientConnection(Protocol):
     def attach(self, tunnel: Tunnel) -> None:
         self._phase = Phase.TUNNEL
         self._tunnel = tunnel
+        # What only HTTP uses goes with it: an idle tunnel would keep the
+        # forwarding details (and two address objects) and the read gate for
+        # its whole life.
+        del self.hop, self._gate
 
     # -- waiting for a request head ---------------------------------------------------
 

@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 from twisted.internet import error, tcp
 from twisted.internet.interfaces import (
@@ -36,9 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._twisted import hand_over_reads, take_pending_output, writes_open
-
-if TYPE_CHECKING:
-    from ._side import Side
+from ._side import ByteCounts, Side
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
@@ -155,14 +152,14 @@ class _Socket:
     carries: they do nothing but what they must.
     """
 
-    __slots__ = ("fd", "prefix", "pump", "reading", "reads_into", "side", "sock", "writes_for")
+    __slots__ = ("fd", "pump", "reading", "reads_into", "side", "sock", "transport", "writes_for")
 
-    def __init__(self, pump: SplicePump, side: Side, sock: socket.socket) -> None:
+    def __init__(self, pump: SplicePump, side: Side, transport: tcp.Connection) -> None:
         self.pump = pump
         self.side = side
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.prefix = f"splice-{side.value}"
+        self.transport = transport
+        self.sock: socket.socket = transport.socket
+        self.fd = self.sock.fileno()
         #: True while the reactor watches it for reads: asking again, once per
         #: message, would cost three calls for nothing.
         self.reading = False
@@ -174,7 +171,7 @@ class _Socket:
         return self.fd
 
     def logPrefix(self) -> str:
-        return self.prefix
+        return _PREFIXES[self.side]
 
     def doRead(self) -> None:
         self.pump.readable(self.reads_into)
@@ -187,13 +184,24 @@ class _Socket:
         self.pump.fail(self.side, reason.getErrorMessage())
 
 
+#: Shared by every tunnel: a string per socket would be kept for its whole life.
+_PREFIXES = {side: f"splice-{side.value}" for side in Side}
+
+
 class SplicePump:
-    """Moves a tunnel's bytes with ``splice(2)`` until both directions end."""
+    """Moves a tunnel's bytes with ``splice(2)`` until both directions end.
+
+    An idle tunnel keeps its pump for as long as it lives, so the pump keeps
+    little: its two directions, which know their sockets, which know their
+    transports.
+    """
+
+    __slots__ = ("_finished", "_note_end", "_reactor", "_sent", "_to")
 
     def __init__(
         self,
         transports: Mapping[Side, tcp.Connection],
-        sent: dict[Side, int],
+        sent: ByteCounts,
         note_end: Callable[[Side, str], None],
         reactor: IReactorFDSet,
     ) -> None:
@@ -205,24 +213,20 @@ class SplicePump:
         self._sent = sent
         self._note_end = note_end
         self._reactor = reactor
-        self._transports = dict(transports)
-        self._sockets = {
-            side: _Socket(self, side, transport.socket)
-            for side, transport in self._transports.items()
-        }
-        self._to = {}
-        for side, transport in self._transports.items():
+        sockets = {side: _Socket(self, side, transport) for side, transport in transports.items()}
+        #: The direction whose bytes go to each side.
+        self._to: dict[Side, _Direction] = {}
+        for side, transport in transports.items():
             transport.stopWriting()
-            sock = self._sockets[side]
+            sock = sockets[side]
             sock.reading = hand_over_reads(reactor, transport, sock)
             if not sock.reading:
                 transport.stopReading()
             # Bytes already buffered for ``side`` go out first.
             self._to[side] = _Direction(
-                side.peer, self._sockets[side.peer], self._sockets[side],
-                take_pending_output(transport),
-            )  # fmt: skip
-        for side, sock in self._sockets.items():
+                side.peer, sockets[side.peer], sockets[side], take_pending_output(transport)
+            )
+        for side, sock in sockets.items():
             sock.reads_into = self._to[side.peer]
             sock.writes_for = self._to[side]
         self._finished = False
@@ -376,19 +380,23 @@ class SplicePump:
         if self._finished:
             return
         self._finished = True
-        for sock in self._sockets.values():
+        for direction in self._to.values():
+            sock = direction.dst
             # Whatever the flag says: a descriptor left registered would keep
             # its number from ever being watched for the next socket to get it.
             sock.reading = False
             self._reactor.removeReader(sock)
             self._reactor.removeWriter(sock)
-        owed = {side: direction.leftover() for side, direction in self._to.items()}
+        lost = None
         done = []
-        for side, transport in self._transports.items():
-            if side is failed:
+        for direction in self._to.values():
+            owed = direction.leftover()
+            transport = direction.dst.transport
+            if direction.dst.side is failed:
+                lost = transport
                 continue
-            if owed[side]:
-                transport.write(owed[side])
+            if owed:
+                transport.write(owed)
                 transport.loseConnection()
             else:
                 done.append(transport)
@@ -401,8 +409,8 @@ class SplicePump:
             transport.disconnecting = True
         for transport in done:
             transport.connectionLost(Failure(error.ConnectionDone()))
-        if failed is not None:
-            self._transports[failed].connectionLost(Failure(error.ConnectionLost(why)))
+        if lost is not None:
+            lost.connectionLost(Failure(error.ConnectionLost(why)))
 
 
 def _new_pipe() -> tuple[int, int]:

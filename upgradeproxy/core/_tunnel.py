@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ._failures import describe_close
 from ._flow import unregister_producer
-from ._side import Side
+from ._side import ByteCounts, Side
 from ._splice import SplicePump, can_splice
 
 #: The idle check runs this often, as a share of the idle timeout.
@@ -47,7 +47,7 @@ class TunnelStats:
     route: str = ""
     backend: str = ""
     ended: float = 0.0
-    sent: dict[Side, int] = field(default_factory=lambda: {Side.CLIENT: 0, Side.BACKEND: 0})
+    sent: ByteCounts = field(default_factory=ByteCounts)
     #: Who ended the tunnel first: "client", "backend" or "proxy".
     closed_by: str = ""
     close_reason: str = ""
@@ -62,7 +62,7 @@ class TunnelStats:
     def moved(self) -> int:
         """Bytes moved so far, both directions together."""
         sent = self.sent
-        return sent[Side.CLIENT] + sent[Side.BACKEND]
+        return sent.client + sent.backend
 
 
 class Tunnel:
@@ -79,6 +79,12 @@ class Tunnel:
     ``lifetime`` closes it that long after it started, whatever it does.
     """
 
+    # An idle tunnel lives as long as its peers like: slots, not a dict.
+    __slots__ = (
+        "_backend", "_client", "_clock", "_eof", "_idle_checks", "_idle_seen", "_idle_timeout",
+        "_idle_timer", "_lifetime_timer", "_lost", "_on_end", "_pump", "_splice", "stats",
+    )  # fmt: skip
+
     def __init__(
         self,
         client: ITransport,
@@ -91,7 +97,9 @@ class Tunnel:
         idle_timeout: float | None = None,
         lifetime: float | None = None,
     ) -> None:
-        self._transports = {Side.CLIENT: client, Side.BACKEND: backend}
+        # Two fields rather than a dict by side: an idle tunnel keeps them all its life.
+        self._client = client
+        self._backend = backend
         self._clock = clock
         # Tuples of at most two sides: an idle tunnel holds nothing for them.
         self._eof: tuple[Side, ...] = ()
@@ -118,7 +126,7 @@ class Tunnel:
         return self._pump is not None
 
     def transport(self, side: Side) -> ITransport:
-        return self._transports[side]
+        return self._client if side is Side.CLIENT else self._backend
 
     def start(self) -> None:
         """Start moving bytes: with ``splice(2)`` where possible, otherwise in Python.
@@ -127,7 +135,7 @@ class Tunnel:
         producer of the other: a side's reads pause while the other's send
         buffer is full.
         """
-        client, backend = self._transports[Side.CLIENT], self._transports[Side.BACKEND]
+        client, backend = self._client, self._backend
         if (
             self._splice
             and IReactorFDSet.providedBy(self._clock)
@@ -135,7 +143,7 @@ class Tunnel:
             and can_splice(backend)
         ):
             self._pump = SplicePump(
-                self._transports,  # type: ignore[arg-type]
+                {Side.CLIENT: client, Side.BACKEND: backend},  # type: ignore[dict-item]
                 self.stats.sent,
                 self._note_first,
                 self._clock,
@@ -148,7 +156,7 @@ class Tunnel:
     def data(self, side: Side, data: bytes) -> None:
         """Bytes arrived from ``side``: pass them on unchanged."""
         self.stats.sent[side] += len(data)
-        self._transports[side.peer].write(data)
+        self.transport(side.peer).write(data)
 
     def _note_first(self, who: Side | str, why: str) -> None:
         stats = self.stats
@@ -167,11 +175,11 @@ class Tunnel:
         peer = side.peer
         if peer in self._lost:
             return
-        peer_transport = self._transports[peer]
+        peer_transport = self.transport(peer)
         unregister_producer(peer_transport)
         if len(self._eof) == 2:
             self._close_both()
-        elif _can_half_close(peer_transport) and _can_half_close(self._transports[side]):
+        elif _can_half_close(peer_transport) and _can_half_close(self.transport(side)):
             peer_transport.loseWriteConnection()  # type: ignore[attr-defined]
         else:
             self._close_both()
@@ -184,7 +192,7 @@ class Tunnel:
         self._note_first(side, describe_close(reason))
         peer = side.peer
         if peer not in self._lost:
-            peer_transport = self._transports[peer]
+            peer_transport = self.transport(peer)
             unregister_producer(peer_transport)
             peer_transport.loseConnection()
             return
@@ -219,7 +227,7 @@ class Tunnel:
         self._idle_timer = self._lifetime_timer = None
 
     def _close_both(self) -> None:
-        for side, transport in self._transports.items():
+        for side, transport in ((Side.CLIENT, self._client), (Side.BACKEND, self._backend)):
             if side not in self._lost:
                 unregister_producer(transport)
                 transport.loseConnection()
