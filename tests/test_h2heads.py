@@ -64,6 +64,13 @@ def test_a_plain_connect_is_left_for_the_exchange_to_refuse() -> None:
     assert (parsed.head.method, parsed.head.target) == (b"CONNECT", b"example.com:443")
 
 
+def test_cookie_fields_are_joined_into_one_after_the_others() -> None:
+    fields = [(b"cookie", b"a=1"), *request(), (b"accept", b"*/*"), (b"cookie", b"b=2")]
+    parsed = parse(fields)
+    assert isinstance(parsed, StreamRequest)
+    assert list(parsed.head.headers)[-2:] == [(b"accept", b"*/*"), (b"cookie", b"a=1; b=2")]
+
+
 def test_the_header_list_size_counts_32_bytes_a_field() -> None:
     fields = request()
     assert header_list_size(fields) == sum(len(n) + len(v) + 32 for n, v in fields)
@@ -83,6 +90,22 @@ def test_answers_are_lowercase_without_connection_specific_fields_and_carry_via(
         (b":status", b"200"),
         (b"content-type", b"text/plain"),
         (b"via", b"1.0 a, 1.1 upgradeproxy"),
+    ]
+
+
+def test_answers_leave_out_what_connection_names_and_join_every_via_in_order() -> None:
+    head = ResponseHead(
+        200, b"OK", (1, 1),
+        Headers((
+            (b"VIA", b"1.0 a"), (b"Connection", b"X-Hop, keep-alive"), (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"X-Kept", b"2"),
+            (b"connection", b"X-Other"), (b"x-other", b"3"), (b"Via", b"1.1 b"),
+        )),
+    )  # fmt: skip
+    assert response_fields(head) == [
+        (b":status", b"200"),
+        (b"x-kept", b"2"),
+        (b"via", b"1.0 a, 1.1 b, 1.1 upgradeproxy"),
     ]
 
 

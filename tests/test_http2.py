@@ -16,7 +16,7 @@ from h2.events import (
 from h2.settings import SettingCodes
 from h2_support import LAX, H2Client, h2_cluster, request, websocket, without_goaway
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame
 from support import GET, OK, SWITCH, Cluster
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
@@ -313,6 +313,36 @@ def test_a_response_goes_as_far_as_the_client_s_window_and_pauses_the_backend() 
     assert (response.body, response.ended) == (b"y" * 30, True)
 
 
+def _frames(data: bytes) -> list[tuple[str, frozenset[str]]]:
+    """The type and flags of each frame in ``data``."""
+    frames = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frames.append((type(frame).__name__, frozenset(frame.flags)))
+        data = data[9 + length :]
+    return frames
+
+
+def test_a_body_of_known_length_ends_the_stream_with_its_last_data_frame() -> None:
+    cluster = h2_cluster()
+    client = H2Client(cluster.factory, window=10)
+    stream = client.get(request())
+    backend = cluster.last("a")
+    backend.send(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n" + b"y" * 15)
+    assert _frames(client.transport.value()) == [
+        ("HeadersFrame", frozenset({"END_HEADERS"})),
+        ("DataFrame", frozenset()),
+    ]
+    client.pump()
+    client.h2.acknowledge_received_data(10, stream)
+    client.h2.increment_flow_control_window(10)
+    client.transport.protocol.dataReceived(client.h2.data_to_send())
+    assert _frames(client.transport.value()) == [("DataFrame", frozenset({"END_STREAM"}))]
+    client.pump()
+    response = client.response(stream)
+    assert (response.body, response.ended) == (b"y" * 15, True)
+
+
 def test_a_client_that_keeps_its_window_shut_has_the_stream_reset_after_the_stall_timeout() -> None:
     cluster = h2_cluster(http2_stall_timeout=30)
     client = H2Client(cluster.factory, window=0)
@@ -567,6 +597,24 @@ def test_a_connection_without_streams_is_closed_after_the_keep_alive_timeout() -
     client = H2Client(cluster.factory)
     client.get(request())
     cluster.last("a").send(OK)
+    cluster.clock.advance(6.9)
+    assert not client.closed
+    cluster.clock.advance(0.1)
+    assert client.closed
+
+
+def test_the_keep_alive_timeout_counts_from_the_end_of_the_last_stream() -> None:
+    cluster = h2_cluster(keep_alive_timeout=7)
+    client = H2Client(cluster.factory)
+    client.get(request())
+    cluster.last("a").send(OK)
+    cluster.clock.advance(5)
+    client.get(request())  # open across the first deadline
+    cluster.clock.advance(5)
+    client.pump()
+    assert not client.closed
+    cluster.last("a").send(OK)
+    client.pump()
     cluster.clock.advance(6.9)
     assert not client.closed
     cluster.clock.advance(0.1)

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..http1 import Field, Headers, RequestHead, ResponseHead, is_token
+from ..http1 import HOP_BY_HOP, Field, Headers, RequestHead, ResponseHead, is_token
 from ._rewrite import VIA
 
 #: A field name as HTTP/2 allows it and HTTP/1.1 can carry it: a lowercase token.
@@ -71,23 +71,32 @@ class StreamRequest:
 
 def header_list_size(fields: list[Field]) -> int:
     """The size of a header list as ``SETTINGS_MAX_HEADER_LIST_SIZE`` counts it."""
-    return sum(len(name) + len(value) + FIELD_OVERHEAD for name, value in fields)
+    # map and join run in C: a generator would be one call per field.
+    return len(b"".join(map(b"".join, fields))) + FIELD_OVERHEAD * len(fields)
+
+
+def joined_cookies(fields: list[Field]) -> list[Field]:
+    """``fields`` with the cookie fields a client split joined into one, last
+    (RFC 9113 §8.2.3: an HTTP/1.1 request carries one), as ``h2`` would."""
+    cookies = [value for name, value in fields if name == b"cookie"]
+    if not cookies:
+        return fields
+    kept = [field for field in fields if field[0] != b"cookie"]
+    kept.append((b"cookie", b"; ".join(cookies)))
+    return kept
 
 
 def _text(value: bytes) -> str:
     return value[:100].decode("latin-1")
 
 
-def _field_problem(name: bytes, value: bytes) -> str | None:
+def _field_problem(name: bytes, value: bytes) -> str:
+    """Why a field that failed the checks of :func:`stream_request` is malformed."""
     if not _FIELD_VALUE.fullmatch(value):
         return (
             f"the value of {_text(name)} has a control character (CR, LF or NUL among them) "
             "or whitespace at an end (RFC 9113 §8.2.1)"
         )
-    if name[:1] == b":":
-        return None
-    if _FIELD_NAME.fullmatch(name):
-        return None
     if name.lower() != name and _FIELD_NAME.fullmatch(name.lower()):
         return f"the field name {_text(name)} has uppercase letters (RFC 9113 §8.2.1)"
     return f"the field name {_text(name)!r} is not a token (RFC 9113 §8.2.1, RFC 9110 §5.1)"
@@ -110,14 +119,17 @@ def stream_request(
     :func:`header_list_size` counts) gets ``431``. ``key`` makes the
     ``Sec-WebSocket-Key`` for the backend, for a WebSocket's extended CONNECT.
     """
+    fields = joined_cookies(fields)
     if header_list_size(fields) > max_size:
         return Malformed(f"request header list larger than {max_size} bytes", 431)
     pseudo: dict[bytes, bytes] = {}
     regular: list[Field] = []
     for name, value in fields:
-        problem = _field_problem(name, value)
-        if problem is not None:
-            return Malformed(problem)
+        # The usual field passes both checks here; _field_problem says why not.
+        if not _FIELD_VALUE.fullmatch(value) or (
+            name[:1] != b":" and not _FIELD_NAME.fullmatch(name)
+        ):
+            return Malformed(_field_problem(name, value))
         if name[:1] == b":":
             if regular:
                 return Malformed(
@@ -238,18 +250,37 @@ def _host(authority: bytes | None, hosts: list[bytes]) -> bytes | Malformed:
 # -- answers -----------------------------------------------------------------------------
 
 
-def _end_to_end(headers: Headers, drop: tuple[bytes, ...] = ()) -> list[Field]:
-    """The backend's end-to-end fields, named as HTTP/2 requires (lowercase), ``Via`` last."""
-    fields = [
-        (name.lower(), value) for name, value in headers.end_to_end().without((b"via", *drop))
-    ]
-    fields.append((b"via", b", ".join([*headers.get_all(b"via"), VIA])))
+def _with_end_to_end(
+    status: bytes, headers: Headers, drop: frozenset[bytes] = frozenset()
+) -> list[Field]:
+    """``:status``, then the backend's end-to-end fields (RFC 9110 §7.6.1) less
+    ``drop``, named as HTTP/2 requires (lowercase), ``Via`` last.
+
+    One pass over the fields, as :meth:`~upgradeproxy.http1.Headers.end_to_end`
+    would choose them: it is every response's header list.
+    """
+    listed = headers.tokens(b"connection")
+    skip = HOP_BY_HOP.union(listed, drop) if listed or drop else HOP_BY_HOP
+    fields = [(b":status", status)]
+    vias = []
+    for name, value in headers.fields:
+        name = name.lower()
+        if name == b"via":
+            vias.append(value)
+        elif name not in skip:
+            fields.append((name, value))
+    vias.append(VIA)
+    fields.append((b"via", b", ".join(vias)))
     return fields
 
 
 def response_fields(head: ResponseHead) -> list[Field]:
     """The header list of the backend's final (or interim) response, for the client."""
-    return [(b":status", b"%d" % head.status), *_end_to_end(head.headers)]
+    return _with_end_to_end(b"%d" % head.status, head.headers)
+
+
+#: What the ``200`` answering an extended CONNECT leaves out of the backend's ``101``.
+_NOT_IN_TUNNEL_ANSWER = frozenset({b"sec-websocket-accept", b"content-length"})
 
 
 def tunnel_fields(head: ResponseHead) -> list[Field]:
@@ -259,8 +290,7 @@ def tunnel_fields(head: ResponseHead) -> list[Field]:
     other end-to-end fields, but never ``Sec-WebSocket-Accept``: the key it
     answers was the proxy's (RFC 8441 §5).
     """
-    drop = (b"sec-websocket-accept", b"content-length")
-    return [(b":status", b"200"), *_end_to_end(head.headers, drop)]
+    return _with_end_to_end(b"200", head.headers, _NOT_IN_TUNNEL_ANSWER)
 
 
 #: Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, content.

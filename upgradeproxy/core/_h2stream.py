@@ -99,6 +99,7 @@ class H2Stream:
 
     def __init__(self, connection: StreamOwner, stream_id: int) -> None:
         self._conn = connection
+        self._h2 = connection.h2
         self.id = stream_id
         self.address = connection.address
         self.hop = connection.hop
@@ -119,6 +120,9 @@ class H2Stream:
         self._pausing = CLIENT_FULL if connection.paused else 0
         #: Output waiting for the client's window.
         self._out = bytearray()
+        #: Bytes of a response body of known length not yet given to ``h2``:
+        #: its last DATA frame carries END_STREAM (None: another framing).
+        self._unsent: int | None = None
         self._stall_timer: IDelayedCall | None = None
         self.client_done = False
         self._local_done = False
@@ -195,7 +199,7 @@ class H2Stream:
     def _acknowledge(self, size: int) -> None:
         # Of a closed stream too: the connection's window is given back.
         if size:
-            self._conn.h2.acknowledge_received_data(size, self.id)
+            self._h2.acknowledge_received_data(size, self.id)
             self._conn.flush()
 
     def pause_reads(self) -> None:
@@ -247,8 +251,12 @@ class H2Stream:
     def _headers(self, fields: list[tuple[bytes, bytes]], *, end: bool = False) -> None:
         # The client may have reset the stream in the read being handled:
         # h2 knows, and the reset's event, handled next, ends the stream.
-        with contextlib.suppress(StreamClosedError):
-            self._conn.h2.send_headers(self.id, fields, end_stream=end)
+        # (A try costs nothing unless it raises; contextlib.suppress is three
+        # calls on every response.)
+        try:  # noqa: SIM105
+            self._h2.send_headers(self.id, fields, end_stream=end)
+        except StreamClosedError:
+            pass
 
     def send_head(self, exchange: Exchange, head: ResponseHead, framing: Framing) -> None:
         if self._closed:
@@ -256,6 +264,8 @@ class H2Stream:
         body = framing.kind is not BodyKind.NONE
         self._headers(response_fields(head), end=not body)
         if body:
+            if framing.kind is BodyKind.LENGTH:
+                self._unsent = framing.length
             backend = exchange.backend
             assert backend is not None
             self._set_producer(backend.transport)  # type: ignore[arg-type]
@@ -326,14 +336,21 @@ class H2Stream:
 
     def _send(self, data: bytes | bytearray) -> int:
         """Send as much of ``data`` as the client's window takes; how much that was."""
-        h2 = self._conn.h2
+        h2 = self._h2
         size = min(h2.local_flow_control_window(self.id), len(data))
         frame = h2.max_outbound_frame_size
+        # The rest of a body of known length: END_STREAM goes with it, not
+        # in a DATA frame of its own when the exchange ends the response.
+        last = size == self._unsent
         try:
             for start in range(0, size, frame):
-                h2.send_data(self.id, bytes(data[start : min(start + frame, size)]))
+                stop = min(start + frame, size)
+                h2.send_data(self.id, bytes(data[start:stop]), end_stream=last and stop == size)
         except StreamClosedError:
             return len(data)  # reset in the read being handled: dropped, as it ends
+        if self._unsent is not None:
+            self._unsent -= size
+            self._local_done = last
         if size:
             self._conn.flush()
         return size
@@ -387,11 +404,13 @@ class H2Stream:
             return
         if not self._local_done:
             self._local_done = True
-            with contextlib.suppress(StreamClosedError):
+            try:
                 if self._trailers:
-                    self._conn.h2.send_headers(self.id, self._trailers, end_stream=True)
+                    self._h2.send_headers(self.id, self._trailers, end_stream=True)
                 else:
-                    self._conn.h2.end_stream(self.id)
+                    self._h2.end_stream(self.id)
+            except StreamClosedError:
+                pass
             self._conn.flush()
         if not self.client_done and self._then_reset:
             self._reset(self._reset_code, "answered before the request ended")
@@ -435,14 +454,14 @@ class H2Stream:
         if self._closed:
             return
         with contextlib.suppress(StreamClosedError):  # h2 closed it already
-            self._conn.h2.reset_stream(self.id, code)
+            self._h2.reset_stream(self.id, code)
         self._conn.flush()
         self._closed_by(why)
 
     def _maybe_closed(self) -> None:
         if self._local_done and self.client_done and not self._closed:
             self._closed = True
-            self._cleanup(Failure(error.ConnectionDone()))
+            self._cleanup(None)
 
     def _closed_by(self, why: str) -> None:
         if self._closed:
@@ -457,7 +476,8 @@ class H2Stream:
             self._closed = True
             self._cleanup(reason, notify=False)
 
-    def _cleanup(self, reason: Failure, *, notify: bool = True) -> None:
+    def _cleanup(self, reason: Failure | None, *, notify: bool = True) -> None:
+        """The stream is over: ``reason`` says why to a tunnel (None: a clean close)."""
         self._stop_stall_timer()
         self._out.clear()
         self._held = []
@@ -472,7 +492,7 @@ class H2Stream:
             exchange.client_gone()
         tunnel = self._tunnel
         if tunnel is not None:
-            tunnel.lost(Side.CLIENT, reason)
+            tunnel.lost(Side.CLIENT, reason or Failure(error.ConnectionDone()))
         if notify:
             self._conn.stream_closed(self)
 

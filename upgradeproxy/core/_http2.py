@@ -105,6 +105,9 @@ _CONFIG = H2Configuration(
     validate_inbound_headers=False,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
+    # The door joins a request's cookie fields itself (see _h2heads), in the
+    # pass it makes over them anyway.
+    normalize_inbound_headers=False,
 )
 
 #: The largest window, and the largest value of a setting (RFC 9113 §6.9.1).
@@ -161,7 +164,12 @@ class HTTP2Connection(Protocol):
         #: GOAWAY was sent or received: no new stream is served.
         self._going_away = False
         self._ended = False
+        #: Closes the connection once it has had no stream until the deadline
+        #: (None: it has streams). A stream opening leaves the timer to fire;
+        #: it finds the connection busy, or sets itself for the new deadline: one
+        #: timer for many streams rather than one cancelled and made for each.
         self._idle_timer: IDelayedCall | None = None
+        self._idle_deadline: float | None = None
         self._replacing: FrontConnection | None = None
         now = proxy.clock.seconds()
         self._resets = _Rate(RESET_LIMIT, now)
@@ -295,7 +303,7 @@ class HTTP2Connection(Protocol):
             if self._resets.spend(self.proxy.clock.seconds()):
                 self._calm_down("too many streams over the limit")
             return
-        self._stop_idle()
+        self._idle_deadline = None
         stream = H2Stream(self, stream_id)
         self._streams[stream_id] = stream
         ended = event.stream_ended is not None
@@ -431,16 +439,32 @@ class HTTP2Connection(Protocol):
         self._close("the client broke the HTTP/2 protocol")
 
     def _wait_idle(self, timeout: float) -> None:
-        self._stop_idle()
-        self._idle_timer = self.proxy.clock.callLater(timeout, self._idle_timed_out)
+        """Close the connection if it opens no stream within ``timeout`` seconds."""
+        clock = self.proxy.clock
+        deadline = clock.seconds() + timeout
+        self._idle_deadline = deadline
+        timer = self._idle_timer
+        if timer is None:
+            self._idle_timer = clock.callLater(timeout, self._idle_check)
+        elif timer.getTime() > deadline:
+            timer.reset(timeout)
 
     def _stop_idle(self) -> None:
+        self._idle_deadline = None
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
 
-    def _idle_timed_out(self) -> None:
+    def _idle_check(self) -> None:
         self._idle_timer = None
+        deadline = self._idle_deadline
+        if deadline is None:
+            return  # streams are open: the last to close sets the next deadline
+        clock = self.proxy.clock
+        left = deadline - clock.seconds()
+        if left > 0:
+            self._idle_timer = clock.callLater(left, self._idle_check)
+            return
         self._go_away()
         self._close()
 
