@@ -43,6 +43,7 @@ from ..http1 import (
 from ._failures import describe_close
 from ._flow import no_delay
 from ._side import Side
+from ._timers import cancel, rearm
 from ._tunnel import Tunnel
 
 
@@ -388,17 +389,10 @@ class BackendConnection(Protocol):
         self._set_timer(seconds)
 
     def _set_timer(self, seconds: float) -> None:
-        timer = self._timer
-        if timer is not None and timer.active():
-            # Moving the running timer costs far less than cancelling it and
-            # making another, twice per request.
-            timer.reset(seconds)
-        else:
-            self._timer = self.pool.clock.callLater(seconds, self._time_up)
+        self._timer = rearm(self.pool.clock, self._timer, seconds, self._time_up)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
     def _time_up(self) -> None:

@@ -59,6 +59,7 @@ from ._rewrite import (
     switch_for_client,
 )
 from ._side import Side
+from ._timers import cancel, rearm
 from ._tunnel import Tunnel
 from .proxy import LimitRefusal, Proxy
 from .tls import H2
@@ -430,17 +431,11 @@ class ClientConnection(Protocol):
 
     def _wait_for_head(self, timeout: float, *, idle: bool = False) -> None:
         self._idle = idle
-        timer = self._head_timer
-        if timer is not None and timer.active():
-            # The timer of the last head, still running: moving it costs far
-            # less than cancelling it on every request and making another.
-            timer.reset(timeout)
-        else:
-            self._head_timer = self._proxy.clock.callLater(timeout, self._head_timed_out)
+        # The timer of the last head, if it still runs, is moved.
+        self._head_timer = rearm(self._proxy.clock, self._head_timer, timeout, self._head_timed_out)
 
     def _stop_head_timer(self) -> None:
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
+        cancel(self._head_timer)
         self._head_timer = None
 
     def _head_timed_out(self) -> None:
@@ -524,6 +519,5 @@ class ClientConnection(Protocol):
         self._linger = self._proxy.clock.callLater(linger, self._close)
 
     def _stop_linger(self) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        cancel(self._linger)
         self._linger = None

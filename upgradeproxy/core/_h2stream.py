@@ -50,6 +50,7 @@ from ._h2heads import (
 from ._handover import Handover
 from ._rewrite import ClientHop, error_body
 from ._side import Side
+from ._timers import cancel
 from ._tunnel import Tunnel
 from .proxy import Proxy, ProxySettings
 
@@ -385,8 +386,7 @@ class H2Stream:
         self._reset(ErrorCodes.CANCEL, f"the client's window stayed shut for {timeout:g} seconds")
 
     def _stop_stall_timer(self) -> None:
-        if self._stall_timer is not None and self._stall_timer.active():
-            self._stall_timer.cancel()
+        cancel(self._stall_timer)
         self._stall_timer = None
 
     def _end_output(self, *, reset: bool) -> None:

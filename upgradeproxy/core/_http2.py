@@ -77,6 +77,7 @@ from ._h2heads import (
 )
 from ._h2stream import CLIENT_FULL, H2Stream, code_name
 from ._rewrite import VIA_HTTP2, ClientHop, client_hop
+from ._timers import cancel
 from .proxy import FrontConnection, LimitRefusal, Proxy
 
 #: The prior-knowledge connection preface of a client (RFC 9113 §3.4).
@@ -451,8 +452,7 @@ class HTTP2Connection(Protocol):
 
     def _stop_idle(self) -> None:
         self._idle_deadline = None
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        cancel(self._idle_timer)
         self._idle_timer = None
 
     def _idle_check(self) -> None:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 from .._twisted import switch_protocol
 from ._client import ClientConnection
 from ._http2 import PREFACE, HTTP2Connection
+from ._timers import cancel
 from .proxy import Proxy
 
 
@@ -71,8 +72,7 @@ class PrefaceSniffer(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _stop_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
 
     def _choose(self, protocol: Protocol, received: bytes = b"") -> None:

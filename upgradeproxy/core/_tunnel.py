@@ -27,6 +27,7 @@ from ._failures import describe_close
 from ._flow import unregister_producer
 from ._side import ByteCounts, Side
 from ._splice import SplicePump, can_splice
+from ._timers import cancel
 
 #: The idle check runs this often, as a share of the idle timeout.
 _IDLE_CHECK = 0.25
@@ -221,9 +222,8 @@ class Tunnel:
         self._idle_timer = self._clock.callLater(timeout * _IDLE_CHECK, self._check_idle)
 
     def _stop_timers(self) -> None:
-        for timer in (self._idle_timer, self._lifetime_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        cancel(self._idle_timer)
+        cancel(self._lifetime_timer)
         self._idle_timer = self._lifetime_timer = None
 
     def _close_both(self) -> None:

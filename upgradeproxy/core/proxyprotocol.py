@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from ._lograte import LogWindows
 from ._proxyheader import HeaderError, ProxiedAddress, parse
+from ._timers import cancel
 
 #: Seconds a trusted connection has to send its header.
 HEADER_TIMEOUT = 5.0
@@ -223,5 +224,4 @@ class HeaderReceiver(Protocol):
 
     def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancel(timer)
