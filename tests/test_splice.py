@@ -11,7 +11,7 @@ from loopback import Loopback, switching_response, upgrade_request, wait
 
 from upgradeproxy import ProxySettings
 from upgradeproxy.core import _splice as splice
-from upgradeproxy.core._side import Side
+from upgradeproxy.core._side import ByteCounts, Side
 
 pytestmark = [
     pytest.mark.loopback,
@@ -116,9 +116,7 @@ def test_bytes_read_in_the_last_round_are_not_left_waiting_for_more_input(
         sock.setblocking(False)
     reactor = _RecordingReactor()
     transports = {Side.CLIENT: _Transport(client_proxy), Side.BACKEND: _Transport(backend_proxy)}
-    pump = splice.SplicePump(
-        transports, {Side.CLIENT: 0, Side.BACKEND: 0}, lambda side, why: None, reactor
-    )  # type: ignore[arg-type]
+    pump = splice.SplicePump(transports, ByteCounts(), lambda side, why: None, reactor)  # type: ignore[arg-type]
     try:
         pump.start()
         client_app.sendall(b"the only message")
@@ -151,9 +149,7 @@ def test_a_stream_of_messages_asks_the_reactor_for_reads_once() -> None:
 
     reactor.addReader = counting_add_reader  # type: ignore[method-assign]
     transports = {Side.CLIENT: _Transport(client_proxy), Side.BACKEND: _Transport(backend_proxy)}
-    pump = splice.SplicePump(
-        transports, {Side.CLIENT: 0, Side.BACKEND: 0}, lambda side, why: None, reactor
-    )  # type: ignore[arg-type]
+    pump = splice.SplicePump(transports, ByteCounts(), lambda side, why: None, reactor)  # type: ignore[arg-type]
     try:
         pump.start()
         to_backend = pump._to[Side.BACKEND]

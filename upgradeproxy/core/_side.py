@@ -43,5 +43,12 @@ class ByteCounts:
         else:
             self.backend = count
 
+    def add(self, side: Side, count: int) -> None:
+        """Count ``count`` more bytes from ``side``: one call per chunk, not two."""
+        if side is Side.CLIENT:
+            self.client += count
+        else:
+            self.backend += count
+
     def items(self) -> tuple[tuple[Side, int], tuple[Side, int]]:
         return ((Side.CLIENT, self.client), (Side.BACKEND, self.backend))

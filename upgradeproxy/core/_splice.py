@@ -303,7 +303,7 @@ class SplicePump:
                 self._unwatch_reads(d.src)
                 self._note_end(d.source, "EOF")
             else:
-                self._sent[d.source] += moved
+                self._sent.add(d.source, moved)
                 d.drained = moved < PIPE_SIZE
         self._out_of_rounds(d)
 

@@ -156,7 +156,7 @@ class Tunnel:
 
     def data(self, side: Side, data: bytes) -> None:
         """Bytes arrived from ``side``: pass them on unchanged."""
-        self.stats.sent[side] += len(data)
+        self.stats.sent.add(side, len(data))
         self.transport(side.peer).write(data)
 
     def _note_first(self, who: Side | str, why: str) -> None:
